@@ -1,0 +1,32 @@
+# hydra-otel developer tasks. `just setup` first; everything else uses .venv.
+
+venv := ".venv/bin"
+
+# Create the virtualenv with the project, test and lint tools.
+setup:
+    python3 -m venv .venv
+    {{venv}}/pip install -q -e '.[dev]'
+
+# Run the whole test suite (starts its own PostgreSQL cluster and OTLP receivers).
+test *args:
+    {{venv}}/pytest {{args}}
+
+# Only the fast, I/O-free unit tests.
+test-unit *args:
+    {{venv}}/pytest -m "not integration" {{args}}
+
+# Format check, lint, strict typing, then the tests.
+check:
+    {{venv}}/ruff format --check .
+    {{venv}}/ruff check .
+    {{venv}}/mypy
+    {{venv}}/pytest -q
+
+# Format the code.
+fmt:
+    {{venv}}/ruff format .
+    {{venv}}/ruff check --fix .
+
+# Run the daemon (configure with flags or HYDRA_OTEL_* / OTEL_* variables; see docs/configuration.md).
+run *args:
+    {{venv}}/hydra-otel run {{args}}

@@ -1,0 +1,3 @@
+"""hydra-otel: Hydra CI evaluations, builds and steps as OpenTelemetry traces."""
+
+__version__ = "0.1.0"

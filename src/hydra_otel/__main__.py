@@ -1,0 +1,3 @@
+from hydra_otel.cli import main
+
+raise SystemExit(main())

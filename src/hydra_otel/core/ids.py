@@ -1,0 +1,93 @@
+"""Deterministic trace and span IDs.
+
+Theory of operation: every ID is a slice of a SHA-256 digest over a versioned,
+unambiguous encoding of (instance name, trace key, span kind, local key). The
+same Hydra rows therefore always give the same IDs, whichever process derives
+them: the live daemon, a restarted one, or a backfill. No state is stored.
+
+Trace keys:
+
+* ``eval_trace(instance, eval_id)``: an evaluation that produced a JobsetEval
+  row. Later build spans find their parent from the eval ID alone.
+* ``attempt_trace(instance, jobset_id, correlation_id)``: an evaluation attempt
+  with no JobsetEval row (cached, failed, abandoned). Hydra's correlation ID is
+  unique per host boot only, so the jobset ID is part of the key.
+
+Digests are never used as zero: an all-zero trace or span ID is invalid in
+OpenTelemetry, so zero maps to one (a 2^-64 event, but the guarantee is exact).
+The encoding and the golden vectors in ``tests/core/test_ids.py`` and
+``docs/ids.md`` are a compatibility promise: changing them re-keys every trace.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+#: Bumped only if the derivation must change; it is hashed into every ID.
+SCHEME = "hydra-otel/1"
+
+KeyPart = str | int
+
+
+@dataclass(frozen=True, slots=True)
+class TraceKey:
+    """What a trace is about, e.g. ``("eval", 42)`` for instance ``hydra``."""
+
+    instance: str
+    parts: tuple[KeyPart, ...]
+
+
+def eval_trace(instance: str, eval_id: int) -> TraceKey:
+    """Key of the trace of JobsetEval ``eval_id``."""
+    return TraceKey(instance, ("eval", eval_id))
+
+
+def attempt_trace(instance: str, jobset_id: int, correlation_id: str) -> TraceKey:
+    """Key of an evaluation attempt that left no JobsetEval row."""
+    return TraceKey(instance, ("attempt", jobset_id, correlation_id))
+
+
+def _encode(part: KeyPart) -> bytes:
+    # Type-tagged and length-prefixed, so ("a", "bc") and ("ab", "c") differ, and 1 differs from "1".
+    if isinstance(part, int):
+        raw = str(part).encode()
+        return b"i" + len(raw).to_bytes(4, "big") + raw
+    raw = part.encode("utf-8", "surrogatepass")
+    return b"s" + len(raw).to_bytes(4, "big") + raw
+
+
+def _digest(purpose: str, key: TraceKey, local: tuple[KeyPart, ...]) -> bytes:
+    h = hashlib.sha256()
+    for part in (SCHEME, purpose, key.instance, *key.parts, "|", *local):
+        h.update(_encode(part))
+    return h.digest()
+
+
+def _nonzero(value: int) -> int:
+    return value or 1
+
+
+def trace_id(key: TraceKey) -> int:
+    """The 128-bit trace ID of ``key``; never zero."""
+    return _nonzero(int.from_bytes(_digest("trace", key, ())[:16], "big"))
+
+
+def span_id(key: TraceKey, kind: str, *local: KeyPart) -> int:
+    """The 64-bit ID of span ``kind`` (plus ``local`` key parts) in trace ``key``; never zero."""
+    return _nonzero(int.from_bytes(_digest("span", key, (kind, *local))[:8], "big"))
+
+
+def root_span_id(key: TraceKey) -> int:
+    """The ID of the root span of trace ``key``."""
+    return span_id(key, "root")
+
+
+def format_trace_id(value: int) -> str:
+    """Lower-case 32-digit hex, as W3C traceparent and trace UIs show it."""
+    return f"{value:032x}"
+
+
+def format_span_id(value: int) -> str:
+    """Lower-case 16-digit hex."""
+    return f"{value:016x}"

@@ -1,0 +1,70 @@
+"""Error types, named by what the caller should do with them.
+
+| class            | what the caller does                                   |
+|------------------|--------------------------------------------------------|
+| PayloadError     | log, count, drop the notification, carry on            |
+| ConfigError      | refuse to start; the message lists every problem       |
+| DbUnavailable    | reconnect with backoff, then catch up from the tables  |
+| ExportRetryable  | retry the batch with capped backoff                    |
+| ExportPermanent  | drop the batch, count it                               |
+
+Anything else is a bug and is allowed to crash the nursery.
+"""
+
+from __future__ import annotations
+
+#: How many characters of an offending payload an error message quotes.
+PAYLOAD_QUOTE_LIMIT = 120
+
+
+class HydraOtelError(Exception):
+    """Root of every error hydra-otel raises on purpose."""
+
+
+class PayloadError(HydraOtelError):
+    """A notification payload that does not match its channel's format.
+
+    Args:
+        channel: the NOTIFY channel the payload came on.
+        reason: what is wrong, in words an operator can act on.
+        payload: the raw payload; only a truncated quote of it is kept.
+    """
+
+    def __init__(self, channel: str, reason: str, payload: str | bytes) -> None:
+        self.channel = channel
+        self.reason = reason
+        self.quoted = quote_payload(payload)
+        super().__init__(f"malformed {channel} payload: {reason}: {self.quoted}")
+
+
+class ConfigError(HydraOtelError):
+    """The configuration is invalid; ``problems`` lists every problem found."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in self.problems))
+
+
+class DbUnavailable(HydraOtelError):
+    """The database cannot be reached or the connection was lost; retry later."""
+
+
+class ExportRetryable(HydraOtelError):
+    """The OTLP endpoint refused or did not answer; the batch may be retried."""
+
+
+class ExportPermanent(HydraOtelError):
+    """The OTLP endpoint rejected the batch for good; drop and count it."""
+
+
+def quote_payload(payload: str | bytes, limit: int = PAYLOAD_QUOTE_LIMIT) -> str:
+    """Return a printable, bounded quote of ``payload`` for log lines and errors."""
+    if isinstance(payload, bytes):
+        text = payload[: limit * 4].decode("utf-8", errors="backslashreplace")
+        total = len(payload)
+    else:
+        text, total = payload, len(payload)
+    shown = repr(text[:limit])
+    if total > limit or len(text) > limit:
+        return f"{shown}… ({total} {'bytes' if isinstance(payload, bytes) else 'chars'})"
+    return shown
