@@ -1,0 +1,142 @@
+"""OTLP export: SpanRecord -> OpenTelemetry SDK span -> OTLP exporter.
+
+The SDK's TracerProvider and BatchSpanProcessor are not used: spans here have
+chosen IDs and times from Hydra's rows, so they are built directly as
+``ReadableSpan`` values and handed to the official OTLP exporters (gRPC or
+HTTP/protobuf). The exporters block, so :meth:`OtlpSink.export` runs them in a
+worker thread; their own ``timeout`` bounds each call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import trio
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import Event, ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import Link, SpanContext, SpanKind, TraceFlags
+from opentelemetry.trace.status import Status as OtelStatus
+from opentelemetry.trace.status import StatusCode
+
+import hydra_otel
+from hydra_otel.core.spans import Kind, SpanRecord, Status
+
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+_KINDS = {Kind.INTERNAL: SpanKind.INTERNAL, Kind.SERVER: SpanKind.SERVER}
+_SCOPE = InstrumentationScope("hydra_otel", hydra_otel.__version__)
+
+
+def _context(trace_id: int, span_id: int) -> SpanContext:
+    return SpanContext(trace_id, span_id, is_remote=False, trace_flags=_SAMPLED)
+
+
+def _status(record: SpanRecord) -> OtelStatus:
+    if record.status is Status.ERROR:
+        return OtelStatus(StatusCode.ERROR, record.status_message or None)
+    if record.status is Status.OK:
+        return OtelStatus(StatusCode.OK)
+    return OtelStatus(StatusCode.UNSET)
+
+
+def to_readable(record: SpanRecord, resource: Resource) -> ReadableSpan:
+    """Convert one record; the result encodes to the same bytes for the same record."""
+    parent = None if record.parent_span_id is None else _context(record.trace_id, record.parent_span_id)
+    return ReadableSpan(
+        name=record.name,
+        context=_context(record.trace_id, record.span_id),
+        parent=parent,
+        resource=resource,
+        attributes=dict(record.attributes),
+        events=[Event(e.name, dict(e.attributes), e.time_ns) for e in record.events],
+        links=[Link(_context(lk.trace_id, lk.span_id), dict(lk.attributes)) for lk in record.links],
+        kind=_KINDS[record.kind],
+        status=_status(record),
+        start_time=record.start_ns,
+        end_time=record.end_ns,
+        instrumentation_scope=_SCOPE,
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExporterSettings:
+    """What the OTLP exporter needs; built from the validated configuration."""
+
+    protocol: str  # "grpc" or "http/protobuf"
+    endpoint: str
+    headers: Mapping[str, str]
+    timeout_s: float
+    certificate: str | None = None
+    insecure: bool | None = None
+    compression: str | None = None
+
+
+def make_exporter(s: ExporterSettings) -> SpanExporter:
+    """Build the official OTLP span exporter for ``s``."""
+    if s.protocol == "grpc":
+        return _grpc_exporter(s)
+    from opentelemetry.exporter.otlp.proto.http import Compression
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    return OTLPSpanExporter(
+        endpoint=s.endpoint,
+        certificate_file=s.certificate,
+        headers=dict(s.headers),
+        timeout=s.timeout_s,
+        compression=Compression.Gzip if s.compression == "gzip" else Compression.NoCompression,
+    )
+
+
+def _grpc_exporter(s: ExporterSettings) -> SpanExporter:
+    import grpc
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+    credentials = None
+    if s.certificate:
+        with open(s.certificate, "rb") as f:
+            credentials = grpc.ssl_channel_credentials(f.read())
+    insecure = s.insecure
+    if insecure is None and credentials is None:
+        insecure = s.endpoint.startswith("http://")
+    exporter: SpanExporter = OTLPSpanExporter(
+        endpoint=s.endpoint,
+        insecure=insecure,
+        credentials=credentials,
+        headers=dict(s.headers),
+        timeout=s.timeout_s,
+        compression=grpc.Compression.Gzip if s.compression == "gzip" else None,
+    )
+    return exporter
+
+
+class SpanSink(Protocol):
+    """Where finished spans go (Trio-flavoured)."""
+
+    async def export(self, batch: Sequence[SpanRecord]) -> bool:
+        """Export one batch; True when the endpoint acknowledged it."""
+        ...
+
+    def shutdown(self) -> None:
+        """Release the transport."""
+        ...
+
+
+class OtlpSink:
+    """A :class:`SpanSink` over an OpenTelemetry SDK exporter."""
+
+    def __init__(self, exporter: SpanExporter, resource: Resource) -> None:
+        self._exporter = exporter
+        self._resource = resource
+
+    async def export(self, batch: Sequence[SpanRecord]) -> bool:
+        """Convert and export ``batch`` in a worker thread; True on success."""
+        spans = [to_readable(r, self._resource) for r in batch]
+        result = await trio.to_thread.run_sync(self._exporter.export, spans, abandon_on_cancel=True)
+        return result is SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        """Shut the exporter down (returns quickly; interrupts retry sleeps)."""
+        self._exporter.shutdown()

@@ -1,0 +1,634 @@
+"""hydra-otel's configuration: one declaration table, one frozen tree, validated once at start-up.
+
+Theory of operation: every setting is declared once, in ``SETTINGS``, with its flag, environment
+variables, default, validation rule and documentation. Three things are derived from that table and
+nothing else: the argparse flags (:func:`add_arguments`), the loader (:func:`load`: flag, then
+environment, then default; every problem collected into one :class:`ConfigError`) and
+docs/configuration.md (:func:`render_reference`; regenerate with
+``python -m hydra_otel.config > docs/configuration.md``).
+
+Secrets (database passwords, OTLP header values) never appear in ``repr()`` or in an error message.
+This module imports only the standard library and :mod:`hydra_otel.errors`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
+
+from hydra_otel.errors import ConfigError, quote_payload
+
+_T = TypeVar("_T")
+_E = TypeVar("_E", bound=StrEnum)
+Pairs = tuple[tuple[str, str], ...]
+APPLICATION_NAME = "hydra-otel"
+REGENERATE = "python -m hydra_otel.config > docs/configuration.md"
+
+
+class LogLevel(StrEnum):
+    """Log levels an operator may choose."""
+
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+class OtlpProtocol(StrEnum):
+    """OTLP transports, spelled as in ``OTEL_EXPORTER_OTLP_PROTOCOL``."""
+
+    GRPC = "grpc"
+    HTTP_PROTOBUF = "http/protobuf"
+
+
+class Compression(StrEnum):
+    """OTLP request compression."""
+
+    GZIP = "gzip"
+    NONE = "none"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DbConfig:
+    """Where Hydra's database is: ``url`` (hidden from repr), ``redacted_url`` for logs, ``source``."""
+
+    url: str = field(repr=False)
+    redacted_url: str
+    source: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StitchConfig:
+    """What the stitcher needs: instance name, Hydra base URL and the bounds on open evaluations."""
+
+    instance: str
+    hydra_url: str
+    abandon_after: float
+    max_open_evals: int
+    error_text_limit: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExportConfig:
+    """What the OTLP exporter needs; ``headers`` are hidden from repr, ``timeout`` is in seconds.
+
+    ``insecure`` is None unless set for gRPC; then the endpoint's scheme decides.
+    """
+
+    protocol: OtlpProtocol
+    endpoint: str
+    headers: Pairs = field(repr=False)
+    timeout: float
+    certificate: Path | None
+    insecure: bool | None
+    compression: Compression
+    batch_size: int
+    delay: float
+    max_backoff: float
+    resource: Pairs
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    """The whole validated configuration; built only by :func:`load`."""
+
+    db: DbConfig
+    stitch: StitchConfig
+    export: ExportConfig
+    state_dir: Path
+    log_level: LogLevel
+    shutdown_grace: float
+    queue_size: int
+
+
+class _Invalid(ValueError):
+    """A parse failure whose message is safe to show (it never quotes the value)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Check(Generic[_T]):
+    rule: str
+    parse: Callable[[str], _T]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Setting(Generic[_T]):
+    """One setting: where it is read from, its default, how it is checked and what it means."""
+
+    flag: str | None
+    env: tuple[str, ...]
+    default: str
+    check: _Check[_T]
+    doc: str
+    section: str
+    default_doc: str | None = None
+    show: Callable[[str], str] = quote_payload
+
+    @property
+    def key(self) -> str:
+        """The flag's argparse ``dest`` (``--queue-size`` -> ``queue_size``), else the first variable."""
+        return self.flag.removeprefix("--").replace("-", "_") if self.flag else self.env[0]
+
+
+# --- value checks -------------------------------------------------------------------------------------
+
+
+def _int(lo: int, hi: int | None = None, what: str = "an integer") -> _Check[int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < lo or (hi is not None and value > hi):
+            raise ValueError
+        return value
+
+    rule = f"{what} ≥ {lo}" if hi is None else f"{what} between {lo} and {hi}"
+    return _Check(rule, parse)
+
+
+def _seconds(hi: float | None = None) -> _Check[float]:
+    def parse(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value) or value <= 0 or (hi is not None and value > hi):
+            raise ValueError
+        return value
+
+    return _Check("a number of seconds > 0" + ("" if hi is None else f" and ≤ {hi:g}"), parse)
+
+
+def _choice(enum: type[_E]) -> _Check[_E]:
+    return _Check("one of " + ", ".join(v.value for v in enum), lambda t: enum(t.strip().lower()))
+
+
+def _optional(check: _Check[_T]) -> _Check[_T | None]:
+    return _Check(check.rule, lambda t: check.parse(t) if t else None)
+
+
+def _http_url(text: str) -> str:
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError
+    return text
+
+
+def _hydra_url(text: str) -> str:
+    parts = urlsplit(_http_url(text))
+    if parts.query or parts.fragment:
+        raise _Invalid("no query or fragment allowed")
+    return text.rstrip("/")
+
+
+def _instance(text: str) -> str:
+    if not (text.isascii() and text.isprintable() and text == text.strip() and 1 <= len(text) <= 64):
+        raise ValueError
+    return text
+
+
+def _abs_path(text: str) -> Path:
+    if not Path(text).is_absolute():
+        raise ValueError
+    return Path(text)
+
+
+def _existing_file(text: str) -> Path:
+    try:
+        found = Path(text).is_file()
+    except OSError as exc:  # e.g. a parent directory we may not search
+        raise _Invalid(exc.strerror or "it cannot be checked") from None
+    if not found:
+        raise _Invalid("no such file")
+    return Path(text)
+
+
+def _bool(text: str) -> bool:
+    if text.strip().lower() not in ("true", "false"):
+        raise ValueError
+    return text.strip().lower() == "true"
+
+
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def _pairs(header_names: bool) -> Callable[[str], Pairs]:
+    """Parse W3C-baggage-style ``k=v,k2=v2``; details name entries by position, never by content."""
+
+    def parse(text: str) -> Pairs:
+        pairs: dict[str, str] = {}
+        for n, entry in enumerate(text.split(","), 1):
+            if not entry.strip():
+                continue
+            key, eq, value = entry.partition("=")
+            key = unquote(key).strip()
+            if not eq or not key:
+                raise _Invalid(f"entry {n} is not key=value")
+            if header_names and not _HEADER_NAME.fullmatch(key):
+                raise _Invalid(f"entry {n} has an invalid header name")
+            pairs[key.lower() if header_names else key] = unquote(value).strip()
+        return tuple(pairs.items())
+
+    return parse
+
+
+# --- database URLs ------------------------------------------------------------------------------------
+
+_PASSWORD_PARAM = re.compile(r"(?i)(\b(?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'?|(?:\\.|[^&;\s#\\])*)")
+_DBI_PREFIX = re.compile(r"(?i:dbi):Pg:")
+_DBI_TOKEN = re.compile(r"\\.|'(?:[^'\\]|\\.)*'?|;", re.DOTALL)
+_CONNINFO_PAIR = re.compile(r"\s*([^\s=]+)\s*=\s*(?:'((?:[^'\\]|\\.)*)'|(?!')((?:[^\s\\]|\\.)*))", re.DOTALL)
+_NETLOC_HOST = re.compile(r"[A-Za-z0-9._-]+|[0-9A-Fa-f.]*:[0-9A-Fa-f:.]*")
+
+
+def redacted_dsn(url: str) -> str:
+    """Return ``url`` with every password replaced by ``***``, for logs and error messages.
+
+    Args:
+        url: a ``postgresql://`` URL or a ``key=value`` data source (``dbi:Pg:...``, libpq).
+
+    Returns:
+        The same text with the userinfo password and any ``password=``/``sslpassword=`` value masked.
+    """
+    scheme, sep, rest = url.partition("://")
+    at = rest.split("?", 1)[0].rfind("@")
+    user, colon, _ = rest[: max(at, 0)].partition(":")
+    if sep and at >= 0 and colon:
+        url = f"{scheme}://{user}:***{rest[at:]}"
+    return _PASSWORD_PARAM.sub(r"\1***", url)
+
+
+def dbi_to_url(dsn: str) -> str:
+    """Convert legacy Hydra's ``HYDRA_DBI`` (a Perl DBI data source) to a ``postgresql://`` URL.
+
+    Reads the text as DBD::Pg does (``;`` outside single quotes separates libpq ``key=value``
+    pairs; ``db``/``database`` mean ``dbname``); keys other than user, password, host, port and
+    dbname, and hosts that are socket directories or lists, become query parameters.
+
+    Args:
+        dsn: e.g. ``dbi:Pg:dbname=hydra;host=db;port=5432;user=hydra;password=...``.
+
+    Returns:
+        The equivalent URL, without ``application_name`` unless the data source set one.
+
+    Raises:
+        ValueError: the text is not a ``dbi:Pg:`` data source (the message never quotes it).
+    """
+    if not _DBI_PREFIX.match(dsn):
+        raise _Invalid("it does not start with dbi:Pg:")
+    body = re.sub(r"\b(?:db|database)\s*=", "dbname=", dsn[len("dbi:Pg:") :], count=1)
+    body = re.sub(r'dbname\s*=\s*"(.+?)"', r"dbname='\1'", body, count=1)
+    body = _DBI_TOKEN.sub(lambda m: " " if m[0] == ";" else m[0], body)
+    return _conninfo_to_url(_parse_conninfo(body))
+
+
+def _parse_conninfo(text: str) -> dict[str, str]:
+    params: dict[str, str] = {}
+    pos = 0
+    while text[pos:].strip():
+        m = _CONNINFO_PAIR.match(text, pos)
+        if m is None:
+            raise _Invalid(f"cannot parse it after {len(params)} key=value pair(s)")
+        value = m[2] if m[2] is not None else m[3]
+        params[m[1]] = re.sub(r"\\(.)", r"\1", value, flags=re.DOTALL)
+        pos = m.end()
+    return params
+
+
+def _conninfo_to_url(params: dict[str, str]) -> str:
+    user, password = params.pop("user", ""), params.pop("password", "")
+    host, port, dbname = params.pop("host", ""), params.pop("port", ""), params.pop("dbname", "")
+    if port and not (port.isascii() and port.isdigit()):
+        raise _Invalid("port is not a number")
+    netloc = quote(user, safe="") + (":" + quote(password, safe="") if password else "")
+    netloc += "@" if netloc else ""
+    if _NETLOC_HOST.fullmatch(host):
+        netloc += (f"[{host}]" if ":" in host else host) + (f":{port}" if port else "")
+    else:  # a socket directory, a host list, or none: libpq and asyncpg both take ?host=&port=
+        params = {"host": host, "port": port} | params
+    query = urlencode({k: v for k, v in params.items() if v}, safe="/", quote_via=quote)
+    return (
+        f"postgresql://{netloc}"
+        + (f"/{quote(dbname, safe='')}" if dbname else "")
+        + (f"?{query}" if query else "")
+    )
+
+
+def _database_url(text: str) -> str:
+    if urlsplit(text).scheme not in ("postgresql", "postgres"):
+        raise _Invalid("the scheme must be postgresql:// or postgres://")
+    base, hash_, fragment = text.partition("#")
+    query = urlsplit(base).query
+    if any(k == "application_name" for k, _ in parse_qsl(query, keep_blank_values=True)):
+        return text
+    sep = "&" if query else ("" if base.endswith("?") else "?")
+    return f"{base}{sep}application_name={APPLICATION_NAME}{hash_}{fragment}"
+
+
+#: Conversions applied to a value according to the variable it came from.
+_FROM_ENV: Mapping[str, Callable[[str], str]] = {
+    "HYDRA_DBI": dbi_to_url,
+    "STATE_DIRECTORY": lambda text: text.split(":", 1)[0],
+}
+
+# --- the declaration table ----------------------------------------------------------------------------
+
+_OTLP = "OTEL_EXPORTER_OTLP_"
+_URL = "an http(s) URL with a host"
+
+# fmt: off
+DATABASE_URL = Setting(
+    flag="--database-url", env=("HYDRA_OTEL_DATABASE_URL", "HYDRA_DATABASE_URL", "HYDRA_DBI"),
+    default="postgresql:///hydra", section="Database", show=lambda t: quote_payload(redacted_dsn(t)),
+    check=_Check("a postgresql:// URL, or for HYDRA_DBI a dbi:Pg: data source", _database_url),
+    doc="Hydra's PostgreSQL database; `application_name=hydra-otel` is added unless the URL sets one. "
+    "See *Database URL resolution*.")
+HYDRA_URL = Setting(
+    flag="--hydra-url", env=("HYDRA_OTEL_HYDRA_URL",), default="http://localhost:3000", section="Hydra",
+    check=_Check(f"{_URL}, no query or fragment", _hydra_url),
+    doc="Hydra's web base URL, for `url.full` span attributes. Trailing slashes are removed.")
+INSTANCE = Setting(
+    flag="--instance", env=("HYDRA_OTEL_INSTANCE",), default="hydra", section="Hydra",
+    check=_Check("1 to 64 printable ASCII characters, no surrounding spaces", _instance),
+    doc="Name of this Hydra instance; part of every derived trace and span ID, so keep it stable.")
+EVAL_ABANDON_AFTER = Setting(
+    flag="--eval-abandon-after", env=("HYDRA_OTEL_EVAL_ABANDON_AFTER",), default="7200", section="Hydra",
+    check=_seconds(),
+    doc="An evaluation whose `eval_started` gets no closing event within this time is ended as abandoned "
+    "(Hydra's evaluator has a one-hour alarm, plus the time to insert the builds).")
+MAX_OPEN_EVALS = Setting(
+    flag="--max-open-evals", env=("HYDRA_OTEL_MAX_OPEN_EVALS",), default="10000", section="Hydra",
+    check=_int(1), doc="Bound on the evaluations awaiting their closing event.")
+ERROR_TEXT_LIMIT = Setting(
+    flag="--error-text-limit", env=("HYDRA_OTEL_ERROR_TEXT_LIMIT",), default="4096", section="Hydra",
+    check=_int(64, 1_000_000), doc="Hydra error text put on spans is cut to this many characters.")
+OTLP_PROTOCOL = Setting(
+    flag="--otlp-protocol", env=(f"{_OTLP}TRACES_PROTOCOL", f"{_OTLP}PROTOCOL"), default="grpc",
+    section="Export", check=_choice(OtlpProtocol), doc="OTLP transport.")
+OTLP_ENDPOINT = Setting(
+    flag="--otlp-endpoint", env=(f"{_OTLP}TRACES_ENDPOINT", f"{_OTLP}ENDPOINT"), default="", section="Export",
+    default_doc="`http://localhost:4317` (grpc), `http://localhost:4318/v1/traces` (http/protobuf)",
+    check=_optional(_Check(_URL, _http_url)),
+    doc="Collector URL. With http/protobuf, `/v1/traces` is appended to `OTEL_EXPORTER_OTLP_ENDPOINT` "
+    "(a base URL, per the OTel spec); the flag and the `TRACES` variable are used as they are.")
+OTLP_HEADERS = Setting(
+    flag=None, env=(f"{_OTLP}TRACES_HEADERS", f"{_OTLP}HEADERS"), default="", section="Export",
+    check=_Check("comma-separated name=value pairs, URL-encoded", _pairs(header_names=True)),
+    show=lambda _: "(value hidden)",
+    doc="Extra request headers, often credentials, so there is no flag (it would show in `ps`) and values "
+    "never appear in `repr()`, logs or error messages. Names are lower-cased.")
+OTLP_TIMEOUT = Setting(
+    flag=None, env=(f"{_OTLP}TRACES_TIMEOUT", f"{_OTLP}TIMEOUT"), default="5000", section="Export",
+    check=_int(1, 600_000, what="a whole number of milliseconds"),
+    doc="Time limit of one export request, in milliseconds as the OTel spec says (the Python SDK would "
+    "read seconds; it is handed the converted value). The spec's default is 10000 ms; hydra-otel's is "
+    "5000 ms so that a dead collector cannot hold the export thread long.")
+OTLP_CERTIFICATE = Setting(
+    flag=None, env=(f"{_OTLP}TRACES_CERTIFICATE", f"{_OTLP}CERTIFICATE"), default="", section="Export",
+    default_doc="the system's trust store", check=_optional(_Check("an existing file", _existing_file)),
+    doc="PEM file of the CA certificate(s) trusted to verify the collector.")
+OTLP_INSECURE = Setting(
+    flag=None, env=(f"{_OTLP}TRACES_INSECURE", f"{_OTLP}INSECURE"), default="", section="Export",
+    default_doc="decided by the endpoint's scheme", check=_optional(_Check("true or false", _bool)),
+    doc="gRPC only: `true` for a plaintext channel (an error with an https endpoint). Ignored with "
+    "http/protobuf, where the endpoint's scheme decides.")
+OTLP_COMPRESSION = Setting(
+    flag=None, env=(f"{_OTLP}TRACES_COMPRESSION", f"{_OTLP}COMPRESSION"), default="none", section="Export",
+    check=_choice(Compression), doc="Compression of export requests.")
+EXPORT_BATCH_SIZE = Setting(
+    flag="--export-batch-size", env=("HYDRA_OTEL_EXPORT_BATCH_SIZE",), default="512", section="Export",
+    check=_int(1, 10_000), doc="Spans per export request.")
+EXPORT_DELAY = Setting(
+    flag="--export-delay", env=("HYDRA_OTEL_EXPORT_DELAY",), default="1.0", section="Export",
+    check=_seconds(60), doc="How long a partial batch waits for more spans before it is exported.")
+EXPORT_MAX_BACKOFF = Setting(
+    flag="--export-max-backoff", env=("HYDRA_OTEL_EXPORT_MAX_BACKOFF",), default="30", section="Export",
+    check=_seconds(), doc="Cap on the pause between retries of a failed export.")
+SERVICE_NAME = Setting(
+    flag=None, env=("OTEL_SERVICE_NAME",), default="hydra-otel", section="Export",
+    check=_Check("a service name", str),
+    doc="Resource attribute `service.name`; when set, it wins over one in `OTEL_RESOURCE_ATTRIBUTES`.")
+RESOURCE_ATTRIBUTES = Setting(
+    flag=None, env=("OTEL_RESOURCE_ATTRIBUTES",), default="", section="Export",
+    check=_Check("comma-separated key=value pairs, URL-encoded", _pairs(header_names=False)),
+    doc="Further resource attributes of every exported span; a `service.name` here is used only when "
+    "`OTEL_SERVICE_NAME` is unset.")
+STATE_DIR = Setting(
+    flag="--state-dir", env=("HYDRA_OTEL_STATE_DIR", "STATE_DIRECTORY"), default="/var/lib/hydra-otel",
+    section="Service", check=_Check("an absolute path", _abs_path),
+    doc="hydra-otel's own state. `STATE_DIRECTORY` comes from systemd's `StateDirectory=` (its first "
+    "entry is used). Neither created nor checked at start-up.")
+LOG_LEVEL = Setting(
+    flag="--log-level", env=("HYDRA_OTEL_LOG_LEVEL",), default="info", section="Service",
+    check=_choice(LogLevel), doc="Least severe level logged.")
+SHUTDOWN_GRACE = Setting(
+    flag="--shutdown-grace", env=("HYDRA_OTEL_SHUTDOWN_GRACE",), default="10", section="Service",
+    check=_seconds(), doc="On SIGTERM or SIGINT, time allowed to drain the pipeline and flush the spans.")
+QUEUE_SIZE = Setting(
+    flag="--queue-size", env=("HYDRA_OTEL_QUEUE_SIZE",), default="10000", section="Service",
+    check=_int(1), doc="Capacity of each bounded channel between pipeline stages.")
+
+#: The declaration table, in documentation order.
+SETTINGS: tuple[Setting[Any], ...] = (
+    DATABASE_URL, HYDRA_URL, INSTANCE, EVAL_ABANDON_AFTER, MAX_OPEN_EVALS, ERROR_TEXT_LIMIT,
+    OTLP_PROTOCOL, OTLP_ENDPOINT, OTLP_HEADERS, OTLP_TIMEOUT, OTLP_CERTIFICATE, OTLP_INSECURE,
+    OTLP_COMPRESSION, EXPORT_BATCH_SIZE, EXPORT_DELAY, EXPORT_MAX_BACKOFF, SERVICE_NAME,
+    RESOURCE_ATTRIBUTES, STATE_DIR, LOG_LEVEL, SHUTDOWN_GRACE, QUEUE_SIZE,
+)
+# fmt: on
+SECTIONS = ("Database", "Hydra", "Export", "Service")
+
+# --- loading ------------------------------------------------------------------------------------------
+
+
+class _Resolver:
+    """Reads each setting from its flag, then its variables, then its default; collects problems."""
+
+    def __init__(self, argv: Mapping[str, str | None], environ: Mapping[str, str]) -> None:
+        self._argv, self._environ = argv, environ
+        self.problems: list[str] = []
+        self.origins: dict[str, str] = {}
+
+    def _find(self, s: Setting[Any]) -> tuple[str, str]:
+        given = self._argv.get(s.key) if s.flag else None
+        if given is not None and s.flag:
+            return given, s.flag
+        for name in s.env:
+            if self._environ.get(name):  # empty means unset, as the OTel spec says
+                return self._environ[name], name
+        return s.default, "default"
+
+    def get(self, s: Setting[_T]) -> _T:
+        text, origin = self._find(s)
+        self.origins[s.key] = origin
+        try:
+            return s.check.parse(_FROM_ENV.get(origin, str)(text))
+        except ValueError as exc:
+            detail = f" ({exc})" if isinstance(exc, _Invalid) else ""
+            self.problems.append(f"{origin}: must be {s.check.rule}, got {s.show(text)}{detail}")
+            return s.check.parse(s.default)  # keep going so that every problem is reported
+
+
+def load(argv_values: Mapping[str, str | None], environ: Mapping[str, str]) -> Config:
+    """Build the configuration: flags override environment variables, which override defaults.
+
+    Args:
+        argv_values: flag values by setting key, e.g. ``vars(parser.parse_args())`` after
+            :func:`add_arguments`; None means the flag was not given. Unknown keys are ignored.
+        environ: the environment, usually ``os.environ``. Empty variables count as unset.
+
+    Returns:
+        The validated, frozen configuration.
+
+    Raises:
+        ConfigError: listing every problem found, each naming the flag or variable at fault.
+    """
+    r = _Resolver(argv_values, environ)
+    url = r.get(DATABASE_URL)
+    config = Config(
+        db=DbConfig(url=url, redacted_url=redacted_dsn(url), source=r.origins[DATABASE_URL.key]),
+        stitch=StitchConfig(
+            instance=r.get(INSTANCE),
+            hydra_url=r.get(HYDRA_URL),
+            abandon_after=r.get(EVAL_ABANDON_AFTER),
+            max_open_evals=r.get(MAX_OPEN_EVALS),
+            error_text_limit=r.get(ERROR_TEXT_LIMIT),
+        ),
+        export=_export(r),
+        state_dir=r.get(STATE_DIR),
+        log_level=r.get(LOG_LEVEL),
+        shutdown_grace=r.get(SHUTDOWN_GRACE),
+        queue_size=r.get(QUEUE_SIZE),
+    )
+    if r.problems:
+        raise ConfigError(r.problems)
+    return config
+
+
+def _export(r: _Resolver) -> ExportConfig:
+    protocol = r.get(OTLP_PROTOCOL)
+    endpoint = _endpoint(r, protocol)
+    insecure = r.get(OTLP_INSECURE)  # read even when ignored, so that a bad value is still reported
+    if protocol is not OtlpProtocol.GRPC:
+        insecure = None
+    if insecure and endpoint.startswith("https://"):
+        r.problems.append(f"{r.origins[OTLP_INSECURE.key]}: must not be true with an https endpoint")
+    return ExportConfig(
+        protocol=protocol,
+        endpoint=endpoint,
+        headers=r.get(OTLP_HEADERS),
+        timeout=r.get(OTLP_TIMEOUT) / 1000,
+        certificate=r.get(OTLP_CERTIFICATE),
+        insecure=insecure,
+        compression=r.get(OTLP_COMPRESSION),
+        batch_size=r.get(EXPORT_BATCH_SIZE),
+        delay=r.get(EXPORT_DELAY),
+        max_backoff=r.get(EXPORT_MAX_BACKOFF),
+        resource=_resource(r),
+    )
+
+
+def _endpoint(r: _Resolver, protocol: OtlpProtocol) -> str:
+    url = r.get(OTLP_ENDPOINT)
+    if url is None:
+        return "http://localhost:4317" if protocol is OtlpProtocol.GRPC else "http://localhost:4318/v1/traces"
+    if protocol is OtlpProtocol.HTTP_PROTOBUF and r.origins[OTLP_ENDPOINT.key] == f"{_OTLP}ENDPOINT":
+        return url.rstrip("/") + "/v1/traces"
+    return url
+
+
+def _resource(r: _Resolver) -> Pairs:
+    pairs = r.get(RESOURCE_ATTRIBUTES)
+    attributes = dict(pairs)
+    service = r.get(SERVICE_NAME)
+    if r.origins[SERVICE_NAME.key] != "default" or "service.name" not in attributes:
+        attributes["service.name"] = service
+    return tuple(sorted(attributes.items()))
+
+
+# --- flags and docs -----------------------------------------------------------------------------------
+
+
+def _default_text(s: Setting[Any]) -> str:
+    return s.default_doc or (f"`{s.default}`" if s.default else "unset")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Declare every flag of the table on ``parser``, one argument group per section.
+
+    Flags are plain strings defaulting to None, so that :func:`load` validates them together with
+    the environment and reports every problem at once.
+
+    Args:
+        parser: the CLI's parser; pass ``vars(parser.parse_args())`` to :func:`load`.
+    """
+    for section in SECTIONS:
+        group = parser.add_argument_group(section.lower())
+        for s in SETTINGS:
+            if s.section == section and s.flag:
+                env = ", then ".join(s.env)
+                text = f"{s.doc} Env: {env}. Default: {_default_text(s)}.".replace("`", "")
+                group.add_argument(s.flag, dest=s.key, default=None, help=text.replace("%", "%%"))
+
+
+_PROSE = f"""# Configuration reference
+
+<!-- Generated from the table in src/hydra_otel/config.py; do not edit. Regenerate with:
+     {REGENERATE} -->
+
+Every setting comes from its command-line flag if given, else from the first of its environment
+variables that is set, else from its default. An empty environment variable counts as unset (as the
+OpenTelemetry specification says). All values are checked at start-up and every problem is reported
+at once, naming the flag or variable it came from; hydra-otel then exits without starting.
+
+## Database URL resolution
+
+1. `--database-url`, else `HYDRA_OTEL_DATABASE_URL`;
+2. else `HYDRA_DATABASE_URL`, the variable of current Hydra (`postgres://` and `postgresql://` both work);
+3. else `HYDRA_DBI`, legacy Hydra's Perl DBI data source, converted the way DBD::Pg reads it:
+   `dbi:Pg:dbname=hydra;host=db;port=5433;user=hydra;password=...` becomes
+   `postgresql://hydra:...@db:5433/hydra`. `db` and `database` mean `dbname`; values may be
+   single-quoted with `\\` escapes; a socket directory becomes `?host=/run/postgresql`; any other
+   key (`sslmode`, ...) is passed through as a query parameter. `DBI_USER`/`DBI_PASS` are not read;
+4. else `postgresql:///hydra`: database `hydra` over the local socket.
+
+`application_name=hydra-otel` is added unless the URL already sets an `application_name`. The
+source used is logged at start-up, with the URL redacted.
+
+## Redaction
+
+Passwords (the URL's `user:password@` part and `password=`/`sslpassword=` parameters) are shown as
+`***` in logs, in `repr()` of the configuration and in error messages. OTLP header values never
+appear at all: they are not in `repr()`, and a malformed header entry is reported by position only.
+"""
+
+
+def _render(s: Setting[Any]) -> str:
+    rows = [
+        ("Flag", f"`{s.flag}`" if s.flag else "none"),
+        ("Environment", ", then ".join(f"`{e}`" for e in s.env)),
+        ("Default", _default_text(s)),
+        ("Validation", s.check.rule),
+    ]
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    return f"### `{s.flag or s.env[0]}`\n\n{s.doc}\n\n| | |\n|---|---|\n{table}\n"
+
+
+def render_reference() -> str:
+    """Render docs/configuration.md from the declaration table.
+
+    Returns:
+        The Markdown text; a test checks that the committed file equals it.
+    """
+    parts = [_PROSE]
+    for section in SECTIONS:
+        parts.append(f"## {section}\n")
+        parts.extend(_render(s) for s in SETTINGS if s.section == section)
+    return "\n".join(parts)
+
+
+if __name__ == "__main__":
+    sys.stdout.write(render_reference())

@@ -1,0 +1,183 @@
+"""Composition root: builds the pipeline and runs it under one trio nursery tree.
+
+::
+
+    trio_asyncio.open_loop()
+    └─ open_database()                      query pool (separate from LISTEN)
+       └─ nursery "pipeline"                 deadline = shutdown grace once sources stop
+          ├─ run_exporter   spans    -> OTLP
+          ├─ run_resolver   outcomes -> spans      (reads Hydra's tables)
+          ├─ run_stitcher   events   -> outcomes   (pure core.stitch.Stitcher)
+          ├─ run_intake     raw      -> events     (pure core.parse)
+          └─ nursery "sources"                   the only thing a signal cancels
+             └─ run_listener  LISTEN -> raw        (one dedicated connection)
+
+Sinks start before sources, and the listener reports ``started()`` only once
+LISTEN is active. On SIGINT/SIGTERM the sources stop; closing their send
+channels ends each stage in turn, so whatever is in flight is resolved and
+exported. A second signal cancels everything at once.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import signal
+from dataclasses import dataclass, field
+
+import trio
+import trio_asyncio
+from opentelemetry.sdk.resources import Resource
+
+import hydra_otel
+from hydra_otel.adapters.db import ListenItem, ListenStatistics, open_database, run_listener
+from hydra_otel.adapters.otlp import ExporterSettings, OtlpSink, SpanSink, make_exporter
+from hydra_otel.config import Config
+from hydra_otel.core.backoff import Backoff
+from hydra_otel.core.evals import Outcome, RenderConfig
+from hydra_otel.core.events import DATA_CHANNELS, TRIGGER_CHANNELS, Received
+from hydra_otel.core.spans import SpanRecord
+from hydra_otel.core.stitch import Stitcher
+from hydra_otel.stats import Stats
+from hydra_otel.tasks.exporter import run_exporter
+from hydra_otel.tasks.intake import run_intake
+from hydra_otel.tasks.resolver import run_resolver
+from hydra_otel.tasks.stitcher import run_stitcher
+
+log = logging.getLogger("hydra_otel.service")
+
+#: Channels the daemon LISTENs on.
+CHANNELS: tuple[str, ...] = DATA_CHANNELS + TRIGGER_CHANNELS
+
+
+@dataclass(slots=True)
+class Service:
+    """Handles a running daemon exposes to tests and the CLI."""
+
+    cfg: Config
+    sink: SpanSink
+    stats: Stats = field(default_factory=Stats)
+    listen: ListenStatistics = field(default_factory=ListenStatistics)
+    ready: trio.Event = field(default_factory=trio.Event)
+    stopping: bool = False
+    _sources: trio.CancelScope | None = None
+    _pipeline: trio.CancelScope | None = None
+
+    def stop(self) -> None:
+        """Begin a graceful stop (what SIGTERM does); calling it again cancels at once."""
+        if self._sources is None or self._pipeline is None:
+            return
+        if self.stopping:
+            self._pipeline.cancel()
+            return
+        self.stopping = True
+        self._pipeline.deadline = trio.current_time() + self.cfg.shutdown_grace
+        self._sources.cancel()
+
+    async def run(self) -> None:
+        """Run until stopped. Must run inside ``trio_asyncio.open_loop()``."""
+        cfg = self.cfg
+        log.info(
+            "starting",
+            extra={
+                "version": hydra_otel.__version__,
+                "database": cfg.db.redacted_url,
+                "database_from": cfg.db.source,
+                "instance": cfg.stitch.instance,
+            },
+        )
+        raw_tx, raw_rx = trio.open_memory_channel[ListenItem](cfg.queue_size)
+        ev_tx, ev_rx = trio.open_memory_channel[Received](cfg.queue_size)
+        out_tx, out_rx = trio.open_memory_channel[Outcome](cfg.queue_size)
+        span_tx, span_rx = trio.open_memory_channel[SpanRecord](cfg.queue_size)
+        render = RenderConfig(
+            instance=cfg.stitch.instance,
+            hydra_url=cfg.stitch.hydra_url,
+            error_text_limit=cfg.stitch.error_text_limit,
+        )
+        stitcher = Stitcher(abandon_after=cfg.stitch.abandon_after, max_open=cfg.stitch.max_open_evals)
+        async with open_database(cfg.db.url) as db, trio.open_nursery() as pipeline:
+            self._pipeline = pipeline.cancel_scope
+            pipeline.start_soon(self._export, span_rx)
+            pipeline.start_soon(
+                functools.partial(run_resolver, backoff=_backoff(10.0)),
+                out_rx,
+                span_tx,
+                db,
+                render,
+                self.stats,
+            )
+            pipeline.start_soon(run_stitcher, ev_rx, out_tx, stitcher)
+            pipeline.start_soon(run_intake, raw_rx, ev_tx, self.stats)
+            async with trio.open_nursery() as sources:
+                self._sources = sources.cancel_scope
+                await sources.start(self._listen, raw_tx)
+                self.ready.set()
+                log.info("ready")
+        log.info("stopped", extra=self.stats.snapshot())
+
+    async def _listen(
+        self, raw_tx: trio.MemorySendChannel[ListenItem], task_status: trio.TaskStatus[None]
+    ) -> None:
+        async with raw_tx:
+            await run_listener(
+                self.cfg.db.url,
+                CHANNELS,
+                raw_tx,
+                stats=self.listen,
+                backoff=_backoff(10.0),
+                task_status=task_status,
+            )
+
+    async def _export(self, span_rx: trio.MemoryReceiveChannel[SpanRecord]) -> None:
+        cfg = self.cfg.export
+        try:
+            await run_exporter(
+                span_rx,
+                self.sink,
+                self.stats,
+                batch_size=cfg.batch_size,
+                delay=cfg.delay,
+                backoff=_backoff(cfg.max_backoff),
+            )
+        finally:
+            self.sink.shutdown()
+
+
+def _backoff(cap: float) -> Backoff:
+    return Backoff(base=0.5, factor=2.0, cap=cap, jitter=0.2)
+
+
+def make_sink(cfg: Config) -> OtlpSink:
+    """The OTLP sink the configuration asks for."""
+    e = cfg.export
+    settings = ExporterSettings(
+        protocol=e.protocol,
+        endpoint=e.endpoint,
+        headers=dict(e.headers),
+        timeout_s=e.timeout,
+        certificate=None if e.certificate is None else str(e.certificate),
+        insecure=e.insecure,
+        compression=str(e.compression),
+    )
+    resource = Resource({**dict(e.resource), "service.version": hydra_otel.__version__})
+    return OtlpSink(make_exporter(settings), resource)
+
+
+async def _watch_signals(service: Service) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info(
+                "signal received; draining" if not service.stopping else "second signal; exiting now",
+                extra={"signal": signal.Signals(signum).name},
+            )
+            service.stop()
+
+
+async def main(cfg: Config) -> None:
+    """The ``hydra-otel run`` program: the service plus signal handling."""
+    service = Service(cfg=cfg, sink=make_sink(cfg))
+    async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+        nursery.start_soon(_watch_signals, service)
+        await service.run()
+        nursery.cancel_scope.cancel()

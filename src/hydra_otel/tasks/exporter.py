@@ -1,0 +1,78 @@
+"""Exporter task: batches spans and exports them with retries.
+
+A batch is sent when it holds ``batch_size`` spans or its oldest span has
+waited ``delay`` seconds. A failed export is retried with capped, jittered
+backoff while the batch is held; the bounded span channel then fills and
+backpressure reaches the listener, so memory stays bounded during an outage.
+When the input closes (shutdown) the last batch is flushed; whatever the
+caller's deadline cuts off is counted as dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import trio
+
+from hydra_otel.adapters.otlp import SpanSink
+from hydra_otel.core.backoff import Backoff
+from hydra_otel.core.spans import SpanRecord
+from hydra_otel.stats import Stats
+
+log = logging.getLogger("hydra_otel.exporter")
+
+
+async def run_exporter(
+    spans: trio.MemoryReceiveChannel[SpanRecord],
+    sink: SpanSink,
+    stats: Stats,
+    *,
+    batch_size: int,
+    delay: float,
+    backoff: Backoff,
+) -> None:
+    """Consume ``spans`` until it closes, exporting in batches."""
+    batch: list[SpanRecord] = []
+    try:
+        async with spans:
+            closed = False
+            while not closed:
+                deadline = math.inf
+                while len(batch) < batch_size:
+                    with trio.move_on_at(deadline) as scope:
+                        try:
+                            batch.append(await spans.receive())
+                        except trio.EndOfChannel:
+                            closed = True
+                            break
+                    if scope.cancelled_caught:
+                        break
+                    if len(batch) == 1:
+                        deadline = trio.current_time() + delay
+                if batch:
+                    await _export_until_done(sink, batch, stats, backoff)
+                    batch = []
+    finally:
+        if batch:
+            stats.spans_dropped += len(batch)
+            log.error(
+                "shutdown deadline passed before the endpoint took every span", extra={"dropped": len(batch)}
+            )
+
+
+async def _export_until_done(sink: SpanSink, batch: list[SpanRecord], stats: Stats, backoff: Backoff) -> None:
+    failing = False
+    while not await sink.export(batch):
+        stats.export_failures += 1
+        delay = backoff.next_delay()
+        if not failing:
+            log.warning(
+                "OTLP export failed; retrying with backoff", extra={"spans": len(batch), "retry_in_s": delay}
+            )
+            failing = True
+        await trio.sleep(delay)
+    if failing:
+        log.info("OTLP export recovered", extra={"spans": len(batch)})
+    backoff.reset()
+    stats.spans_exported += len(batch)

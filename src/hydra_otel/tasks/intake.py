@@ -1,0 +1,53 @@
+"""Intake task: raw notifications in, typed events out.
+
+Parses each notification (the pure parser in core/parse.py), counts it by
+channel, logs and counts malformed payloads (rate-limited), and forwards
+evaluation events to the stitcher. Build and step events are counted only for
+now: they are hints for live state, and span content comes from the tables.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from hydra_otel.adapters.db import ListenItem, RawNotification
+from hydra_otel.core.events import EvalAdded, EvalCached, EvalFailed, EvalStarted, Received
+from hydra_otel.core.parse import parse
+from hydra_otel.errors import PayloadError
+from hydra_otel.log import RateLimitedLog
+from hydra_otel.stats import Stats
+
+log = logging.getLogger("hydra_otel.intake")
+
+_EVAL_EVENTS = (EvalStarted, EvalAdded, EvalCached, EvalFailed)
+
+
+async def run_intake(
+    raw: trio.MemoryReceiveChannel[ListenItem],
+    events: trio.MemorySendChannel[Received],
+    stats: Stats,
+) -> None:
+    """Consume ``raw`` until it closes; closes ``events`` when done."""
+    warn = RateLimitedLog(log)
+    async with raw, events:
+        async for item in raw:
+            if not isinstance(item, RawNotification):
+                stats.resyncs[item.reason] += 1
+                continue
+            try:
+                event = parse(item.channel, item.payload)
+            except PayloadError as exc:
+                stats.payload_errors[exc.channel] += 1
+                warn.warning(
+                    exc.channel,
+                    "dropped a malformed notification",
+                    channel=exc.channel,
+                    reason=exc.reason,
+                    payload=exc.quoted,
+                )
+                continue
+            stats.events[item.channel] += 1
+            if isinstance(event, _EVAL_EVENTS):
+                await events.send(Received(event=event, at_ns=item.at_ns))

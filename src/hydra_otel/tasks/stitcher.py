@@ -1,0 +1,51 @@
+"""Stitcher task: drives the pure :class:`~hydra_otel.core.stitch.Stitcher`.
+
+Feeds it each evaluation event with the monotonic ``trio.current_time()``,
+wakes at the earliest abandon deadline to expire attempts that never closed,
+and forwards the outcomes. When its input closes, attempts still open are
+left open: they are live evaluations, not abandoned ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import trio
+
+from hydra_otel.core.evals import Outcome
+from hydra_otel.core.events import EvalAdded, EvalCached, EvalFailed, EvalStarted, Received
+from hydra_otel.core.stitch import Stitcher
+
+log = logging.getLogger("hydra_otel.stitcher")
+
+
+async def run_stitcher(
+    events: trio.MemoryReceiveChannel[Received],
+    outcomes: trio.MemorySendChannel[Outcome],
+    stitcher: Stitcher,
+) -> None:
+    """Consume ``events`` until it closes; closes ``outcomes`` when done."""
+    async with events, outcomes:
+        while True:
+            deadline = stitcher.next_deadline()
+            received: Received | None = None
+            with trio.move_on_at(math.inf if deadline is None else deadline):
+                try:
+                    received = await events.receive()
+                except trio.EndOfChannel:
+                    break
+            if received is None:
+                out = stitcher.expire(trio.current_time(), time.time_ns())
+            else:
+                event = received.event
+                assert isinstance(
+                    event, EvalStarted | EvalAdded | EvalCached | EvalFailed
+                )  # intake's contract
+                out = stitcher.feed(event, received.at_ns, trio.current_time())
+            for outcome in out:
+                await outcomes.send(outcome)
+        stats = stitcher.statistics()
+        if stats.open:
+            log.info("evaluations still running at shutdown are not exported", extra={"open": stats.open})
