@@ -59,6 +59,7 @@ class Service:
     stats: Stats = field(default_factory=Stats)
     listen: ListenStatistics = field(default_factory=ListenStatistics)
     ready: trio.Event = field(default_factory=trio.Event)
+    stopped: trio.Event = field(default_factory=trio.Event)
     stopping: bool = False
     _sources: trio.CancelScope | None = None
     _pipeline: trio.CancelScope | None = None
@@ -76,6 +77,12 @@ class Service:
 
     async def run(self) -> None:
         """Run until stopped. Must run inside ``trio_asyncio.open_loop()``."""
+        try:
+            await self._run()
+        finally:
+            self.stopped.set()
+
+    async def _run(self) -> None:
         cfg = self.cfg
         log.info(
             "starting",

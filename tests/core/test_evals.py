@@ -202,3 +202,13 @@ def test_abandoned_without_record_is_a_timeout() -> None:
     assert span.attrs()[sc.ERROR_TYPE] == "abandoned"
     assert span.attrs()[sc.CICD_PIPELINE_RESULT] == "timeout"
     assert span.end_ns == 1_700_000_030 * S
+
+
+def test_abandoned_end_never_precedes_live_start() -> None:
+    """A crash record in the same second as the live start cannot end the span before it began."""
+    start_ns = 1_700_000_010 * S + 700_000_000
+    jobset = dataclasses.replace(JOBSET, error_msg="killed by signal 9", error_time=1_700_000_010)
+    span = attempt_span(
+        _attempt(AttemptKind.ABANDONED, started_ns=start_ns, ended_ns=1_700_000_500 * S), jobset, CFG
+    )
+    assert span.start_ns == span.end_ns == start_ns

@@ -260,7 +260,8 @@ def attempt_span(a: Attempt, j: JobsetFacts, cfg: RenderConfig) -> SpanRecord:
 def _attempt_end(a: Attempt, j: JobsetFacts) -> int:
     # An abandoned evaluation really ended when hydra-evaluator recorded the crash, if it did.
     if a.kind is AttemptKind.ABANDONED and _died_after_start(a, j) and j.error_time is not None:
-        return min(a.ended_ns, seconds_ns(j.error_time))
+        # errortime has one-second resolution: never let it end the span before its exact live start.
+        return max(min(a.ended_ns, seconds_ns(j.error_time)), a.started_ns or 0)
     return a.ended_ns
 
 

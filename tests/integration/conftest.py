@@ -1,0 +1,62 @@
+"""Fixtures for end-to-end tests: a scripted Hydra and a running daemon.
+
+``hydra`` plays Hydra's SQL through its own asyncpg connection, so every NOTIFY
+is a real one delivered at commit. ``start_daemon`` runs the real
+:class:`~hydra_otel.service.Service` (listener, stitcher, resolver, exporter)
+against the test database and an in-process OTLP receiver, and stops it
+gracefully at teardown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+import trio
+from trio_asyncio import aio_as_trio
+
+from hydra_otel.sandbox.hydrasim import HydraSim
+from hydra_otel.sandbox.receiver import GrpcOtlpReceiver
+from hydra_otel.service import Service, make_sink
+from tests.integration.harness import Hydra, StartDaemon, daemon_config, stop
+
+
+@pytest.fixture
+async def hydra(aio_loop: asyncio.AbstractEventLoop, hydra_db: str) -> AsyncIterator[Hydra]:
+    """A Hydra with one project ``nixpkgs`` and jobsets ``trunk`` (ID 1) and ``staging`` (ID 2)."""
+    conn = await aio_as_trio(asyncpg.connect)(hydra_db)
+    h = Hydra(HydraSim(), conn)
+    await h.run(h.sim.create_project("nixpkgs"))
+    for name in ("trunk", "staging"):
+        _, sql = h.sim.create_jobset("nixpkgs", name)
+        await h.run(sql)
+    yield h
+    await aio_as_trio(conn.close)()
+
+
+@pytest.fixture
+async def start_daemon(
+    aio_loop: asyncio.AbstractEventLoop,
+    hydra_db: str,
+    otlp_grpc: GrpcOtlpReceiver,
+    tmp_path: Path,
+    nursery: trio.Nursery,
+) -> AsyncIterator[StartDaemon]:
+    """Start a daemon (gRPC to ``otlp_grpc`` unless overridden); every one is stopped at teardown."""
+    services: list[Service] = []
+
+    async def start(endpoint: str | None = None, **overrides: str) -> Service:
+        cfg = daemon_config(hydra_db, endpoint or f"http://{otlp_grpc.endpoint}", tmp_path, **overrides)
+        service = Service(cfg=cfg, sink=make_sink(cfg))
+        nursery.start_soon(service.run)
+        with trio.fail_after(15):
+            await service.ready.wait()
+        services.append(service)
+        return service
+
+    yield start
+    for service in services:
+        await stop(service)

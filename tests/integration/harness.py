@@ -1,0 +1,58 @@
+"""Helpers for end-to-end tests: a scripted Hydra driver and daemon configuration."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import trio
+from trio_asyncio import aio_as_trio
+
+from hydra_otel import config
+from hydra_otel.sandbox.hydrasim import HydraSim
+from hydra_otel.service import Service
+
+HYDRA_URL = "https://hydra.example.org"
+
+
+@dataclass
+class Hydra:
+    """A scripted Hydra: ``sim`` renders SQL, ``run`` executes it on Hydra's own connection."""
+
+    sim: HydraSim
+    conn: asyncpg.Connection
+
+    async def run(self, *statements: str) -> None:
+        """Execute each statement (or transaction script) in order."""
+        for sql in statements:
+            await aio_as_trio(self.conn.execute)(sql)
+
+    async def fetchval(self, sql: str) -> object:
+        """One value, for assertions about the database."""
+        return await aio_as_trio(self.conn.fetchval)(sql)
+
+
+def daemon_config(dsn: str, endpoint: str, state_dir: Path, **overrides: str) -> config.Config:
+    """A configuration for a test daemon; ``overrides`` are flag values by setting key."""
+    flags: dict[str, str | None] = {
+        "database_url": dsn,
+        "hydra_url": HYDRA_URL,
+        "otlp_endpoint": endpoint,
+        "state_dir": str(state_dir),
+        "export_delay": "0.05",
+        "shutdown_grace": "5",
+    }
+    flags.update(overrides)
+    return config.load(flags, {"OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=test"})
+
+
+StartDaemon = Callable[..., Awaitable[Service]]
+
+
+async def stop(service: Service) -> None:
+    """Stop gracefully and wait until the service has drained."""
+    service.stop()
+    with trio.fail_after(15):
+        await service.stopped.wait()
