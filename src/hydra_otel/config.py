@@ -67,13 +67,15 @@ class DbConfig:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StitchConfig:
-    """What the stitcher needs: instance name, Hydra base URL and the bounds on open evaluations."""
+    """What span rendering needs: instance name, Hydra base URL, bounds on open evaluations and traces."""
 
     instance: str
     hydra_url: str
     abandon_after: float
     max_open_evals: int
     error_text_limit: int
+    max_builds_per_trace: int
+    max_links: int
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -365,6 +367,15 @@ MAX_OPEN_EVALS = Setting(
 ERROR_TEXT_LIMIT = Setting(
     flag="--error-text-limit", env=("HYDRA_OTEL_ERROR_TEXT_LIMIT",), default="4096", section="Hydra",
     check=_int(64, 1_000_000), doc="Hydra error text put on spans is cut to this many characters.")
+MAX_BUILDS_PER_TRACE = Setting(
+    flag="--max-builds-per-trace", env=("HYDRA_OTEL_MAX_BUILDS_PER_TRACE",), default="1000", section="Hydra",
+    check=_int(1, 100_000),
+    doc="Builds an evaluation's trace holds (by build ID); later ones get traces of their own, linked both "
+    "ways, so a nixpkgs-sized evaluation stays within Tempo's 5 MB and Jaeger's UI limits (docs/spans.md).")
+MAX_LINKS = Setting(
+    flag="--max-links", env=("HYDRA_OTEL_MAX_LINKS",), default="32", section="Hydra",
+    check=_int(0, 128),
+    doc="Links an evaluation span carries to builds in traces of their own, and to cached builds.")
 OTLP_PROTOCOL = Setting(
     flag="--otlp-protocol", env=(f"{_OTLP}TRACES_PROTOCOL", f"{_OTLP}PROTOCOL"), default="grpc",
     section="Export", check=_choice(OtlpProtocol), doc="OTLP transport.")
@@ -434,6 +445,7 @@ QUEUE_SIZE = Setting(
 #: The declaration table, in documentation order.
 SETTINGS: tuple[Setting[Any], ...] = (
     DATABASE_URL, HYDRA_URL, INSTANCE, EVAL_ABANDON_AFTER, MAX_OPEN_EVALS, ERROR_TEXT_LIMIT,
+    MAX_BUILDS_PER_TRACE, MAX_LINKS,
     OTLP_PROTOCOL, OTLP_ENDPOINT, OTLP_HEADERS, OTLP_TIMEOUT, OTLP_CERTIFICATE, OTLP_INSECURE,
     OTLP_COMPRESSION, EXPORT_BATCH_SIZE, EXPORT_DELAY, EXPORT_MAX_BACKOFF, SERVICE_NAME,
     RESOURCE_ATTRIBUTES, STATE_DIR, LOG_LEVEL, SHUTDOWN_GRACE, QUEUE_SIZE,
@@ -496,6 +508,8 @@ def load(argv_values: Mapping[str, str | None], environ: Mapping[str, str]) -> C
             abandon_after=r.get(EVAL_ABANDON_AFTER),
             max_open_evals=r.get(MAX_OPEN_EVALS),
             error_text_limit=r.get(ERROR_TEXT_LIMIT),
+            max_builds_per_trace=r.get(MAX_BUILDS_PER_TRACE),
+            max_links=r.get(MAX_LINKS),
         ),
         export=_export(r),
         state_dir=r.get(STATE_DIR),

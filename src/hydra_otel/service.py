@@ -34,14 +34,14 @@ from hydra_otel.adapters.db import ListenItem, ListenStatistics, open_database, 
 from hydra_otel.adapters.otlp import ExporterSettings, OtlpSink, SpanSink, make_exporter
 from hydra_otel.config import Config
 from hydra_otel.core.backoff import Backoff
-from hydra_otel.core.evals import Outcome, RenderConfig
+from hydra_otel.core.evals import RenderConfig
 from hydra_otel.core.events import DATA_CHANNELS, TRIGGER_CHANNELS, Received
 from hydra_otel.core.spans import SpanRecord
-from hydra_otel.core.stitch import Stitcher
+from hydra_otel.core.stitch import Stitcher, Work
 from hydra_otel.stats import Stats
 from hydra_otel.tasks.exporter import run_exporter
 from hydra_otel.tasks.intake import run_intake
-from hydra_otel.tasks.resolver import run_resolver
+from hydra_otel.tasks.resolver import Resolver, run_resolver
 from hydra_otel.tasks.stitcher import run_stitcher
 
 log = logging.getLogger("hydra_otel.service")
@@ -95,25 +95,21 @@ class Service:
         )
         raw_tx, raw_rx = trio.open_memory_channel[ListenItem](cfg.queue_size)
         ev_tx, ev_rx = trio.open_memory_channel[Received](cfg.queue_size)
-        out_tx, out_rx = trio.open_memory_channel[Outcome](cfg.queue_size)
+        out_tx, out_rx = trio.open_memory_channel[Work](cfg.queue_size)
         span_tx, span_rx = trio.open_memory_channel[SpanRecord](cfg.queue_size)
         render = RenderConfig(
             instance=cfg.stitch.instance,
             hydra_url=cfg.stitch.hydra_url,
             error_text_limit=cfg.stitch.error_text_limit,
+            max_builds_per_trace=cfg.stitch.max_builds_per_trace,
+            max_links=cfg.stitch.max_links,
         )
         stitcher = Stitcher(abandon_after=cfg.stitch.abandon_after, max_open=cfg.stitch.max_open_evals)
         async with open_database(cfg.db.url) as db, trio.open_nursery() as pipeline:
             self._pipeline = pipeline.cancel_scope
             pipeline.start_soon(self._export, span_rx)
-            pipeline.start_soon(
-                functools.partial(run_resolver, backoff=_backoff(10.0)),
-                out_rx,
-                span_tx,
-                db,
-                render,
-                self.stats,
-            )
+            resolver = Resolver.create(db, render, self.stats)
+            pipeline.start_soon(functools.partial(run_resolver, backoff=_backoff(10.0)), out_rx, span_tx, resolver)
             pipeline.start_soon(run_stitcher, ev_rx, out_tx, stitcher)
             pipeline.start_soon(run_intake, raw_rx, ev_tx, self.stats)
             async with trio.open_nursery() as sources:

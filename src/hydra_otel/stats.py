@@ -18,6 +18,8 @@ class Stats:
     payload_errors: Counter[str] = field(default_factory=Counter)  # malformed payloads, by channel
     missing_rows: Counter[str] = field(default_factory=Counter)  # IDs not found, by table
     resyncs: Counter[str] = field(default_factory=Counter)  # catch-up requests, by reason
+    spans_deduplicated: int = 0  # exact repeats of recently exported spans, skipped
+    not_finished: int = 0  # build_finished for a build that was restarted again before we read it
     spans_exported: int = 0
     spans_dropped: int = 0  # given up on (shutdown deadline passed with the endpoint down)
     export_failures: int = 0  # failed export attempts (each retried)
@@ -30,6 +32,8 @@ class Stats:
             "payload_errors": dict(self.payload_errors),
             "missing_rows": dict(self.missing_rows),
             "resyncs": dict(self.resyncs),
+            "spans_deduplicated": self.spans_deduplicated,
+            "not_finished": self.not_finished,
             "spans_exported": self.spans_exported,
             "spans_dropped": self.spans_dropped,
             "export_failures": self.export_failures,

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import asyncpg
 
 from hydra_otel.adapters.db import Database
+from hydra_otel.core.builds import BuildFacts, StepFacts
 from hydra_otel.core.evals import EvalFacts, JobsetFacts
 
 EVAL_FACTS_SQL = """
@@ -38,6 +39,22 @@ LEFT JOIN LATERAL (
 WHERE e.id = ANY($1::int[])
 """
 
+# Bounded link targets of each evaluation: new builds beyond the budget, and cached builds.
+EVAL_LINKS_SQL = """
+SELECT e.id,
+       ARRAY(SELECT m.build FROM jobsetevalmembers m WHERE m.eval = e.id AND m.isnew = 1
+             ORDER BY m.build OFFSET $2 LIMIT $3) AS own_trace,
+       ARRAY(SELECT m.build FROM jobsetevalmembers m WHERE m.eval = e.id AND m.isnew = 0
+             ORDER BY m.build LIMIT $3) AS cached
+FROM unnest($1::int[]) AS e(id)
+"""
+
+# The evaluation that created each build (else the lowest one containing it).
+OWNER_SQL = """
+SELECT DISTINCT ON (m.build) m.build, m.eval FROM jobsetevalmembers m
+WHERE m.build = ANY($1::int[]) ORDER BY m.build, m.isnew DESC, m.eval
+"""
+
 JOBSET_FACTS_SQL = """
 SELECT j.id, j.project, j.name, j.errormsg, j.errortime, j.fetcherrormsg, j.starttime
 FROM jobsets j
@@ -45,15 +62,34 @@ WHERE j.id = ANY($1::int[])
 """
 
 
-async def eval_facts(db: Database, eval_ids: Sequence[int]) -> dict[int, EvalFacts]:
-    """Facts of the given JobsetEvals; IDs missing from the database are absent from the result."""
+async def eval_facts(
+    db: Database, eval_ids: Sequence[int], *, budget: int, max_links: int
+) -> dict[int, EvalFacts]:
+    """Facts of the given JobsetEvals; IDs missing from the database are absent from the result.
+
+    Three queries whatever the number of evaluations: the rows with their counts, the
+    bounded link targets, and the creating evaluation of the linked cached builds.
+    """
     if not eval_ids:
         return {}
-    rows = await db.fetch(EVAL_FACTS_SQL, list(set(eval_ids)))
-    return {row["id"]: _eval_facts(row) for row in rows}
+    wanted = sorted(set(eval_ids))
+    rows = await db.fetch(EVAL_FACTS_SQL, wanted)
+    if not rows:
+        return {}
+    links = {r["id"]: r for r in await db.fetch(EVAL_LINKS_SQL, wanted, budget, max_links)}
+    cached_ids = sorted({b for r in links.values() for b in r["cached"]})
+    owners = {r["build"]: r["eval"] for r in await db.fetch(OWNER_SQL, cached_ids)} if cached_ids else {}
+    out = {}
+    for row in rows:
+        link = links[row["id"]]
+        cached = tuple((b, owners[b]) for b in link["cached"] if b in owners)
+        out[row["id"]] = _eval_facts(row, tuple(link["own_trace"]), cached)
+    return out
 
 
-def _eval_facts(row: asyncpg.Record) -> EvalFacts:
+def _eval_facts(
+    row: asyncpg.Record, own_trace: tuple[int, ...], cached: tuple[tuple[int, int], ...]
+) -> EvalFacts:
     return EvalFacts(
         eval_id=row["id"],
         jobset_id=row["jobset_id"],
@@ -73,6 +109,8 @@ def _eval_facts(row: asyncpg.Record) -> EvalFacts:
         builds_new=row["builds_new"],
         builds_cached_finished=row["builds_cached_finished"],
         builds_cached_queued=row["builds_cached_queued"],
+        own_trace_build_ids=own_trace,
+        cached_builds=cached,
     )
 
 
@@ -93,3 +131,151 @@ async def jobset_facts(db: Database, jobset_ids: Sequence[int]) -> dict[int, Job
         )
         for row in rows
     }
+
+
+BUILD_FACTS_SQL = """
+SELECT b.id, b.finished, b.timestamp, b.jobset_id, j.project, j.name AS jobset, b.job, b.nixname, b.drvpath,
+       b.system, b.priority, b.globalpriority, b.starttime, b.stoptime, b.iscachedbuild, b.buildstatus,
+       b.size, b.closuresize, b.releasename, o.eval_id
+FROM builds b
+JOIN jobsets j ON j.id = b.jobset_id
+LEFT JOIN LATERAL (
+    -- The evaluation that created the build, else the lowest one that contains it.
+    SELECT m.eval AS eval_id FROM jobsetevalmembers m WHERE m.build = b.id ORDER BY m.isnew DESC, m.eval LIMIT 1
+) o ON true
+WHERE b.id = ANY($1::int[])
+"""
+
+# The first new build of each evaluation beyond the trace budget (OFFSET = budget), or NULL.
+BUDGET_SQL = """
+SELECT e.id,
+       (SELECT m.build FROM jobsetevalmembers m WHERE m.eval = e.id AND m.isnew = 1
+        ORDER BY m.build OFFSET $2 LIMIT 1) AS first_beyond
+FROM unnest($1::int[]) AS e(id)
+"""
+
+STEP_COLUMNS = """s.build, s.stepnr, s.type, s.drvpath, s.status, s.errormsg, s.starttime, s.stoptime, s.machine,
+       s.system, s.propagatedfrom, s.overhead, s.timesbuilt, s.isnondeterministic"""
+
+# Every step of the given builds.
+STEPS_SQL = """
+SELECT {columns}, {resolved} AS resolveddrvpath
+FROM buildsteps s WHERE s.build = ANY($1::int[]) ORDER BY s.build, s.stepnr
+"""
+
+# The given (build, step) pairs plus each build's top-level steps, which decide attempts.
+STEP_SUBSET_SQL = """
+SELECT {columns}, {resolved} AS resolveddrvpath
+FROM buildsteps s JOIN builds b ON b.id = s.build
+WHERE s.build = ANY($1::int[])
+  AND (s.drvpath = b.drvpath OR (s.build, s.stepnr) IN (SELECT * FROM unnest($1::int[], $2::int[])))
+ORDER BY s.build, s.stepnr
+"""
+
+HAS_RESOLVED_SQL = """
+SELECT EXISTS (SELECT 1 FROM information_schema.columns
+               WHERE table_name = 'buildsteps' AND column_name = 'resolveddrvpath'
+                 AND table_schema = ANY(current_schemas(false)))
+"""
+
+
+class BuildQueries:
+    """Batched build and step lookups, with the per-evaluation budget cache (Trio-flavoured)."""
+
+    def __init__(self, db: Database, *, budget: int, cache_size: int = 4096) -> None:
+        self._db = db
+        self._budget = budget
+        self._cache_size = cache_size
+        self._first_beyond: dict[int, int | None] = {}
+        self._resolved: str | None = None
+
+    async def builds(self, build_ids: Sequence[int]) -> dict[int, BuildFacts]:
+        """Facts of the given builds with their trace placement; missing IDs are absent."""
+        if not build_ids:
+            return {}
+        rows = await self._db.fetch(BUILD_FACTS_SQL, sorted(set(build_ids)))
+        beyond = await self._budget_of({r["eval_id"] for r in rows if r["eval_id"] is not None})
+        return {r["id"]: _build_facts(r, beyond) for r in rows}
+
+    async def steps(self, build_ids: Sequence[int]) -> dict[int, list[StepFacts]]:
+        """Every step row of the given builds, by build, in step order."""
+        if not build_ids:
+            return {}
+        sql = STEPS_SQL.format(columns=STEP_COLUMNS, resolved=await self._resolved_column())
+        return _group_steps(await self._db.fetch(sql, sorted(set(build_ids))))
+
+    async def step_subset(self, pairs: Sequence[tuple[int, int]]) -> dict[int, list[StepFacts]]:
+        """The given (build, step) rows plus their builds' top-level steps, by build."""
+        if not pairs:
+            return {}
+        sql = STEP_SUBSET_SQL.format(columns=STEP_COLUMNS, resolved=await self._resolved_column())
+        return _group_steps(await self._db.fetch(sql, [b for b, _ in pairs], [n for _, n in pairs]))
+
+    async def _resolved_column(self) -> str:
+        # Schema 87 added buildsteps.resolveddrvpath; the legacy Hydra (84/85) has no such column.
+        if self._resolved is None:
+            has = await self._db.fetchval(HAS_RESOLVED_SQL)
+            self._resolved = "s.resolveddrvpath" if has else "NULL::text"
+        return self._resolved
+
+    async def _budget_of(self, eval_ids: set[int]) -> dict[int, int | None]:
+        missing = [e for e in eval_ids if e not in self._first_beyond]
+        if missing:
+            if len(self._first_beyond) + len(missing) > self._cache_size:
+                self._first_beyond.clear()  # evaluations age out together; a re-query is cheap
+            for row in await self._db.fetch(BUDGET_SQL, missing, self._budget):
+                self._first_beyond[row["id"]] = row["first_beyond"]
+        return {e: self._first_beyond.get(e) for e in eval_ids}
+
+
+def _build_facts(row: asyncpg.Record, beyond: dict[int, int | None]) -> BuildFacts:
+    eval_id = row["eval_id"]
+    first_beyond = beyond.get(eval_id) if eval_id is not None else None
+    return BuildFacts(
+        build_id=row["id"],
+        finished=row["finished"] == 1,
+        timestamp=row["timestamp"],
+        jobset_id=row["jobset_id"],
+        project=row["project"],
+        jobset=row["jobset"],
+        job=row["job"],
+        nixname=row["nixname"],
+        drvpath=row["drvpath"],
+        system=row["system"],
+        priority=row["priority"],
+        global_priority=row["globalpriority"],
+        starttime=row["starttime"],
+        stoptime=row["stoptime"],
+        cached=bool(row["iscachedbuild"]),
+        status=row["buildstatus"],
+        size=row["size"],
+        closure_size=row["closuresize"],
+        release_name=row["releasename"],
+        eval_id=eval_id,
+        in_eval_trace=first_beyond is None or row["id"] < first_beyond,
+    )
+
+
+def _group_steps(rows: Sequence[asyncpg.Record]) -> dict[int, list[StepFacts]]:
+    out: dict[int, list[StepFacts]] = {}
+    for r in rows:
+        out.setdefault(r["build"], []).append(
+            StepFacts(
+                build_id=r["build"],
+                stepnr=r["stepnr"],
+                type=r["type"],
+                drvpath=r["drvpath"],
+                status=r["status"],
+                errormsg=r["errormsg"],
+                starttime=r["starttime"],
+                stoptime=r["stoptime"],
+                machine=r["machine"] or "",
+                system=r["system"],
+                propagated_from=r["propagatedfrom"],
+                overhead_ms=r["overhead"],
+                times_built=r["timesbuilt"],
+                nondeterministic=r["isnondeterministic"],
+                resolved_drv_path=r["resolveddrvpath"],
+            )
+        )
+    return out

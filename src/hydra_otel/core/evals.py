@@ -51,6 +51,10 @@ class RenderConfig:
     instance: str
     hydra_url: str
     error_text_limit: int
+    #: Builds an evaluation's trace holds; later ones get traces of their own (docs/spans.md).
+    max_builds_per_trace: int = 1000
+    #: Links an evaluation span carries to builds in their own traces, and to cached builds.
+    max_links: int = 32
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -75,6 +79,10 @@ class EvalFacts:
     builds_new: int
     builds_cached_finished: int
     builds_cached_queued: int
+    #: The first ``max_links`` new builds beyond the trace budget (they are in traces of their own).
+    own_trace_build_ids: tuple[int, ...] = ()
+    #: The first ``max_links`` cached builds, with the evaluation that created each.
+    cached_builds: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -152,6 +160,7 @@ def eval_spans(f: EvalFacts, cfg: RenderConfig) -> list[SpanRecord]:
         attributes=attributes(_eval_attributes(f, cfg)),
         status=Status.OK,
         events=events,
+        links=_eval_links(f, cfg),
     )
     phases = [("checkout", checkout_start, eval_start), ("evaluate", eval_start, eval_end)]
     children = [
@@ -192,7 +201,33 @@ def _eval_attributes(f: EvalFacts, cfg: RenderConfig) -> dict[str, AttrValue | N
         sc.HYDRA_EVAL_CHECKOUT_TIME: f.checkout_time,
         sc.HYDRA_EVAL_EVAL_TIME: f.eval_time,
         sc.HYDRA_EVAL_HAS_ERRORS: bool(f.error_msg),
+        sc.HYDRA_EVAL_BUILDS_OWN_TRACES: max(0, f.builds_new - cfg.max_builds_per_trace),
     }
+
+
+def _eval_links(f: EvalFacts, cfg: RenderConfig) -> tuple[SpanLink, ...]:
+    """Bounded links to builds that live in other traces: beyond the budget, and cached ones."""
+    links = []
+    for build_id in f.own_trace_build_ids[: cfg.max_links]:
+        key = ids.build_trace(cfg.instance, build_id)
+        # Attempt 0: the evaluation links to the first run of each build.
+        links.append(
+            SpanLink(
+                trace_id=ids.trace_id(key),
+                span_id=ids.span_id(key, "build", build_id, 0),
+                attributes=((sc.HYDRA_LINK_TYPE, "build_in_own_trace"), (sc.HYDRA_BUILD_ID, build_id)),
+            )
+        )
+    for build_id, owner in f.cached_builds[: cfg.max_links]:
+        key = ids.eval_trace(cfg.instance, owner)
+        links.append(
+            SpanLink(
+                trace_id=ids.trace_id(key),
+                span_id=ids.root_span_id(key),
+                attributes=((sc.HYDRA_LINK_TYPE, "cached_build"), (sc.HYDRA_BUILD_ID, build_id)),
+            )
+        )
+    return tuple(links)
 
 
 def evaluator_run_span(
@@ -332,6 +367,3 @@ class AddedEval:
     correlation_id: str
     started_ns: int | None
     ended_ns: int
-
-
-Outcome = AddedEval | Attempt

@@ -9,6 +9,8 @@ Trace keys:
 
 * ``eval_trace(instance, eval_id)``: an evaluation that produced a JobsetEval
   row. Later build spans find their parent from the eval ID alone.
+* ``build_trace(instance, build_id)``: a build beyond its evaluation's trace
+  budget (see docs/spans.md), in a trace of its own linked to the evaluation.
 * ``attempt_trace(instance, jobset_id, correlation_id)``: an evaluation attempt
   with no JobsetEval row (cached, failed, abandoned). Hydra's correlation ID is
   unique per host boot only, so the jobset ID is part of the key.
@@ -41,6 +43,11 @@ class TraceKey:
 def eval_trace(instance: str, eval_id: int) -> TraceKey:
     """Key of the trace of JobsetEval ``eval_id``."""
     return TraceKey(instance, ("eval", eval_id))
+
+
+def build_trace(instance: str, build_id: int) -> TraceKey:
+    """Key of the trace of a build that does not fit its evaluation's trace budget."""
+    return TraceKey(instance, ("build", build_id))
 
 
 def attempt_trace(instance: str, jobset_id: int, correlation_id: str) -> TraceKey:

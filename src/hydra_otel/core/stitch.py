@@ -30,8 +30,22 @@ import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from hydra_otel.core.evals import AddedEval, Attempt, AttemptKind, Outcome
-from hydra_otel.core.events import EvalAdded, EvalCached, EvalEvent, EvalFailed, EvalStarted
+from hydra_otel.core.evals import AddedEval, Attempt, AttemptKind
+from hydra_otel.core.events import (
+    BuildFinished,
+    EvalAdded,
+    EvalCached,
+    EvalEvent,
+    EvalFailed,
+    EvalStarted,
+    StepFinished,
+)
+
+#: What the stitcher emits for the resolver.
+Outcome = AddedEval | Attempt
+
+#: What flows from the stitcher task to the resolver: outcomes, and build events passed through.
+Work = Outcome | StepFinished | BuildFinished
 
 AttemptKey = tuple[int, str]
 

@@ -2,8 +2,10 @@
 
 Parses each notification (the pure parser in core/parse.py), counts it by
 channel, logs and counts malformed payloads (rate-limited), and forwards
-evaluation events to the stitcher. Build and step events are counted only for
-now: they are hints for live state, and span content comes from the tables.
+the events that produce spans (evaluations, finished steps, finished builds)
+to the stitcher. ``build_queued``, ``build_started`` and the ``cached_build_*``
+notices are counted only: they are hints, and span content comes from the
+tables (the evaluation span counts cached builds from ``jobsetevalmembers``).
 """
 
 from __future__ import annotations
@@ -13,7 +15,15 @@ import logging
 import trio
 
 from hydra_otel.adapters.db import ListenItem, RawNotification
-from hydra_otel.core.events import EvalAdded, EvalCached, EvalFailed, EvalStarted, Received
+from hydra_otel.core.events import (
+    BuildFinished,
+    EvalAdded,
+    EvalCached,
+    EvalFailed,
+    EvalStarted,
+    Received,
+    StepFinished,
+)
 from hydra_otel.core.parse import parse
 from hydra_otel.errors import PayloadError
 from hydra_otel.log import RateLimitedLog
@@ -21,7 +31,8 @@ from hydra_otel.stats import Stats
 
 log = logging.getLogger("hydra_otel.intake")
 
-_EVAL_EVENTS = (EvalStarted, EvalAdded, EvalCached, EvalFailed)
+# Events that produce spans; the rest (queued/started hints, cached-build notices) are counted only.
+_FORWARDED = (EvalStarted, EvalAdded, EvalCached, EvalFailed, StepFinished, BuildFinished)
 
 
 async def run_intake(
@@ -49,5 +60,5 @@ async def run_intake(
                 )
                 continue
             stats.events[item.channel] += 1
-            if isinstance(event, _EVAL_EVENTS):
+            if isinstance(event, _FORWARDED):
                 await events.send(Received(event=event, at_ns=item.at_ns))

@@ -1,31 +1,48 @@
-"""Resolver task: completes stitched outcomes from Hydra's tables and renders spans.
+"""Resolver task: completes stitched work from Hydra's tables and renders spans.
 
-Outcomes are taken in batches (whatever is queued, up to ``batch_size``), so
-one query per table serves the whole batch. A row that does not exist (an ID
-from a bad notification, or a deleted jobset) is logged, counted and skipped.
-While the database is unreachable the batch is held and retried with backoff:
-upstream channels fill and apply backpressure; nothing is dropped here.
+Work is taken in batches (whatever is queued, up to ``batch_size``), so one
+query per table serves the whole batch, however many builds it names. A row
+that does not exist (an ID from a bad notification, a deleted build) is
+logged, counted and skipped. While the database is unreachable the batch is
+held and retried with backoff: upstream channels fill and apply backpressure;
+nothing is dropped here. Exact repeats of recently exported spans (a step
+exported live and again with its build, a re-delivered ``build_finished``)
+are skipped by :class:`~hydra_otel.core.dedup.RecentSpans`.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import trio
 
 from hydra_otel.adapters import queries
 from hydra_otel.adapters.db import Database
 from hydra_otel.core.backoff import Backoff
+from hydra_otel.core.builds import (
+    BuildFacts,
+    Cause,
+    StepFacts,
+    build_attempt,
+    build_span_id,
+    build_spans,
+    propagated_from,
+    step_attempt,
+    step_span,
+)
+from hydra_otel.core.dedup import RecentSpans
 from hydra_otel.core.evals import (
     AddedEval,
     Attempt,
-    Outcome,
     RenderConfig,
     attempt_span,
     eval_spans,
     evaluator_run_span,
 )
+from hydra_otel.core.events import BuildFinished, StepFinished
 from hydra_otel.core.spans import SpanRecord
+from hydra_otel.core.stitch import Work
 from hydra_otel.errors import DbUnavailable
 from hydra_otel.log import RateLimitedLog
 from hydra_otel.stats import Stats
@@ -33,87 +50,170 @@ from hydra_otel.stats import Stats
 log = logging.getLogger("hydra_otel.resolver")
 
 
+@dataclass(slots=True)
+class Resolver:
+    """Turns a batch of work into spans; holds the query helpers and the duplicate filter."""
+
+    db: Database
+    cfg: RenderConfig
+    stats: Stats
+    builds: queries.BuildQueries
+    recent: RecentSpans
+    warn: RateLimitedLog
+
+    @classmethod
+    def create(cls, db: Database, cfg: RenderConfig, stats: Stats, *, recent: int = 200_000) -> Resolver:
+        """A resolver with the budget from ``cfg``."""
+        return cls(
+            db=db,
+            cfg=cfg,
+            stats=stats,
+            builds=queries.BuildQueries(db, budget=cfg.max_builds_per_trace),
+            recent=RecentSpans(recent),
+            warn=RateLimitedLog(log),
+        )
+
+    async def resolve(self, batch: list[Work]) -> list[SpanRecord]:
+        """Spans for ``batch``, without exact repeats of recently exported ones."""
+        records = await self._evals([w for w in batch if isinstance(w, AddedEval)])
+        records += await self._attempts([w for w in batch if isinstance(w, Attempt)])
+        records += await self._steps([w for w in batch if isinstance(w, StepFinished)])
+        records += await self._finished([w for w in batch if isinstance(w, BuildFinished)])
+        fresh = [r for r in records if self.recent.fresh(r)]
+        self.stats.spans_deduplicated += len(records) - len(fresh)
+        return fresh
+
+    def _missing(self, table: str, what: str, **ids: int) -> None:
+        self.stats.missing_rows[table] += 1
+        self.warn.warning(table, f"{what} that is not in the database; skipped", **ids)
+
+    async def _evals(self, added: list[AddedEval]) -> list[SpanRecord]:
+        facts = await queries.eval_facts(
+            self.db,
+            [a.eval_id for a in added],
+            budget=self.cfg.max_builds_per_trace,
+            max_links=self.cfg.max_links,
+        )
+        out: list[SpanRecord] = []
+        for a in added:
+            f = facts.get(a.eval_id)
+            if f is None:
+                self._missing("jobsetevals", "eval_added names a JobsetEval", eval_id=a.eval_id)
+                continue
+            out += eval_spans(f, self.cfg)
+            if a.started_ns is not None:
+                out.append(
+                    evaluator_run_span(
+                        self.cfg,
+                        eval_id=a.eval_id,
+                        jobset_id=a.jobset_id,
+                        correlation_id=a.correlation_id,
+                        started_ns=a.started_ns,
+                        ended_ns=a.ended_ns,
+                    )
+                )
+        return out
+
+    async def _attempts(self, attempts: list[Attempt]) -> list[SpanRecord]:
+        jobsets = await queries.jobset_facts(self.db, [t.jobset_id for t in attempts])
+        out: list[SpanRecord] = []
+        for t in attempts:
+            j = jobsets.get(t.jobset_id)
+            if j is None:
+                self._missing("jobsets", "an evaluation notification names a jobset", jobset_id=t.jobset_id)
+                continue
+            out.append(attempt_span(t, j, self.cfg))
+        return out
+
+    async def _steps(self, finished: list[StepFinished]) -> list[SpanRecord]:
+        if not finished:
+            return []
+        builds = await self.builds.builds([e.build_id for e in finished])
+        steps = await self.builds.step_subset([(e.build_id, e.step_nr) for e in finished])
+        out: list[SpanRecord] = []
+        for e in finished:
+            b = builds.get(e.build_id)
+            rows = steps.get(e.build_id, [])
+            step = next((s for s in rows if s.stepnr == e.step_nr), None)
+            if b is None or step is None:
+                self._missing("buildsteps", "step_finished names a step", build_id=e.build_id, step=e.step_nr)
+                continue
+            if step.status is None:  # not finished after all (restarted?): it comes with its build
+                continue
+            out.append(step_span(self.cfg, b, step, step_attempt(b, rows, step.stepnr)))
+        return out
+
+    async def _finished(self, events: list[BuildFinished]) -> list[SpanRecord]:
+        wanted = [i for e in events for i in (e.build_id, *e.dependents)]
+        if not wanted:
+            return []
+        builds = await self.builds.builds(wanted)
+        steps = await self.builds.steps(list(builds))
+        causes = await self._causes(builds, steps)
+        out: list[SpanRecord] = []
+        for build_id in dict.fromkeys(wanted):
+            b = builds.get(build_id)
+            if b is None:
+                self._missing("builds", "build_finished names a build", build_id=build_id)
+                continue
+            if not b.finished or b.stoptime is None:
+                self.stats.not_finished += 1  # restarted again before we looked: its next finish will come
+                continue
+            rows = steps.get(build_id, [])
+            out += build_spans(self.cfg, b, rows, causes.get(build_id))
+        return out
+
+    async def _causes(
+        self, builds: dict[int, BuildFacts], steps: dict[int, list[StepFacts]]
+    ) -> dict[int, Cause]:
+        """For builds whose failure was propagated from another build, that build's span as a link target."""
+        by_build = {
+            i: c for i, b in builds.items() if (c := propagated_from(b, steps.get(i, []))) is not None
+        }
+        unknown = sorted(set(by_build.values()) - set(builds))
+        extra = await self.builds.builds(unknown)
+        extra_steps = await self.builds.steps(list(extra))
+        every, every_steps = {**builds, **extra}, {**steps, **extra_steps}
+        out: dict[int, Cause] = {}
+        for build_id, cause_id in by_build.items():
+            cause = every.get(cause_id)
+            if cause is not None:
+                attempt = build_attempt(cause, every_steps.get(cause_id, []))
+                out[build_id] = Cause(cause_id, *build_span_id(self.cfg, cause, attempt))
+        return out
+
+
 async def run_resolver(
-    outcomes: trio.MemoryReceiveChannel[Outcome],
+    work: trio.MemoryReceiveChannel[Work],
     spans: trio.MemorySendChannel[SpanRecord],
-    db: Database,
-    cfg: RenderConfig,
-    stats: Stats,
+    resolver: Resolver,
     *,
     backoff: Backoff,
-    batch_size: int = 256,
+    batch_size: int = 512,
 ) -> None:
-    """Consume ``outcomes`` until it closes; closes ``spans`` when done."""
-    warn = RateLimitedLog(log)
-    async with outcomes, spans:
-        async for first in outcomes:
+    """Consume ``work`` until it closes; closes ``spans`` when done."""
+    async with work, spans:
+        async for first in work:
             batch = [first]
             while len(batch) < batch_size:
                 try:
-                    batch.append(outcomes.receive_nowait())
+                    batch.append(work.receive_nowait())
                 except (trio.WouldBlock, trio.EndOfChannel):
                     break
-            for record in await _resolve_with_retry(db, batch, cfg, stats, warn, backoff):
+            for record in await _resolve_with_retry(resolver, batch, backoff):
                 await spans.send(record)
 
 
-async def _resolve_with_retry(
-    db: Database,
-    batch: list[Outcome],
-    cfg: RenderConfig,
-    stats: Stats,
-    warn: RateLimitedLog,
-    backoff: Backoff,
-) -> list[SpanRecord]:
+async def _resolve_with_retry(resolver: Resolver, batch: list[Work], backoff: Backoff) -> list[SpanRecord]:
     while True:
         try:
-            records = await resolve(db, batch, cfg, stats, warn)
+            records = await resolver.resolve(batch)
         except DbUnavailable as exc:
             delay = backoff.next_delay()
-            warn.warning("db", "database unavailable; holding evaluations", error=str(exc), retry_in_s=delay)
+            resolver.warn.warning(
+                "db", "database unavailable; holding work", error=str(exc), retry_in_s=delay
+            )
             await trio.sleep(delay)
             continue
         backoff.reset()
         return records
-
-
-async def resolve(
-    db: Database, batch: list[Outcome], cfg: RenderConfig, stats: Stats, warn: RateLimitedLog
-) -> list[SpanRecord]:
-    """Spans for ``batch``: two queries at most, whatever the batch size."""
-    added = [o for o in batch if isinstance(o, AddedEval)]
-    attempts = [o for o in batch if isinstance(o, Attempt)]
-    evals = await queries.eval_facts(db, [o.eval_id for o in added])
-    jobsets = await queries.jobset_facts(db, [o.jobset_id for o in attempts])
-    stats.queries += bool(added) + bool(attempts)
-    out: list[SpanRecord] = []
-    for a in added:
-        facts = evals.get(a.eval_id)
-        if facts is None:
-            stats.missing_rows["jobsetevals"] += 1
-            warn.warning(
-                "jobsetevals", "eval_added names a JobsetEval that does not exist", eval_id=a.eval_id
-            )
-            continue
-        out.extend(eval_spans(facts, cfg))
-        if a.started_ns is not None:
-            out.append(
-                evaluator_run_span(
-                    cfg,
-                    eval_id=a.eval_id,
-                    jobset_id=a.jobset_id,
-                    correlation_id=a.correlation_id,
-                    started_ns=a.started_ns,
-                    ended_ns=a.ended_ns,
-                )
-            )
-    for t in attempts:
-        jobset = jobsets.get(t.jobset_id)
-        if jobset is None:
-            stats.missing_rows["jobsets"] += 1
-            warn.warning(
-                "jobsets", "evaluation notification names a jobset that does not exist", jobset_id=t.jobset_id
-            )
-            continue
-        out.append(attempt_span(t, jobset, cfg))
-    return out

@@ -1,6 +1,6 @@
 """Stitcher task: drives the pure :class:`~hydra_otel.core.stitch.Stitcher`.
 
-Feeds it each evaluation event with the monotonic ``trio.current_time()``,
+Build and step events pass through unchanged, in order. Feeds the stitcher each evaluation event with the monotonic ``trio.current_time()``,
 wakes at the earliest abandon deadline to expire attempts that never closed,
 and forwards the outcomes. When its input closes, attempts still open are
 left open: they are live evaluations, not abandoned ones.
@@ -14,16 +14,21 @@ import time
 
 import trio
 
-from hydra_otel.core.evals import Outcome
-from hydra_otel.core.events import EvalAdded, EvalCached, EvalFailed, EvalStarted, Received
-from hydra_otel.core.stitch import Stitcher
+from hydra_otel.core.events import (
+    EvalAdded,
+    EvalCached,
+    EvalFailed,
+    EvalStarted,
+    Received,
+)
+from hydra_otel.core.stitch import Stitcher, Work
 
 log = logging.getLogger("hydra_otel.stitcher")
 
 
 async def run_stitcher(
     events: trio.MemoryReceiveChannel[Received],
-    outcomes: trio.MemorySendChannel[Outcome],
+    outcomes: trio.MemorySendChannel[Work],
     stitcher: Stitcher,
 ) -> None:
     """Consume ``events`` until it closes; closes ``outcomes`` when done."""

@@ -1,0 +1,311 @@
+"""Build and step spans: pure functions from ``builds`` / ``buildsteps`` rows.
+
+Theory of operation.
+
+*Placement.* A build belongs to the evaluation that created it (its
+``jobsetevalmembers`` row with ``isnew = 1``, else the lowest eval containing
+it). Its span is a child of that evaluation's root span, unless the
+evaluation created more than ``max_builds_per_trace`` builds: then only the
+first ``max_builds_per_trace`` builds by ID stay in the evaluation's trace,
+and each later one is the root of a trace of its own, linked to the
+evaluation (and the evaluation links to a bounded number of them). The rule
+depends only on IDs, so every process places a build the same way.
+
+*Attempts.* A restarted build finishes again; each finish is a new build span
+in the same trace. Hydra stores no attempt number, so it is derived from the
+step rows: an attempt ends with its top-level step (the step that built the
+build's own derivation, not propagated), and step numbers keep increasing
+across restarts. A step's attempt is the number of finished top-level steps
+with a lower step number; a build finish's attempt is the number of finished
+top-level steps that stopped before the build did. Both are functions of the
+rows, so a re-delivered ``build_finished`` renders byte-identical spans.
+
+*Times.* A build span runs from queueing (``builds.timestamp``; for a later
+attempt, the first step of that attempt) to ``builds.stoptime``; its ``queued``
+child covers the wait until the attempt's first step started. Steps use their
+own start and stop times; steps Hydra wrote without times (propagated
+failures, unsupported systems) are placed at the build's stop time.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from hydra_otel.core import ids
+from hydra_otel.core import semconv as sc
+from hydra_otel.core.evals import RenderConfig
+from hydra_otel.core.spans import (
+    AttrValue,
+    Kind,
+    SpanLink,
+    SpanRecord,
+    Status,
+    attributes,
+    seconds_ns,
+    truncate,
+)
+from hydra_otel.core.status import status_info
+
+_STORE_NAME = re.compile(r"^(?:.*/)?[0-9a-z]{32}-(?P<name>.+?)(?:\.drv)?$")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BuildFacts:
+    """One ``builds`` row with its jobset, owning evaluation and trace placement."""
+
+    build_id: int
+    finished: bool
+    timestamp: int
+    jobset_id: int
+    project: str
+    jobset: str
+    job: str
+    nixname: str | None
+    drvpath: str
+    system: str
+    priority: int
+    global_priority: int
+    starttime: int | None
+    stoptime: int | None
+    cached: bool
+    status: int | None
+    size: int | None
+    closure_size: int | None
+    release_name: str | None
+    eval_id: int | None  # the evaluation that created the build (None: no membership row)
+    in_eval_trace: bool  # False: beyond the evaluation's trace budget
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StepFacts:
+    """One ``buildsteps`` row."""
+
+    build_id: int
+    stepnr: int
+    type: int
+    drvpath: str | None
+    status: int | None
+    errormsg: str | None
+    starttime: int | None
+    stoptime: int | None
+    machine: str
+    system: str | None
+    propagated_from: int | None
+    overhead_ms: int | None
+    times_built: int | None
+    nondeterministic: bool | None
+    resolved_drv_path: str | None
+
+
+def derivation_name(path: str | None) -> str:
+    """``/nix/store/<hash>-hello-2.12.drv`` -> ``hello-2.12``."""
+    if not path:
+        return "unknown"
+    m = _STORE_NAME.match(path)
+    return m.group("name") if m else path.rsplit("/", 1)[-1]
+
+
+def _is_top_level(b: BuildFacts, s: StepFacts) -> bool:
+    return s.drvpath == b.drvpath and not s.propagated_from and s.status is not None
+
+
+def step_attempt(b: BuildFacts, steps: Sequence[StepFacts], stepnr: int) -> int:
+    """The attempt a step belongs to: finished top-level steps before it."""
+    return sum(1 for s in steps if _is_top_level(b, s) and s.stepnr < stepnr)
+
+
+def build_attempt(b: BuildFacts, steps: Sequence[StepFacts]) -> int:
+    """The attempt a build finish belongs to: finished top-level steps that stopped before the build."""
+    stop = b.stoptime if b.stoptime is not None else 0
+    return sum(1 for s in steps if _is_top_level(b, s) and s.stoptime is not None and s.stoptime < stop)
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where a build's spans go: trace key, the build span's parent, and whether it is its own trace."""
+
+    trace: ids.TraceKey
+    parent: int | None
+    own_trace: bool
+
+
+def placement(cfg: RenderConfig, b: BuildFacts) -> Placement:
+    """The trace of build ``b`` (see the module docstring)."""
+    if b.eval_id is not None and b.in_eval_trace:
+        key = ids.eval_trace(cfg.instance, b.eval_id)
+        return Placement(key, ids.root_span_id(key), False)
+    return Placement(ids.build_trace(cfg.instance, b.build_id), None, True)
+
+
+def build_span_id(cfg: RenderConfig, b: BuildFacts, attempt: int) -> tuple[int, int]:
+    """(trace ID, span ID) of attempt ``attempt`` of build ``b``."""
+    where = placement(cfg, b)
+    return ids.trace_id(where.trace), ids.span_id(where.trace, "build", b.build_id, attempt)
+
+
+@dataclass(frozen=True, slots=True)
+class Cause:
+    """The build whose failure finished this one (from ``buildsteps.propagatedfrom``), as a link target."""
+
+    build_id: int
+    trace_id: int
+    span_id: int
+
+
+def build_spans(
+    cfg: RenderConfig, b: BuildFacts, steps: Sequence[StepFacts], cause: Cause | None = None
+) -> list[SpanRecord]:
+    """The spans of a finished build's latest attempt: build, ``queued`` and the attempt's steps."""
+    if not b.finished or b.stoptime is None:
+        raise ValueError(f"build {b.build_id} is not finished")
+    attempt = build_attempt(b, steps)
+    mine = [s for s in steps if step_attempt(b, steps, s.stepnr) == attempt]
+    starts = [s.starttime for s in mine if s.starttime is not None]
+    start = b.timestamp if attempt == 0 or not starts else min(starts)
+    end = max(b.stoptime, start)
+    where = placement(cfg, b)
+    tid, span = build_span_id(cfg, b, attempt)
+    info = status_info(b.status)
+    root = SpanRecord(
+        trace_id=tid,
+        span_id=span,
+        parent_span_id=where.parent,
+        name=f"build {b.job}",
+        kind=Kind.INTERNAL,
+        start_ns=seconds_ns(start),
+        end_ns=seconds_ns(end),
+        attributes=attributes(_build_attributes(cfg, b, attempt, where.own_trace)),
+        status=Status.OK if info.error_type is None else Status.ERROR,
+        status_message="" if info.error_type is None else info.name,
+        links=_build_links(cfg, b, where, cause),
+    )
+    out = [root]
+    first_step = min((t for t in starts if t >= start), default=None)
+    if first_step is not None:
+        out.append(_queued_span(where, b, attempt, tid, span, start, first_step))
+    out.extend(step_span(cfg, b, s, attempt) for s in sorted(mine, key=lambda s: s.stepnr))
+    return out
+
+
+def _queued_span(
+    where: Placement, b: BuildFacts, attempt: int, tid: int, parent: int, start: int, end: int
+) -> SpanRecord:
+    return SpanRecord(
+        trace_id=tid,
+        span_id=ids.span_id(where.trace, "queued", b.build_id, attempt),
+        parent_span_id=parent,
+        name="queued",
+        kind=Kind.INTERNAL,
+        start_ns=seconds_ns(start),
+        end_ns=seconds_ns(end),
+        attributes=((sc.HYDRA_BUILD_ID, b.build_id),),
+    )
+
+
+def _build_attributes(
+    cfg: RenderConfig, b: BuildFacts, attempt: int, own_trace: bool
+) -> dict[str, AttrValue | None]:
+    info = status_info(b.status)
+    return {
+        sc.CICD_PIPELINE_NAME: f"{b.project}:{b.jobset}",
+        sc.CICD_PIPELINE_TASK_NAME: b.job,
+        sc.CICD_PIPELINE_TASK_RUN_ID: str(b.build_id),
+        sc.CICD_PIPELINE_TASK_RUN_URL_FULL: f"{cfg.hydra_url}/build/{b.build_id}",
+        sc.CICD_PIPELINE_TASK_RUN_RESULT: info.result,
+        sc.ERROR_TYPE: info.error_type,
+        sc.HYDRA_PROJECT: b.project,
+        sc.HYDRA_JOBSET: b.jobset,
+        sc.HYDRA_EVAL_ID: b.eval_id,
+        sc.HYDRA_BUILD_ID: b.build_id,
+        sc.HYDRA_BUILD_JOB: b.job,
+        sc.HYDRA_BUILD_SYSTEM: b.system,
+        sc.HYDRA_BUILD_NIXNAME: b.nixname,
+        sc.HYDRA_BUILD_DRV_PATH: b.drvpath,
+        sc.HYDRA_BUILD_STATUS: b.status,
+        sc.HYDRA_BUILD_STATUS_NAME: info.name,
+        sc.HYDRA_BUILD_CACHED: b.cached,
+        sc.HYDRA_BUILD_PRIORITY: b.priority,
+        sc.HYDRA_BUILD_GLOBAL_PRIORITY: b.global_priority,
+        sc.HYDRA_BUILD_SIZE: b.size,
+        sc.HYDRA_BUILD_CLOSURE_SIZE: b.closure_size,
+        sc.HYDRA_BUILD_RELEASE_NAME: b.release_name,
+        sc.HYDRA_BUILD_ATTEMPT: attempt,
+        sc.HYDRA_BUILD_OWN_TRACE: own_trace or None,
+    }
+
+
+def _build_links(
+    cfg: RenderConfig, b: BuildFacts, where: Placement, cause: Cause | None
+) -> tuple[SpanLink, ...]:
+    links: list[SpanLink] = []
+    if where.own_trace and b.eval_id is not None:
+        key = ids.eval_trace(cfg.instance, b.eval_id)
+        links.append(
+            SpanLink(
+                trace_id=ids.trace_id(key),
+                span_id=ids.root_span_id(key),
+                attributes=((sc.HYDRA_LINK_TYPE, "evaluation"),),
+            )
+        )
+    if cause is not None:
+        links.append(
+            SpanLink(
+                trace_id=cause.trace_id,
+                span_id=cause.span_id,
+                attributes=((sc.HYDRA_LINK_TYPE, "caused_by"), (sc.HYDRA_BUILD_ID, cause.build_id)),
+            )
+        )
+    return tuple(links)
+
+
+def propagated_from(b: BuildFacts, steps: Sequence[StepFacts]) -> int | None:
+    """The build whose failure was propagated to ``b``'s latest attempt, if any."""
+    attempt = build_attempt(b, steps)
+    for s in steps:
+        if s.propagated_from and step_attempt(b, steps, s.stepnr) == attempt:
+            return s.propagated_from
+    return None
+
+
+def step_span(cfg: RenderConfig, b: BuildFacts, s: StepFacts, attempt: int) -> SpanRecord:
+    """The span of one step, a child of attempt ``attempt`` of its build."""
+    where = placement(cfg, b)
+    tid, parent = build_span_id(cfg, b, attempt)
+    fallback = b.stoptime if b.stoptime is not None else (s.stoptime or s.starttime or b.timestamp)
+    start = s.starttime if s.starttime is not None else (s.stoptime if s.stoptime is not None else fallback)
+    end = max(s.stoptime if s.stoptime is not None else start, start)
+    info = status_info(s.status)
+    kind = "substitute" if s.type == 1 else "build"
+    attrs: dict[str, AttrValue | None] = {
+        sc.CICD_WORKER_NAME: s.machine or "localhost",
+        sc.CICD_PIPELINE_TASK_RUN_RESULT: info.result,
+        sc.ERROR_TYPE: info.error_type,
+        sc.HYDRA_BUILD_ID: b.build_id,
+        sc.HYDRA_STEP_NR: s.stepnr,
+        sc.HYDRA_STEP_TYPE: "substitution" if s.type == 1 else "build",
+        sc.HYDRA_BUILD_SYSTEM: s.system,
+        sc.HYDRA_BUILD_DRV_PATH: s.drvpath,
+        sc.HYDRA_STEP_STATUS: s.status,
+        sc.HYDRA_STEP_STATUS_NAME: info.name,
+        sc.HYDRA_STEP_ERROR: None if not s.errormsg else truncate(s.errormsg, cfg.error_text_limit),
+        sc.HYDRA_STEP_PROPAGATED_FROM: s.propagated_from or None,
+        sc.HYDRA_STEP_OVERHEAD_MS: s.overhead_ms,
+        sc.HYDRA_STEP_TIMES_BUILT: s.times_built,
+        sc.HYDRA_STEP_NONDETERMINISTIC: s.nondeterministic,
+        sc.HYDRA_STEP_RESOLVED_DRV_PATH: s.resolved_drv_path,
+        sc.HYDRA_STEP_LOG_URL: f"{cfg.hydra_url}/build/{b.build_id}/nixlog/{s.stepnr}",
+    }
+    return SpanRecord(
+        trace_id=tid,
+        span_id=ids.span_id(where.trace, "step", b.build_id, s.stepnr),
+        parent_span_id=parent,
+        name=f"{kind} {derivation_name(s.drvpath)}",
+        kind=Kind.INTERNAL,
+        start_ns=seconds_ns(start),
+        end_ns=seconds_ns(end),
+        attributes=attributes(attrs),
+        status=Status.OK if info.error_type is None else Status.ERROR,
+        status_message="" if info.error_type is None else (s.errormsg or info.name).split("\n", 1)[0][:256],
+    )

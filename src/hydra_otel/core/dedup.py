@@ -1,0 +1,41 @@
+"""Remembering recently exported spans, so an identical re-export is skipped.
+
+Step spans are exported when ``step_finished`` arrives and again with their
+build; ``build_finished`` is at-least-once and comes in chunks that repeat the
+build. Deterministic rendering makes those repeats *equal* records with the
+same IDs; :class:`RecentSpans` drops them so backends do not see duplicate
+span IDs. A record with the same IDs but different content (a restarted
+build's new attempt never has the same IDs, but a row corrected by Hydra
+might) is let through. Bounded: the oldest entries are forgotten first.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from hydra_otel.core.spans import SpanRecord
+
+
+class RecentSpans:
+    """An LRU of (trace ID, span ID) -> content hash."""
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError("capacity must be >= 1")
+        self._capacity = capacity
+        self._seen: OrderedDict[tuple[int, int], int] = OrderedDict()
+        self.skipped = 0
+
+    def fresh(self, record: SpanRecord) -> bool:
+        """True if ``record`` should be exported (not an exact repeat of a recent one)."""
+        key = (record.trace_id, record.span_id)
+        digest = hash(record)
+        if self._seen.get(key) == digest:
+            self._seen.move_to_end(key)
+            self.skipped += 1
+            return False
+        self._seen[key] = digest
+        self._seen.move_to_end(key)
+        if len(self._seen) > self._capacity:
+            self._seen.popitem(last=False)
+        return True

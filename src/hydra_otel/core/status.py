@@ -1,0 +1,47 @@
+"""Hydra's build and step status codes, mapped to CI/CD results and error types.
+
+One table, :data:`STATUSES`, is the single source: span status, the
+``cicd.pipeline.task.run.result`` value and ``error.type`` all come from it,
+and docs/spans.md prints it. Codes from Hydra's ``BuildStatus`` (both queue
+runner generations use the same numbers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hydra_otel.core import semconv as sc
+
+
+@dataclass(frozen=True, slots=True)
+class StatusInfo:
+    """What one Hydra status code means for a span."""
+
+    name: str  # Hydra's wording, lower case
+    result: str  # cicd.pipeline.task.run.result
+    error_type: str | None  # error.type when the span is an error; None for success
+
+
+STATUSES: dict[int, StatusInfo] = {
+    0: StatusInfo("succeeded", sc.RESULT_SUCCESS, None),
+    1: StatusInfo("failed", sc.RESULT_FAILURE, "build_failed"),
+    2: StatusInfo("dependency failed", sc.RESULT_FAILURE, "dependency_failed"),
+    3: StatusInfo("aborted", sc.RESULT_ERROR, "aborted"),
+    4: StatusInfo("cancelled", sc.RESULT_CANCELLATION, "cancelled"),
+    5: StatusInfo("obsolete", sc.RESULT_SKIP, "obsolete"),
+    6: StatusInfo("failed with output", sc.RESULT_FAILURE, "failed_with_output"),
+    7: StatusInfo("timed out", sc.RESULT_TIMEOUT, "timed_out"),
+    8: StatusInfo("cached failure", sc.RESULT_FAILURE, "cached_failure"),
+    9: StatusInfo("unsupported system", sc.RESULT_ERROR, "unsupported_system"),
+    10: StatusInfo("log limit exceeded", sc.RESULT_ERROR, "log_limit_exceeded"),
+    11: StatusInfo("output size limit exceeded", sc.RESULT_ERROR, "output_limit_exceeded"),
+    12: StatusInfo("not deterministic", sc.RESULT_FAILURE, "not_deterministic"),
+    13: StatusInfo("resolved to a content-addressed derivation", sc.RESULT_SUCCESS, None),
+}
+
+
+def status_info(code: int | None) -> StatusInfo:
+    """The meaning of ``code``; unknown codes are errors named after their number."""
+    if code is None:
+        return StatusInfo("unknown", sc.RESULT_ERROR, "unknown_status")
+    return STATUSES.get(code) or StatusInfo(f"unknown status {code}", sc.RESULT_ERROR, f"status_{code}")
