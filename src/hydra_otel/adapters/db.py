@@ -138,6 +138,38 @@ async def open_database(dsn: str, *, size: int = 4) -> AsyncIterator[Database]:
             pool.terminate()
 
 
+class Connection:
+    """One plain connection (Trio-flavoured), for tools that play SQL scripts (demo, benchmarks)."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self._conn = conn
+
+    async def execute(self, sql: str) -> None:
+        """Run a script of one or more statements (NOTIFYs inside a transaction go out at its COMMIT)."""
+        await aio_as_trio(self._conn.execute)(sql)
+
+    async def fetchval(self, sql: str) -> Any:
+        """The first column of the first row of one query."""
+        return await aio_as_trio(self._conn.fetchval)(sql)
+
+
+@asynccontextmanager
+async def open_connection(dsn: str) -> AsyncIterator[Connection]:
+    """A dedicated connection, closed (shielded) on exit. Raises DbUnavailable."""
+    try:
+        conn = await aio_as_trio(asyncpg.connect)(dsn, timeout=10)
+    except RETRYABLE as exc:
+        raise DbUnavailable(f"cannot connect to the database: {exc}") from exc
+    try:
+        yield Connection(conn)
+    finally:
+        with trio.CancelScope(shield=True) as cs:
+            cs.deadline = trio.current_time() + 5
+            await aio_as_trio(conn.close)()
+        if cs.cancelled_caught:
+            conn.terminate()
+
+
 async def run_listener(
     dsn: str,
     channels: Sequence[str],

@@ -56,6 +56,7 @@ class HydraSim:
     next_error: int = 1
     next_build: int = 1
     jobset_names: dict[int, tuple[str, str]] = field(default_factory=dict)
+    drvpaths: dict[int, str] = field(default_factory=dict)
 
     def create_project(self, name: str, displayname: str | None = None) -> str:
         """A project row (what the web UI inserts)."""
@@ -154,7 +155,8 @@ class HydraSim:
             f"{timestamp}, {checkout_time}, 0, 0, 0, {lit(input_hash)}, 'src', 'release.nix');",
         ]
         for bid, b in zip(ids, new_builds, strict=True):
-            drv = b.drvpath or f"/nix/store/{bid:032d}-{b.job}.drv"
+            drv = b.drvpath or store_path(f"{b.nixname or b.job}.drv", bid)
+            self.drvpaths[bid] = drv
             body.append(
                 "INSERT INTO builds (id, finished, timestamp, jobset_id, job, nixname, drvpath, system, priority, "
                 f"iscurrent) VALUES ({bid}, 0, {timestamp}, {jobset_id}, {lit(b.job)}, "
@@ -180,3 +182,128 @@ class HydraSim:
         ]
         first = f"INSERT INTO evaluationerrors (id, errormsg, errortime) VALUES ({err}, '', {eval_start});"
         return eid, ids, [first, tx(*body)]
+
+    # The queue runner (both generations write the same rows; see docs/notifications.md).
+
+    def step_started(
+        self,
+        build_id: int,
+        stepnr: int,
+        *,
+        now: int,
+        machine: str = "",
+        drvpath: str | None = None,
+        system: str = "x86_64-linux",
+    ) -> str:
+        """A build step becomes busy: the row is inserted, then step_started."""
+        drv = drvpath or self.drvpaths[build_id]
+        return tx(
+            "INSERT INTO buildsteps (build, stepnr, type, drvpath, busy, starttime, machine, system) VALUES "
+            f"({build_id}, {stepnr}, 0, {lit(drv)}, 1, {now}, {lit(machine)}, {lit(system)});",
+            notify("step_started", build_id, stepnr),
+        )
+
+    def step_finished(
+        self,
+        build_id: int,
+        stepnr: int,
+        *,
+        now: int,
+        status: int = 0,
+        error: str | None = None,
+        log_path: str = "",
+        overhead_ms: int = 1200,
+        times_built: int = 1,
+    ) -> str:
+        """The final step row is written, then step_finished (the build is usually not finished yet)."""
+        return tx(
+            f"UPDATE buildsteps SET busy = 0, status = {status}, errormsg = {lit(error)}, stoptime = {now}, "
+            f"overhead = {overhead_ms}, timesbuilt = {times_built}, isnondeterministic = false "
+            f"WHERE build = {build_id} AND stepnr = {stepnr};",
+            notify("step_finished", build_id, stepnr, log_path),
+        )
+
+    def substituted_step(
+        self, build_id: int, stepnr: int, *, start: int, stop: int, drvpath: str | None = None
+    ) -> str:
+        """A substitution step: inserted already finished, with no notification."""
+        drv = drvpath or self.drvpaths[build_id]
+        return tx(
+            "INSERT INTO buildsteps (build, stepnr, type, drvpath, busy, status, starttime, stoptime, machine, "
+            f"system) VALUES ({build_id}, {stepnr}, 1, {lit(drv)}, 0, 0, {start}, {stop}, '', 'x86_64-linux');"
+        )
+
+    def build_finished(
+        self,
+        build_id: int,
+        *,
+        start: int,
+        stop: int,
+        status: int = 0,
+        cached: bool = False,
+        same_drv: Sequence[int] = (),
+        size: int = 4096,
+        closure_size: int = 65536,
+    ) -> str:
+        """The build is marked finished (plus builds sharing its derivation), then build_finished."""
+        rows = [
+            f"UPDATE builds SET finished = 1, buildstatus = {status}, starttime = {start}, stoptime = {stop}, "
+            f"iscachedbuild = {int(cached)}, size = {size}, closuresize = {closure_size}, "
+            f"notificationpendingsince = {stop} WHERE id = {build_id};"
+        ]
+        rows += [
+            f"UPDATE builds SET finished = 1, buildstatus = {status}, starttime = {start}, stoptime = {stop}, "
+            f"iscachedbuild = 1, notificationpendingsince = {stop} WHERE id = {other};"
+            for other in same_drv
+        ]
+        return tx(*rows, notify("build_finished", build_id, *same_drv))
+
+    def build_failed_with_dependents(
+        self,
+        build_id: int,
+        *,
+        start: int,
+        stop: int,
+        dependents: Sequence[tuple[int, int]],
+        status: int = 1,
+    ) -> str:
+        """A failed build: each dependent (build ID, next step number) gets a propagated step with no times,
+        and status 2 (dependency failed) when the failure is a plain failure; the payload repeats the ID."""
+        dep_status = 2 if status == 1 else status
+        drv = self.drvpaths[build_id]
+        rows = [
+            f"UPDATE builds SET finished = 1, buildstatus = {status}, starttime = {start}, stoptime = {stop}, "
+            f"iscachedbuild = 0, notificationpendingsince = {stop} WHERE id = {build_id};"
+        ]
+        for dep, stepnr in dependents:
+            rows.append(
+                "INSERT INTO buildsteps (build, stepnr, type, drvpath, busy, status, machine, system, "
+                f"propagatedfrom) VALUES ({dep}, {stepnr}, 0, {lit(drv)}, 0, {status}, '', 'x86_64-linux', {build_id});"
+            )
+            rows.append(
+                f"UPDATE builds SET finished = 1, buildstatus = {dep_status}, starttime = {stop}, stoptime = {stop}, "
+                f"iscachedbuild = 0, notificationpendingsince = {stop} WHERE id = {dep};"
+            )
+        deps = [d for d, _ in dependents]
+        return tx(*rows, notify("build_finished", build_id, build_id, *deps))
+
+    def restart(self, build_id: int) -> str:
+        """The web UI's restart: only ``finished`` flips back (builds_restarted fires)."""
+        return f"UPDATE builds SET finished = 0 WHERE id = {build_id};"
+
+    def cancel(self, build_id: int, now: int) -> str:
+        """The web UI's cancel: finished with status 4, no build_finished (builds_cancelled fires)."""
+        return (
+            f"UPDATE builds SET finished = 1, buildstatus = 4, starttime = {now}, stoptime = {now} "
+            f"WHERE id = {build_id} AND finished = 0;"
+        )
+
+
+def store_path(name: str, seed: int) -> str:
+    """A plausible, deterministic store path (32-character hash part from ``seed``)."""
+    alphabet = "0123456789abcdfghijklmnpqrsvwxyz"  # Nix's base-32 digits
+    digits, n = [], seed * 2654435761 + 12345
+    for _ in range(32):
+        n, r = divmod(n * 31 + 7, 32)
+        digits.append(alphabet[r])
+    return f"/nix/store/{''.join(digits)}-{name}"
