@@ -183,7 +183,7 @@ def build_spans(
     )
     out = [root]
     first_step = min((t for t in starts if t >= start), default=None)
-    if first_step is not None:
+    if first_step is not None and first_step > start:  # a zero-length wait is noise, not a span
         out.append(_queued_span(where, b, attempt, tid, span, start, first_step))
     out.extend(step_span(cfg, b, s, attempt) for s in sorted(mine, key=lambda s: s.stepnr))
     return out
@@ -277,7 +277,7 @@ def step_span(cfg: RenderConfig, b: BuildFacts, s: StepFacts, attempt: int) -> S
     start = s.starttime if s.starttime is not None else (s.stoptime if s.stoptime is not None else fallback)
     end = max(s.stoptime if s.stoptime is not None else start, start)
     info = status_info(s.status)
-    kind = "substitute" if s.type == 1 else "build"
+    kind = "substitute" if s.type == 1 else "step"  # not "build": that names the build span
     attrs: dict[str, AttrValue | None] = {
         sc.CICD_WORKER_NAME: s.machine or "localhost",
         sc.CICD_PIPELINE_TASK_RUN_RESULT: info.result,

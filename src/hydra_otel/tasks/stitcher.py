@@ -1,7 +1,8 @@
 """Stitcher task: drives the pure :class:`~hydra_otel.core.stitch.Stitcher`.
 
-Build and step events pass through unchanged, in order. Feeds the stitcher each evaluation event with the monotonic ``trio.current_time()``,
-wakes at the earliest abandon deadline to expire attempts that never closed,
+Feeds it each evaluation event with the monotonic ``trio.current_time()``,
+passes finished-step and finished-build events through unchanged and in
+order, wakes at the earliest abandon deadline to expire attempts that never closed,
 and forwards the outcomes. When its input closes, attempts still open are
 left open: they are live evaluations, not abandoned ones.
 """
@@ -15,11 +16,13 @@ import time
 import trio
 
 from hydra_otel.core.events import (
+    BuildFinished,
     EvalAdded,
     EvalCached,
     EvalFailed,
     EvalStarted,
     Received,
+    StepFinished,
 )
 from hydra_otel.core.stitch import Stitcher, Work
 
@@ -41,14 +44,17 @@ async def run_stitcher(
                     received = await events.receive()
                 except trio.EndOfChannel:
                     break
+            out: list[Work]
             if received is None:
-                out = stitcher.expire(trio.current_time(), time.time_ns())
+                out = list(stitcher.expire(trio.current_time(), time.time_ns()))
+            elif isinstance(received.event, StepFinished | BuildFinished):
+                out = [received.event]  # build events pass through, in order with the evaluations
             else:
                 event = received.event
                 assert isinstance(
                     event, EvalStarted | EvalAdded | EvalCached | EvalFailed
                 )  # intake's contract
-                out = stitcher.feed(event, received.at_ns, trio.current_time())
+                out = list(stitcher.feed(event, received.at_ns, trio.current_time()))
             for outcome in out:
                 await outcomes.send(outcome)
         stats = stitcher.statistics()
