@@ -108,6 +108,8 @@ class Config:
     state_dir: Path
     log_level: LogLevel
     shutdown_grace: float
+    catchup_interval: float
+    catchup_overlap: int
     queue_size: int
 
 
@@ -438,6 +440,16 @@ LOG_LEVEL = Setting(
 SHUTDOWN_GRACE = Setting(
     flag="--shutdown-grace", env=("HYDRA_OTEL_SHUTDOWN_GRACE",), default="10", section="Service",
     check=_seconds(), doc="On SIGTERM or SIGINT, time allowed to drain the pipeline and flush the spans.")
+CATCHUP_INTERVAL = Setting(
+    flag="--catchup-interval", env=("HYDRA_OTEL_CATCHUP_INTERVAL",), default="30", section="Service",
+    check=_seconds(),
+    doc="Seconds between catch-up scans of Hydra's tables (also run at start-up, after a reconnect or "
+    "overflow, and on Hydra's trigger channels); bounds how far progress marks lag behind.")
+CATCHUP_OVERLAP = Setting(
+    flag="--catchup-overlap", env=("HYDRA_OTEL_CATCHUP_OVERLAP",), default="120", section="Service",
+    check=_int(0, 86_400),
+    doc="Seconds before the progress mark that each scan reads again, for rows committed after the time "
+    "they record; what was already sent is not sent twice.")
 QUEUE_SIZE = Setting(
     flag="--queue-size", env=("HYDRA_OTEL_QUEUE_SIZE",), default="10000", section="Service",
     check=_int(1), doc="Capacity of each bounded channel between pipeline stages.")
@@ -448,7 +460,7 @@ SETTINGS: tuple[Setting[Any], ...] = (
     MAX_BUILDS_PER_TRACE, MAX_LINKS,
     OTLP_PROTOCOL, OTLP_ENDPOINT, OTLP_HEADERS, OTLP_TIMEOUT, OTLP_CERTIFICATE, OTLP_INSECURE,
     OTLP_COMPRESSION, EXPORT_BATCH_SIZE, EXPORT_DELAY, EXPORT_MAX_BACKOFF, SERVICE_NAME,
-    RESOURCE_ATTRIBUTES, STATE_DIR, LOG_LEVEL, SHUTDOWN_GRACE, QUEUE_SIZE,
+    RESOURCE_ATTRIBUTES, STATE_DIR, LOG_LEVEL, SHUTDOWN_GRACE, CATCHUP_INTERVAL, CATCHUP_OVERLAP, QUEUE_SIZE,
 )
 # fmt: on
 SECTIONS = ("Database", "Hydra", "Export", "Service")
@@ -515,6 +527,8 @@ def load(argv_values: Mapping[str, str | None], environ: Mapping[str, str]) -> C
         state_dir=r.get(STATE_DIR),
         log_level=r.get(LOG_LEVEL),
         shutdown_grace=r.get(SHUTDOWN_GRACE),
+        catchup_interval=r.get(CATCHUP_INTERVAL),
+        catchup_overlap=r.get(CATCHUP_OVERLAP),
         queue_size=r.get(QUEUE_SIZE),
     )
     if r.problems:

@@ -37,8 +37,11 @@ from hydra_otel.core.backoff import Backoff
 from hydra_otel.core.evals import RenderConfig
 from hydra_otel.core.events import DATA_CHANNELS, TRIGGER_CHANNELS, Received
 from hydra_otel.core.spans import SpanRecord
+from hydra_otel.core.catchup import Checkpoint, Marks
 from hydra_otel.core.stitch import Stitcher, Work
 from hydra_otel.stats import Stats
+from hydra_otel.adapters.state import StateStore
+from hydra_otel.tasks.catchup import Catchup, CatchupSettings, Progress, run_catchup
 from hydra_otel.tasks.exporter import run_exporter
 from hydra_otel.tasks.intake import run_intake
 from hydra_otel.tasks.resolver import Resolver, run_resolver
@@ -61,6 +64,8 @@ class Service:
     ready: trio.Event = field(default_factory=trio.Event)
     stopped: trio.Event = field(default_factory=trio.Event)
     stopping: bool = False
+    progress: Progress | None = None
+    committed: Marks | None = None
     _sources: trio.CancelScope | None = None
     _pipeline: trio.CancelScope | None = None
 
@@ -95,29 +100,39 @@ class Service:
         )
         raw_tx, raw_rx = trio.open_memory_channel[ListenItem](cfg.queue_size)
         ev_tx, ev_rx = trio.open_memory_channel[Received](cfg.queue_size)
-        out_tx, out_rx = trio.open_memory_channel[Work](cfg.queue_size)
-        span_tx, span_rx = trio.open_memory_channel[SpanRecord](cfg.queue_size)
-        render = RenderConfig(
-            instance=cfg.stitch.instance,
-            hydra_url=cfg.stitch.hydra_url,
-            error_text_limit=cfg.stitch.error_text_limit,
-            max_builds_per_trace=cfg.stitch.max_builds_per_trace,
-            max_links=cfg.stitch.max_links,
-        )
+        work_tx, work_rx = trio.open_memory_channel[Work | Checkpoint](cfg.queue_size)
+        span_tx, span_rx = trio.open_memory_channel[SpanRecord | Checkpoint](cfg.queue_size)
+        trig_tx, trig_rx = trio.open_memory_channel[str](16)
         stitcher = Stitcher(abandon_after=cfg.stitch.abandon_after, max_open=cfg.stitch.max_open_evals)
-        async with open_database(cfg.db.url) as db, trio.open_nursery() as pipeline:
-            self._pipeline = pipeline.cancel_scope
-            pipeline.start_soon(self._export, span_rx)
-            resolver = Resolver.create(db, render, self.stats)
-            pipeline.start_soon(functools.partial(run_resolver, backoff=_backoff(10.0)), out_rx, span_tx, resolver)
-            pipeline.start_soon(run_stitcher, ev_rx, out_tx, stitcher)
-            pipeline.start_soon(run_intake, raw_rx, ev_tx, self.stats)
-            async with trio.open_nursery() as sources:
-                self._sources = sources.cancel_scope
-                await sources.start(self._listen, raw_tx)
-                self.ready.set()
-                log.info("ready")
+        store = await trio.to_thread.run_sync(StateStore, cfg.state_dir)
+        try:
+            async with open_database(cfg.db.url) as db, trio.open_nursery() as pipeline:
+                self._pipeline = pipeline.cancel_scope
+                resolver = Resolver.create(db, render_config(cfg), self.stats)
+                pipeline.start_soon(self._export, span_rx, store)
+                pipeline.start_soon(
+                    functools.partial(run_resolver, backoff=_backoff(10.0)), work_rx, span_tx, resolver
+                )
+                pipeline.start_soon(run_stitcher, ev_rx, work_tx.clone(), stitcher)
+                pipeline.start_soon(run_intake, raw_rx, ev_tx, self.stats, trig_tx)
+                # work_tx (the catch-up's) closes once the sources stop; the stitcher closes its clone.
+                async with work_tx, trio.open_nursery() as sources:
+                    self._sources = sources.cancel_scope
+                    await sources.start(self._listen, raw_tx)
+                    # Catch-up starts once LISTEN is active, so the table scan and the live stream overlap.
+                    catchup = Catchup(db, work_tx, self.catchup_settings())
+                    self.progress = await sources.start(
+                        run_catchup, catchup, store, trig_rx, self.catchup_settings(), resolver.live_jobsets
+                    )
+                    self.ready.set()
+                    log.info("ready")
+        finally:
+            await trio.to_thread.run_sync(store.close)
         log.info("stopped", extra=self.stats.snapshot())
+
+    def catchup_settings(self) -> CatchupSettings:
+        """Catch-up timing from the configuration."""
+        return CatchupSettings(interval=self.cfg.catchup_interval, overlap=self.cfg.catchup_overlap)
 
     async def _listen(
         self, raw_tx: trio.MemorySendChannel[ListenItem], task_status: trio.TaskStatus[None]
@@ -132,8 +147,16 @@ class Service:
                 task_status=task_status,
             )
 
-    async def _export(self, span_rx: trio.MemoryReceiveChannel[SpanRecord]) -> None:
+    async def _export(
+        self, span_rx: trio.MemoryReceiveChannel[SpanRecord | Checkpoint], store: StateStore
+    ) -> None:
         cfg = self.cfg.export
+
+        async def commit(marks: Marks) -> None:
+            await trio.to_thread.run_sync(store.save, marks)
+            self.stats.checkpoints += 1
+            self.committed = marks
+
         try:
             await run_exporter(
                 span_rx,
@@ -142,9 +165,21 @@ class Service:
                 batch_size=cfg.batch_size,
                 delay=cfg.delay,
                 backoff=_backoff(cfg.max_backoff),
+                commit=commit,
             )
         finally:
             self.sink.shutdown()
+
+
+def render_config(cfg: Config) -> RenderConfig:
+    """What span rendering needs from the configuration."""
+    return RenderConfig(
+        instance=cfg.stitch.instance,
+        hydra_url=cfg.stitch.hydra_url,
+        error_text_limit=cfg.stitch.error_text_limit,
+        max_builds_per_trace=cfg.stitch.max_builds_per_trace,
+        max_links=cfg.stitch.max_links,
+    )
 
 
 def _backoff(cap: float) -> Backoff:

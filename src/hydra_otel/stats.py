@@ -24,6 +24,7 @@ class Stats:
     spans_dropped: int = 0  # given up on (shutdown deadline passed with the endpoint down)
     export_failures: int = 0  # failed export attempts (each retried)
     queries: int = 0
+    checkpoints: int = 0  # progress marks stored after the endpoint acknowledged what they cover
 
     def snapshot(self) -> dict[str, object]:
         """A JSON-friendly copy of every counter."""
@@ -37,4 +38,5 @@ class Stats:
             "spans_exported": self.spans_exported,
             "spans_dropped": self.spans_dropped,
             "export_failures": self.export_failures,
+            "checkpoints": self.checkpoints,
         }

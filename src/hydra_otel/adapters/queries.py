@@ -13,6 +13,7 @@ import asyncpg
 
 from hydra_otel.adapters.db import Database
 from hydra_otel.core.builds import BuildFacts, StepFacts
+from hydra_otel.core.catchup import JobsetRow
 from hydra_otel.core.evals import EvalFacts, JobsetFacts
 
 EVAL_FACTS_SQL = """
@@ -56,7 +57,7 @@ WHERE m.build = ANY($1::int[]) ORDER BY m.build, m.isnew DESC, m.eval
 """
 
 JOBSET_FACTS_SQL = """
-SELECT j.id, j.project, j.name, j.errormsg, j.errortime, j.fetcherrormsg, j.starttime
+SELECT j.id, j.project, j.name, j.errormsg, j.errortime, j.fetcherrormsg, j.starttime, j.lastcheckedtime
 FROM jobsets j
 WHERE j.id = ANY($1::int[])
 """
@@ -128,6 +129,7 @@ async def jobset_facts(db: Database, jobset_ids: Sequence[int]) -> dict[int, Job
             error_time=row["errortime"],
             fetch_error_msg=row["fetcherrormsg"],
             start_time=row["starttime"],
+            last_checked=row["lastcheckedtime"],
         )
         for row in rows
     }
@@ -279,3 +281,58 @@ def _group_steps(rows: Sequence[asyncpg.Record]) -> dict[int, list[StepFacts]]:
             )
         )
     return out
+
+
+# Catch-up scans (tasks/catchup.py). Each is keyed so a page can resume where the last one ended.
+CATCHUP_EVALS_SQL = "SELECT id, jobset_id FROM jobsetevals WHERE id > $1 ORDER BY id LIMIT $2"
+CATCHUP_BUILDS_SQL = """
+SELECT id, stoptime FROM builds
+WHERE finished = 1 AND stoptime >= $1 AND stoptime < $2 AND (stoptime, id) > ($3, $4)
+ORDER BY stoptime, id LIMIT $5
+"""
+CATCHUP_STEPS_SQL = """
+SELECT s.build, s.stepnr FROM buildsteps s JOIN builds b ON b.id = s.build
+WHERE b.finished = 0 AND s.status IS NOT NULL AND s.starttime IS NOT NULL
+  AND s.stoptime IS NOT NULL AND s.stoptime >= $1 AND s.stoptime < $2
+ORDER BY s.stoptime, s.build, s.stepnr LIMIT $3
+"""
+CATCHUP_JOBSETS_SQL = "SELECT id, lastcheckedtime, errormsg, errortime, fetcherrormsg FROM jobsets"
+CATCHUP_START_SQL = "SELECT coalesce(max(id), 0) AS eval_id, extract(epoch FROM now())::int AS now FROM jobsetevals"
+
+
+async def catchup_evals(db: Database, after: int, limit: int) -> list[tuple[int, int]]:
+    """(eval ID, jobset ID) of JobsetEvals after ``after``, in ID order."""
+    return [(r["id"], r["jobset_id"]) for r in await db.fetch(CATCHUP_EVALS_SQL, after, limit)]
+
+
+async def catchup_builds(
+    db: Database, since: int, until: int, after: tuple[int, int], limit: int
+) -> list[tuple[int, int]]:
+    """(build ID, stop time) of builds that finished in [since, until), after the key ``after``."""
+    rows = await db.fetch(CATCHUP_BUILDS_SQL, since, until, after[0], after[1], limit)
+    return [(r["id"], r["stoptime"]) for r in rows]
+
+
+async def catchup_steps(db: Database, since: int, until: int, limit: int) -> list[tuple[int, int]]:
+    """(build ID, step number) of finished steps of still-running builds that stopped in [since, until)."""
+    return [(r["build"], r["stepnr"]) for r in await db.fetch(CATCHUP_STEPS_SQL, since, until, limit)]
+
+
+async def catchup_jobsets(db: Database) -> list[JobsetRow]:
+    """Every jobset's evaluation bookkeeping."""
+    return [
+        JobsetRow(
+            jobset_id=r["id"],
+            last_checked=r["lastcheckedtime"],
+            error_msg=r["errormsg"],
+            error_time=r["errortime"],
+            fetch_error_msg=r["fetcherrormsg"],
+        )
+        for r in await db.fetch(CATCHUP_JOBSETS_SQL)
+    ]
+
+
+async def catchup_start(db: Database) -> tuple[int, int]:
+    """(highest eval ID, database clock in Unix seconds): where a first start begins."""
+    rows = await db.fetch(CATCHUP_START_SQL)
+    return rows[0]["eval_id"], rows[0]["now"]

@@ -96,6 +96,7 @@ class JobsetFacts:
     error_time: int | None
     fetch_error_msg: str | None
     start_time: int | None
+    last_checked: int | None = None
 
 
 class AttemptKind(enum.Enum):

@@ -5,18 +5,21 @@ waited ``delay`` seconds. A failed export is retried with capped, jittered
 backoff while the batch is held; the bounded span channel then fills and
 backpressure reaches the listener, so memory stays bounded during an outage.
 When the input closes (shutdown) the last batch is flushed; whatever the
-caller's deadline cuts off is counted as dropped.
+caller's deadline cuts off is counted as dropped (and, since its checkpoint was
+never stored, exported again by the next start's catch-up).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Awaitable, Callable
 
 import trio
 
 from hydra_otel.adapters.otlp import SpanSink
 from hydra_otel.core.backoff import Backoff
+from hydra_otel.core.catchup import Checkpoint, Marks
 from hydra_otel.core.spans import SpanRecord
 from hydra_otel.stats import Stats
 
@@ -24,40 +27,53 @@ log = logging.getLogger("hydra_otel.exporter")
 
 
 async def run_exporter(
-    spans: trio.MemoryReceiveChannel[SpanRecord],
+    spans: trio.MemoryReceiveChannel[SpanRecord | Checkpoint],
     sink: SpanSink,
     stats: Stats,
     *,
     batch_size: int,
     delay: float,
     backoff: Backoff,
+    commit: Callable[[Marks], Awaitable[None]],
 ) -> None:
-    """Consume ``spans`` until it closes, exporting in batches."""
+    """Consume ``spans`` until it closes, exporting in batches.
+
+    A :class:`Checkpoint` flushes the batch, and once the endpoint acknowledged
+    it, ``commit`` stores the checkpoint's marks.
+    """
     batch: list[SpanRecord] = []
     try:
         async with spans:
             closed = False
             while not closed:
+                checkpoint: Checkpoint | None = None
                 deadline = math.inf
                 while len(batch) < batch_size:
                     with trio.move_on_at(deadline) as scope:
                         try:
-                            batch.append(await spans.receive())
+                            item = await spans.receive()
                         except trio.EndOfChannel:
                             closed = True
                             break
                     if scope.cancelled_caught:
                         break
+                    if isinstance(item, Checkpoint):
+                        checkpoint = item
+                        break
+                    batch.append(item)
                     if len(batch) == 1:
                         deadline = trio.current_time() + delay
                 if batch:
                     await _export_until_done(sink, batch, stats, backoff)
                     batch = []
+                if checkpoint is not None:
+                    await commit(checkpoint.marks)
     finally:
         if batch:
             stats.spans_dropped += len(batch)
             log.error(
-                "shutdown deadline passed before the endpoint took every span", extra={"dropped": len(batch)}
+                "shutdown deadline passed before the endpoint took every span; the next start re-exports them",
+                extra={"dropped": len(batch)},
             )
 
 

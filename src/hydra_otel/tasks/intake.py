@@ -10,6 +10,7 @@ tables (the evaluation span counts cached builds from ``jobsetevalmembers``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import trio
@@ -23,6 +24,7 @@ from hydra_otel.core.events import (
     EvalStarted,
     Received,
     StepFinished,
+    TableChanged,
 )
 from hydra_otel.core.parse import parse
 from hydra_otel.errors import PayloadError
@@ -39,13 +41,18 @@ async def run_intake(
     raw: trio.MemoryReceiveChannel[ListenItem],
     events: trio.MemorySendChannel[Received],
     stats: Stats,
+    triggers: trio.MemorySendChannel[str],
 ) -> None:
-    """Consume ``raw`` until it closes; closes ``events`` when done."""
+    """Consume ``raw`` until it closes; closes ``events`` when done.
+
+    Resync markers and Hydra's payload-less trigger channels become catch-up triggers.
+    """
     warn = RateLimitedLog(log)
     async with raw, events:
         async for item in raw:
             if not isinstance(item, RawNotification):
                 stats.resyncs[item.reason] += 1
+                _trigger(triggers, item.reason)
                 continue
             try:
                 event = parse(item.channel, item.payload)
@@ -60,5 +67,13 @@ async def run_intake(
                 )
                 continue
             stats.events[item.channel] += 1
-            if isinstance(event, _FORWARDED):
+            if isinstance(event, TableChanged):
+                _trigger(triggers, event.channel)
+            elif isinstance(event, _FORWARDED):
                 await events.send(Received(event=event, at_ns=item.at_ns))
+
+
+def _trigger(triggers: trio.MemorySendChannel[str], reason: str) -> None:
+    # A full trigger channel means a scan is already pending: it will see this change too.
+    with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError):
+        triggers.send_nowait(reason)

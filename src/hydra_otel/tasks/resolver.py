@@ -31,6 +31,7 @@ from hydra_otel.core.builds import (
     step_attempt,
     step_span,
 )
+from hydra_otel.core.catchup import Checkpoint
 from hydra_otel.core.dedup import RecentSpans
 from hydra_otel.core.evals import (
     AddedEval,
@@ -60,6 +61,8 @@ class Resolver:
     builds: queries.BuildQueries
     recent: RecentSpans
     warn: RateLimitedLog
+    #: jobset ID -> lastcheckedtime of attempts handled here (catch-up then skips them).
+    live_jobsets: dict[int, int]
 
     @classmethod
     def create(cls, db: Database, cfg: RenderConfig, stats: Stats, *, recent: int = 200_000) -> Resolver:
@@ -71,6 +74,7 @@ class Resolver:
             builds=queries.BuildQueries(db, budget=cfg.max_builds_per_trace),
             recent=RecentSpans(recent),
             warn=RateLimitedLog(log),
+            live_jobsets={},
         )
 
     async def resolve(self, batch: list[Work]) -> list[SpanRecord]:
@@ -123,6 +127,8 @@ class Resolver:
                 self._missing("jobsets", "an evaluation notification names a jobset", jobset_id=t.jobset_id)
                 continue
             out.append(attempt_span(t, j, self.cfg))
+            if j.last_checked is not None:
+                self.live_jobsets[t.jobset_id] = max(j.last_checked, self.live_jobsets.get(t.jobset_id, 0))
         return out
 
     async def _steps(self, finished: list[StepFinished]) -> list[SpanRecord]:
@@ -184,14 +190,14 @@ class Resolver:
 
 
 async def run_resolver(
-    work: trio.MemoryReceiveChannel[Work],
-    spans: trio.MemorySendChannel[SpanRecord],
+    work: trio.MemoryReceiveChannel[Work | Checkpoint],
+    spans: trio.MemorySendChannel[SpanRecord | Checkpoint],
     resolver: Resolver,
     *,
     backoff: Backoff,
     batch_size: int = 512,
 ) -> None:
-    """Consume ``work`` until it closes; closes ``spans`` when done."""
+    """Consume ``work`` until it closes; closes ``spans`` when done. Checkpoints keep their place."""
     async with work, spans:
         async for first in work:
             batch = [first]
@@ -200,8 +206,16 @@ async def run_resolver(
                     batch.append(work.receive_nowait())
                 except (trio.WouldBlock, trio.EndOfChannel):
                     break
-            for record in await _resolve_with_retry(resolver, batch, backoff):
-                await spans.send(record)
+            segment: list[Work] = []
+            for item in [*batch, None]:
+                if isinstance(item, Checkpoint) or item is None:
+                    for record in await _resolve_with_retry(resolver, segment, backoff) if segment else ():
+                        await spans.send(record)
+                    segment = []
+                    if item is not None:
+                        await spans.send(item)
+                else:
+                    segment.append(item)
 
 
 async def _resolve_with_retry(resolver: Resolver, batch: list[Work], backoff: Backoff) -> list[SpanRecord]:

@@ -1,0 +1,187 @@
+"""Catch-up task: rebuilds from Hydra's tables what notifications may have missed.
+
+Runs a scan at start-up, whenever a trigger arrives (LISTEN (re)connected,
+listener overflow, one of Hydra's payload-less trigger channels such as
+``builds_cancelled`` or ``builds_restarted``) and every ``interval`` seconds.
+A scan sends work for everything recorded since the marks (see
+core/catchup.py), page by page, each page followed by a Checkpoint the
+exporter stores once the endpoint acknowledged the page's spans.
+
+The first start (no stored marks) begins at the present: loading history is
+``hydra-otel backfill``'s job. Rows are scanned up to ``lag`` seconds before
+the database's clock, and builds and steps again from ``overlap`` seconds
+before the mark, so rows committed a little after the time they record are not
+missed; what the process already sent is remembered and not sent again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import trio
+
+from hydra_otel.adapters import queries
+from hydra_otel.adapters.db import Database
+from hydra_otel.adapters.state import StateStore
+from hydra_otel.core.backoff import Backoff
+from hydra_otel.core.catchup import Checkpoint, Marks, jobset_failures
+from hydra_otel.core.evals import AddedEval
+from hydra_otel.core.events import BuildFinished, StepFinished
+from hydra_otel.core.stitch import Work
+from hydra_otel.errors import DbUnavailable
+
+log = logging.getLogger("hydra_otel.catchup")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CatchupSettings:
+    """Timing and paging of catch-up scans."""
+
+    interval: float = 30.0
+    overlap: int = 120
+    lag: int = 2
+    page: int = 1000
+    #: Evaluations are re-scanned from this many IDs before the mark: IDs are taken at INSERT, and a
+    #: long evaluation transaction can commit a lower ID after a higher one was seen.
+    eval_overlap: int = 10
+
+
+class _Seen:
+    """A bounded memory of keys already sent in this process."""
+
+    def __init__(self, capacity: int = 100_000) -> None:
+        self._keys: OrderedDict[object, None] = OrderedDict()
+        self._capacity = capacity
+
+    def add(self, key: object) -> bool:
+        """True if ``key`` is new."""
+        if key in self._keys:
+            return False
+        self._keys[key] = None
+        if len(self._keys) > self._capacity:
+            self._keys.popitem(last=False)
+        return True
+
+
+@dataclass(slots=True)
+class Progress:
+    """Catch-up state shared with the resolver (which records live-handled jobset checks)."""
+
+    marks: Marks
+    live_jobsets: dict[int, int]
+    scans: int = 0
+
+
+class Catchup:
+    """One scanner; :meth:`scan` sends work and checkpoints into ``work``."""
+
+    def __init__(self, db: Database, work: trio.MemorySendChannel[Work | Checkpoint], settings: CatchupSettings):
+        self._db = db
+        self._work = work
+        self._s = settings
+        self._seen = _Seen()
+
+    async def start_marks(self, stored: Marks | None) -> Marks:
+        """The stored marks, or on a first start the present."""
+        if stored is not None:
+            return stored
+        eval_id, now = await queries.catchup_start(self._db)
+        _, jobsets = jobset_failures(await queries.catchup_jobsets(self._db), {})
+        log.info("first start: catching up from now on", extra={"eval_id": eval_id})
+        return Marks(eval_id=eval_id, stop_time=now - self._s.lag, jobsets=jobsets)
+
+    async def scan(self, progress: Progress) -> None:
+        """Send everything recorded since ``progress.marks``, updating them page by page."""
+        _, now = await queries.catchup_start(self._db)
+        until = now - self._s.lag
+        await self._evals(progress)
+        await self._builds(progress, until)
+        await self._steps(progress, until)
+        await self._jobsets(progress)
+        progress.marks = progress.marks.merged(Marks(stop_time=until))
+        await self._work.send(Checkpoint(progress.marks))
+        progress.scans += 1
+
+    async def _evals(self, progress: Progress) -> None:
+        after = max(0, progress.marks.eval_id - self._s.eval_overlap)
+        while page := await queries.catchup_evals(self._db, after, self._s.page):
+            after = page[-1][0]
+            for eval_id, jobset_id in page:
+                if self._seen.add(("eval", eval_id)):
+                    await self._work.send(
+                        AddedEval(eval_id=eval_id, jobset_id=jobset_id, correlation_id="", started_ns=None, ended_ns=0)
+                    )
+            progress.marks = progress.marks.merged(Marks(eval_id=page[-1][0]))
+            await self._work.send(Checkpoint(progress.marks))
+
+    async def _builds(self, progress: Progress, until: int) -> None:
+        since, after = progress.marks.stop_time - self._s.overlap, (0, 0)
+        while page := await queries.catchup_builds(self._db, since, until, after, self._s.page):
+            for build_id, stoptime in page:
+                if self._seen.add(("build", build_id, stoptime)):
+                    await self._work.send(BuildFinished(build_id=build_id, dependents=()))
+            after = (page[-1][1], page[-1][0])
+            # Every build that stopped before the last one's second is done (same-second ones may follow).
+            progress.marks = progress.marks.merged(Marks(stop_time=page[-1][1]))
+            await self._work.send(Checkpoint(progress.marks))
+
+    async def _steps(self, progress: Progress, until: int) -> None:
+        since = progress.marks.stop_time - self._s.overlap
+        for build_id, stepnr in await queries.catchup_steps(self._db, since, until, self._s.page * 10):
+            if self._seen.add(("step", build_id, stepnr)):
+                await self._work.send(StepFinished(build_id=build_id, step_nr=stepnr, log_path=None))
+
+    async def _jobsets(self, progress: Progress) -> None:
+        known = progress.marks.merged(Marks(jobsets=progress.live_jobsets)).jobsets
+        failures, updated = jobset_failures(await queries.catchup_jobsets(self._db), known)
+        for attempt in failures:
+            await self._work.send(attempt)
+        progress.marks = progress.marks.merged(Marks(jobsets=updated))
+
+
+async def run_catchup(
+    catchup: Catchup,
+    store: StateStore,
+    triggers: trio.MemoryReceiveChannel[str],
+    settings: CatchupSettings,
+    live_jobsets: dict[int, int],
+    *,
+    task_status: trio.TaskStatus[Progress] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Scan at start, on each trigger and every ``interval`` seconds; retries while the database is down."""
+    stored = await trio.to_thread.run_sync(store.load)
+    progress = Progress(marks=await _retrying(lambda: catchup.start_marks(stored)), live_jobsets=live_jobsets)
+    task_status.started(progress)
+    while True:
+        await _retrying(lambda: catchup.scan(progress))
+        reasons = await _next_trigger(triggers, settings.interval)
+        log.debug("catch-up scan", extra={"reasons": reasons})
+
+
+async def _next_trigger(triggers: trio.MemoryReceiveChannel[str], interval: float) -> list[str]:
+    """Wait for a trigger or the interval; coalesce whatever else is pending."""
+    reasons = ["interval"]
+    with trio.move_on_after(interval):
+        reasons = [await triggers.receive()]
+    while True:
+        try:
+            reasons.append(triggers.receive_nowait())
+        except trio.WouldBlock:
+            return reasons
+
+
+async def _retrying(step: Callable[[], Awaitable[T]]) -> T:
+    """Run ``step`` until the database answers (the pipeline waits meanwhile; nothing is lost)."""
+    backoff = Backoff(base=0.5, cap=30.0)
+    while True:
+        try:
+            return await step()
+        except DbUnavailable as exc:
+            delay = backoff.next_delay()
+            log.warning("catch-up waiting for the database", extra={"error": str(exc), "retry_in_s": round(delay, 2)})
+            await trio.sleep(delay)
