@@ -32,15 +32,15 @@ from opentelemetry.sdk.resources import Resource
 import hydra_otel
 from hydra_otel.adapters.db import ListenItem, ListenStatistics, open_database, run_listener
 from hydra_otel.adapters.otlp import ExporterSettings, OtlpSink, SpanSink, make_exporter
+from hydra_otel.adapters.state import StateStore
 from hydra_otel.config import Config
 from hydra_otel.core.backoff import Backoff
+from hydra_otel.core.catchup import Checkpoint, Marks
 from hydra_otel.core.evals import RenderConfig
 from hydra_otel.core.events import DATA_CHANNELS, TRIGGER_CHANNELS, Received
 from hydra_otel.core.spans import SpanRecord
-from hydra_otel.core.catchup import Checkpoint, Marks
 from hydra_otel.core.stitch import Stitcher, Work
 from hydra_otel.stats import Stats
-from hydra_otel.adapters.state import StateStore
 from hydra_otel.tasks.catchup import Catchup, CatchupSettings, Progress, run_catchup
 from hydra_otel.tasks.exporter import run_exporter
 from hydra_otel.tasks.intake import run_intake
