@@ -1,7 +1,9 @@
 """Command line: ``hydra-otel run``. The only place that exits the process.
 
 Exit codes: 0 after a clean stop (signal), 2 for an invalid configuration or
-usage, 1 for an unexpected failure (a bug: the traceback is logged).
+usage, 3 when the instance lock was lost (run under a supervisor that restarts
+it: it comes back as a standby), 1 for an unexpected failure (a bug: the
+traceback is logged).
 """
 
 from __future__ import annotations
@@ -51,10 +53,19 @@ def _run(cfg: config.Config) -> int:
 
     from hydra_otel import service
 
+    from hydra_otel.adapters.db import LeadershipLost
+
     try:
         trio.run(service.main, cfg)
     except KeyboardInterrupt:  # a signal arrived before the handler was installed
         return 0
+    except BaseExceptionGroup as group:
+        lost, other = group.split(LeadershipLost)
+        if lost is not None and other is None:
+            logger.error("lost the instance lock; exiting so the service manager restarts this as a standby")
+            return 3
+        logger.exception("hydra-otel stopped on an unexpected error; this is a bug, please report it")
+        return 1
     except Exception:
         logger.exception("hydra-otel stopped on an unexpected error; this is a bug, please report it")
         return 1

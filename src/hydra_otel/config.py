@@ -110,6 +110,7 @@ class Config:
     shutdown_grace: float
     catchup_interval: float
     catchup_overlap: int
+    takeover_window: int
     queue_size: int
 
 
@@ -450,6 +451,11 @@ CATCHUP_OVERLAP = Setting(
     check=_int(0, 86_400),
     doc="Seconds before the progress mark that each scan reads again, for rows committed after the time "
     "they record; what was already sent is not sent twice.")
+TAKEOVER_WINDOW = Setting(
+    flag="--takeover-window", env=("HYDRA_OTEL_TAKEOVER_WINDOW",), default="600", section="Service",
+    check=_int(0, 7 * 86_400),
+    doc="A standby that takes over with no progress marks of its own starts its catch-up this many "
+    "seconds in the past, to cover what the instance that died had not exported (docs/operations.md).")
 QUEUE_SIZE = Setting(
     flag="--queue-size", env=("HYDRA_OTEL_QUEUE_SIZE",), default="10000", section="Service",
     check=_int(1), doc="Capacity of each bounded channel between pipeline stages.")
@@ -460,7 +466,8 @@ SETTINGS: tuple[Setting[Any], ...] = (
     MAX_BUILDS_PER_TRACE, MAX_LINKS,
     OTLP_PROTOCOL, OTLP_ENDPOINT, OTLP_HEADERS, OTLP_TIMEOUT, OTLP_CERTIFICATE, OTLP_INSECURE,
     OTLP_COMPRESSION, EXPORT_BATCH_SIZE, EXPORT_DELAY, EXPORT_MAX_BACKOFF, SERVICE_NAME,
-    RESOURCE_ATTRIBUTES, STATE_DIR, LOG_LEVEL, SHUTDOWN_GRACE, CATCHUP_INTERVAL, CATCHUP_OVERLAP, QUEUE_SIZE,
+    RESOURCE_ATTRIBUTES, STATE_DIR, LOG_LEVEL, SHUTDOWN_GRACE, CATCHUP_INTERVAL, CATCHUP_OVERLAP,
+    TAKEOVER_WINDOW, QUEUE_SIZE,
 )
 # fmt: on
 SECTIONS = ("Database", "Hydra", "Export", "Service")
@@ -529,6 +536,7 @@ def load(argv_values: Mapping[str, str | None], environ: Mapping[str, str]) -> C
         shutdown_grace=r.get(SHUTDOWN_GRACE),
         catchup_interval=r.get(CATCHUP_INTERVAL),
         catchup_overlap=r.get(CATCHUP_OVERLAP),
+        takeover_window=r.get(TAKEOVER_WINDOW),
         queue_size=r.get(QUEUE_SIZE),
     )
     if r.problems:

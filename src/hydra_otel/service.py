@@ -30,7 +30,14 @@ import trio_asyncio
 from opentelemetry.sdk.resources import Resource
 
 import hydra_otel
-from hydra_otel.adapters.db import ListenItem, ListenStatistics, open_database, run_listener
+from hydra_otel.adapters.db import (
+    ListenItem,
+    ListenStatistics,
+    hold_leadership,
+    leader_lock_key,
+    open_database,
+    run_listener,
+)
 from hydra_otel.adapters.otlp import ExporterSettings, OtlpSink, SpanSink, make_exporter
 from hydra_otel.adapters.state import StateStore
 from hydra_otel.config import Config
@@ -66,12 +73,16 @@ class Service:
     stopping: bool = False
     progress: Progress | None = None
     committed: Marks | None = None
+    takeover: bool = False
+    _lead: trio.CancelScope | None = None
     _sources: trio.CancelScope | None = None
     _pipeline: trio.CancelScope | None = None
 
     def stop(self) -> None:
         """Begin a graceful stop (what SIGTERM does); calling it again cancels at once."""
         if self._sources is None or self._pipeline is None:
+            if self._lead is not None:  # still standing by (or starting): nothing to drain
+                self._lead.cancel()
             return
         if self.stopping:
             self._pipeline.cancel()
@@ -81,13 +92,12 @@ class Service:
         self._sources.cancel()
 
     async def run(self) -> None:
-        """Run until stopped. Must run inside ``trio_asyncio.open_loop()``."""
-        try:
-            await self._run()
-        finally:
-            self.stopped.set()
+        """Run until stopped. Must run inside ``trio_asyncio.open_loop()``.
 
-    async def _run(self) -> None:
+        Raises:
+            LeadershipLost: the connection holding the instance lock died; another instance may be
+                active now, so this one stops exporting (the CLI exits non-zero for a restart).
+        """
         cfg = self.cfg
         log.info(
             "starting",
@@ -98,6 +108,20 @@ class Service:
                 "instance": cfg.stitch.instance,
             },
         )
+        try:
+            async with trio.open_nursery() as lead:
+                self._lead = lead.cancel_scope
+                # One active exporter per instance name: standbys wait here for the advisory lock.
+                self.takeover = await lead.start(
+                    hold_leadership, cfg.db.url, leader_lock_key(cfg.stitch.instance)
+                )
+                await self._run()
+                lead.cancel_scope.cancel()
+        finally:
+            self.stopped.set()
+
+    async def _run(self) -> None:
+        cfg = self.cfg
         raw_tx, raw_rx = trio.open_memory_channel[ListenItem](cfg.queue_size)
         ev_tx, ev_rx = trio.open_memory_channel[Received](cfg.queue_size)
         work_tx, work_rx = trio.open_memory_channel[Work | Checkpoint](cfg.queue_size)
@@ -132,7 +156,11 @@ class Service:
 
     def catchup_settings(self) -> CatchupSettings:
         """Catch-up timing from the configuration."""
-        return CatchupSettings(interval=self.cfg.catchup_interval, overlap=self.cfg.catchup_overlap)
+        return CatchupSettings(
+            interval=self.cfg.catchup_interval,
+            overlap=self.cfg.catchup_overlap,
+            look_back=self.cfg.takeover_window if self.takeover else 0,
+        )
 
     async def _listen(
         self, raw_tx: trio.MemorySendChannel[ListenItem], task_status: trio.TaskStatus[None]

@@ -21,6 +21,7 @@ Why the listener looks the way it does (measured, see docs/decisions/0002):
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -168,6 +169,74 @@ async def open_connection(dsn: str) -> AsyncIterator[Connection]:
             await aio_as_trio(conn.close)()
         if cs.cancelled_caught:
             conn.terminate()
+
+
+class LeadershipLost(DbUnavailable):
+    """The connection holding the active instance's advisory lock was lost; stop exporting."""
+
+
+def leader_lock_key(instance: str) -> int:
+    """The advisory lock key of an instance name: a stable signed 64-bit number."""
+    digest = hashlib.sha256(f"hydra-otel leader {instance}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+async def hold_leadership(
+    dsn: str,
+    key: int,
+    *,
+    poll_interval: float = 2.0,
+    probe_interval: float = 5.0,
+    probe_timeout: float = 3.0,
+    task_status: trio.TaskStatus[bool] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Wait until this process holds the session advisory lock ``key``, report started(), then hold it.
+
+    ``started()`` is given True if another instance held the lock first (this is a takeover).
+
+    PostgreSQL releases a session lock when its connection ends, so a standby
+    takes over within ``poll_interval`` of the active instance dying. Raises
+    :class:`LeadershipLost` if the lock's connection is lost (the caller must stop
+    exporting: another instance may already be active).
+    """
+    conn = await _connect_retrying(dsn)
+    lost = trio.Event()
+    try:
+        conn.add_termination_listener(lambda _c: lost.set())
+        waiting_logged = False
+        while not await aio_as_trio(conn.fetchval)("SELECT pg_try_advisory_lock($1)", key):
+            if not waiting_logged:
+                log.info(
+                    "standby: another instance holds the lock; waiting to take over", extra={"lock": key}
+                )
+                waiting_logged = True
+            await trio.sleep(poll_interval)
+        log.info("active: holding the instance lock", extra={"lock": key})
+        task_status.started(waiting_logged)
+        flags = _Flags()
+        flags.lost = lost
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_health, conn, flags, probe_interval, probe_timeout)
+            await lost.wait()
+            nursery.cancel_scope.cancel()
+        raise LeadershipLost("lost the connection holding the instance lock")
+    finally:
+        conn.terminate()
+
+
+async def _connect_retrying(dsn: str) -> asyncpg.Connection:
+    backoff = Backoff(base=0.5, cap=10.0)
+    while True:
+        try:
+            conn: asyncpg.Connection = await aio_as_trio(asyncpg.connect)(dsn, timeout=10)
+            return conn
+        except RETRYABLE as exc:
+            delay = backoff.next_delay()
+            log.warning(
+                "cannot connect to the database; retrying",
+                extra={"error": str(exc), "retry_in_s": round(delay, 2)},
+            )
+            await trio.sleep(delay)
 
 
 async def run_listener(

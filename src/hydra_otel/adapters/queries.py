@@ -297,7 +297,11 @@ WHERE b.finished = 0 AND s.status IS NOT NULL AND s.starttime IS NOT NULL
 ORDER BY s.stoptime, s.build, s.stepnr LIMIT $3
 """
 CATCHUP_JOBSETS_SQL = "SELECT id, lastcheckedtime, errormsg, errortime, fetcherrormsg FROM jobsets"
-CATCHUP_START_SQL = "SELECT coalesce(max(id), 0) AS eval_id, extract(epoch FROM now())::int AS now FROM jobsetevals"
+CATCHUP_START_SQL = """
+SELECT coalesce(max(id) FILTER (WHERE timestamp < extract(epoch FROM now())::int - $1), 0) AS eval_id,
+       extract(epoch FROM now())::int AS now
+FROM jobsetevals
+"""
 
 
 async def catchup_evals(db: Database, after: int, limit: int) -> list[tuple[int, int]]:
@@ -332,7 +336,7 @@ async def catchup_jobsets(db: Database) -> list[JobsetRow]:
     ]
 
 
-async def catchup_start(db: Database) -> tuple[int, int]:
-    """(highest eval ID, database clock in Unix seconds): where a first start begins."""
-    rows = await db.fetch(CATCHUP_START_SQL)
+async def catchup_start(db: Database, now_minus: int = 0) -> tuple[int, int]:
+    """(highest eval ID recorded before ``now_minus`` seconds ago, database clock in Unix seconds)."""
+    rows = await db.fetch(CATCHUP_START_SQL, now_minus)
     return rows[0]["eval_id"], rows[0]["now"]

@@ -13,12 +13,14 @@ depends only on IDs, so every process places a build the same way.
 
 *Attempts.* A restarted build finishes again; each finish is a new build span
 in the same trace. Hydra stores no attempt number, so it is derived from the
-step rows: an attempt ends with its top-level step (the step that built the
-build's own derivation, not propagated), and step numbers keep increasing
-across restarts. A step's attempt is the number of finished top-level steps
-with a lower step number; a build finish's attempt is the number of finished
-top-level steps that stopped before the build did. Both are functions of the
-rows, so a re-delivered ``build_finished`` renders byte-identical spans.
+step rows: an attempt ends with the step that built the build's own
+derivation (not substituted, not propagated, with a final status: aborted
+and cancelled steps are retried within the attempt), and step numbers keep
+increasing across restarts. A step's attempt is the number of such ending
+steps with a lower step number; a build finish's attempt is the number that
+stopped before the build did. Both use one rule (:func:`_ends_attempt`) and
+are functions of the rows, so a re-delivered ``build_finished`` renders
+byte-identical spans.
 
 *Times.* A build span runs from queueing (``builds.timestamp``; for a later
 attempt, the first step of that attempt) to ``builds.stoptime``; its ``queued``
@@ -107,19 +109,40 @@ def derivation_name(path: str | None) -> str:
     return m.group("name") if m else path.rsplit("/", 1)[-1]
 
 
-def _is_top_level(b: BuildFacts, s: StepFacts) -> bool:
-    return s.drvpath == b.drvpath and not s.propagated_from and s.status is not None
+#: Step statuses after which the queue runner goes on within the same attempt: aborted and
+#: cancelled steps are retried (transient failures, a queue-runner restart), and 13 means the
+#: derivation was resolved to a content-addressed one that is then built under another path.
+_CONTINUING = frozenset({3, 4, 13})
+
+
+def _ends_attempt(b: BuildFacts, s: StepFacts) -> bool:
+    """Is ``s`` the step that ended an attempt: the build's own derivation, built (not substituted
+    or propagated), with a final status and a stop time? Both attempt functions use this one rule."""
+    return (
+        s.type == 0
+        and s.drvpath == b.drvpath
+        and not s.propagated_from
+        and s.status is not None
+        and s.status not in _CONTINUING
+        and s.stoptime is not None
+    )
 
 
 def step_attempt(b: BuildFacts, steps: Sequence[StepFacts], stepnr: int) -> int:
-    """The attempt a step belongs to: finished top-level steps before it."""
-    return sum(1 for s in steps if _is_top_level(b, s) and s.stepnr < stepnr)
+    """The attempt a step belongs to: attempt-ending steps with a lower step number."""
+    return sum(1 for s in steps if _ends_attempt(b, s) and s.stepnr < stepnr)
 
 
 def build_attempt(b: BuildFacts, steps: Sequence[StepFacts]) -> int:
-    """The attempt a build finish belongs to: finished top-level steps that stopped before the build."""
+    """The attempt a build finish belongs to: attempt-ending steps that stopped before the build."""
     stop = b.stoptime if b.stoptime is not None else 0
-    return sum(1 for s in steps if _is_top_level(b, s) and s.stoptime is not None and s.stoptime < stop)
+    return sum(1 for s in steps if _ends_attempt(b, s) and s.stoptime is not None and s.stoptime < stop)
+
+
+def _previous_attempt_end(b: BuildFacts, steps: Sequence[StepFacts], attempt: int) -> int:
+    """When attempt ``attempt - 1`` ended (its ending step's stop time), else the queue time."""
+    ends = sorted((s.stepnr, s.stoptime) for s in steps if _ends_attempt(b, s) and s.stoptime is not None)
+    return ends[attempt - 1][1] if 0 < attempt <= len(ends) else b.timestamp
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,7 +186,10 @@ def build_spans(
     attempt = build_attempt(b, steps)
     mine = [s for s in steps if step_attempt(b, steps, s.stepnr) == attempt]
     starts = [s.starttime for s in mine if s.starttime is not None]
-    start = b.timestamp if attempt == 0 or not starts else min(starts)
+    if attempt == 0:
+        start = b.timestamp
+    else:  # a restart: the attempt began with its first step (or, with none, when the last one ended)
+        start = min(starts) if starts else _previous_attempt_end(b, steps, attempt)
     end = max(b.stoptime, start)
     where = placement(cfg, b)
     tid, span = build_span_id(cfg, b, attempt)

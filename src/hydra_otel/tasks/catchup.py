@@ -49,6 +49,9 @@ class CatchupSettings:
     #: Evaluations are re-scanned from this many IDs before the mark: IDs are taken at INSERT, and a
     #: long evaluation transaction can commit a lower ID after a higher one was seen.
     eval_overlap: int = 10
+    #: Without stored marks, start this many seconds in the past (0: now). A standby taking over with
+    #: no marks of its own uses the takeover window, to cover what the dead instance had not exported.
+    look_back: int = 0
 
 
 class _Seen:
@@ -87,13 +90,15 @@ class Catchup:
         self._seen = _Seen()
 
     async def start_marks(self, stored: Marks | None) -> Marks:
-        """The stored marks, or on a first start the present."""
+        """The stored marks, or on a first start the present minus ``look_back`` seconds."""
         if stored is not None:
             return stored
-        eval_id, now = await queries.catchup_start(self._db)
-        _, jobsets = jobset_failures(await queries.catchup_jobsets(self._db), {})
-        log.info("first start: catching up from now on", extra={"eval_id": eval_id})
-        return Marks(eval_id=eval_id, stop_time=now - self._s.lag, jobsets=jobsets)
+        look_back = self._s.look_back
+        eval_id, now = await queries.catchup_start(self._db, now_minus=look_back)
+        # Jobset checks later than the look-back point are reported by the first scan.
+        jobsets = {row.jobset_id: now - look_back for row in await queries.catchup_jobsets(self._db)}
+        log.info("no stored progress: catching up from", extra={"eval_id": eval_id, "seconds_ago": look_back})
+        return Marks(eval_id=eval_id, stop_time=now - look_back - self._s.lag, jobsets=jobsets)
 
     async def scan(self, progress: Progress) -> None:
         """Send everything recorded since ``progress.marks``, updating them page by page."""
