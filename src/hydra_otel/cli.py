@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import hydra_otel
 from hydra_otel import config, log
-from hydra_otel.errors import ConfigError
+from hydra_otel.errors import ConfigError, LeadershipLost
 
 logger = logging.getLogger("hydra_otel")
 
@@ -52,8 +52,6 @@ def _run(cfg: config.Config) -> int:
     import trio
 
     from hydra_otel import service
-
-    from hydra_otel.adapters.db import LeadershipLost
 
     try:
         trio.run(service.main, cfg)

@@ -5,6 +5,7 @@
 | PayloadError     | log, count, drop the notification, carry on            |
 | ConfigError      | refuse to start; the message lists every problem       |
 | DbUnavailable    | reconnect with backoff, then catch up from the tables  |
+| LeadershipLost   | stop exporting; exit so a supervisor restarts a standby |
 | ExportRetryable  | retry the batch with capped backoff                    |
 | ExportPermanent  | drop the batch, count it                               |
 
@@ -47,6 +48,10 @@ class ConfigError(HydraOtelError):
 
 class DbUnavailable(HydraOtelError):
     """The database cannot be reached or the connection was lost; retry later."""
+
+
+class LeadershipLost(DbUnavailable):
+    """The connection holding the active instance's advisory lock was lost; stop exporting."""
 
 
 class ExportRetryable(HydraOtelError):

@@ -35,7 +35,7 @@ import trio_asyncio
 from trio_asyncio import aio_as_trio
 
 from hydra_otel.core.backoff import Backoff
-from hydra_otel.errors import DbUnavailable
+from hydra_otel.errors import DbUnavailable, LeadershipLost
 
 log = logging.getLogger("hydra_otel.db")
 
@@ -169,10 +169,6 @@ async def open_connection(dsn: str) -> AsyncIterator[Connection]:
             await aio_as_trio(conn.close)()
         if cs.cancelled_caught:
             conn.terminate()
-
-
-class LeadershipLost(DbUnavailable):
-    """The connection holding the active instance's advisory lock was lost; stop exporting."""
 
 
 def leader_lock_key(instance: str) -> int:
