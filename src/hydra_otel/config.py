@@ -433,8 +433,9 @@ RESOURCE_ATTRIBUTES = Setting(
 STATE_DIR = Setting(
     flag="--state-dir", env=("HYDRA_OTEL_STATE_DIR", "STATE_DIRECTORY"), default="/var/lib/hydra-otel",
     section="Service", check=_Check("an absolute path", _abs_path),
-    doc="hydra-otel's own state. `STATE_DIRECTORY` comes from systemd's `StateDirectory=` (its first "
-    "entry is used). Neither created nor checked at start-up.")
+    doc="hydra-otel's own state: the progress marks (`progress.sqlite3`, docs/operations.md). "
+    "`STATE_DIRECTORY` comes from systemd's `StateDirectory=` (its first entry is used). Created if "
+    "missing; a directory that cannot be written stops the daemon at start-up with exit code 2.")
 LOG_LEVEL = Setting(
     flag="--log-level", env=("HYDRA_OTEL_LOG_LEVEL",), default="info", section="Service",
     check=_choice(LogLevel), doc="Least severe level logged.")

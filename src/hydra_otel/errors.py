@@ -4,6 +4,7 @@
 |------------------|--------------------------------------------------------|
 | PayloadError     | log, count, drop the notification, carry on            |
 | ConfigError      | refuse to start; the message lists every problem       |
+| StateDirError    | refuse to start; the message names the directory        |
 | DbUnavailable    | reconnect with backoff, then catch up from the tables  |
 | LeadershipLost   | stop exporting; exit so a supervisor restarts a standby |
 | ExportRetryable  | retry the batch with capped backoff                    |
@@ -44,6 +45,10 @@ class ConfigError(HydraOtelError):
     def __init__(self, problems: list[str]) -> None:
         self.problems = list(problems)
         super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in self.problems))
+
+
+class StateDirError(HydraOtelError):
+    """The state directory cannot be created or written; the message says which setting to change."""
 
 
 class DbUnavailable(HydraOtelError):

@@ -21,6 +21,7 @@ exported. A second signal cancels everything at once.
 from __future__ import annotations
 
 import functools
+import sqlite3
 import logging
 import signal
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ from hydra_otel.core.evals import RenderConfig
 from hydra_otel.core.events import DATA_CHANNELS, TRIGGER_CHANNELS, Received
 from hydra_otel.core.spans import SpanRecord
 from hydra_otel.core.stitch import Stitcher, Work
+from hydra_otel.errors import StateDirError
 from hydra_otel.stats import Stats
 from hydra_otel.tasks.catchup import Catchup, CatchupSettings, Progress, run_catchup
 from hydra_otel.tasks.exporter import run_exporter
@@ -109,18 +111,21 @@ class Service:
             },
         )
         try:
-            async with trio.open_nursery() as lead:
-                self._lead = lead.cancel_scope
-                # One active exporter per instance name: standbys wait here for the advisory lock.
-                self.takeover = await lead.start(
-                    hold_leadership, cfg.db.url, leader_lock_key(cfg.stitch.instance)
-                )
-                await self._run()
-                lead.cancel_scope.cancel()
+            store = await _open_store(cfg)
+            try:
+                async with trio.open_nursery() as lead:
+                    self._lead = lead.cancel_scope
+                    # One active exporter per instance name: standbys wait here for the advisory lock.
+                    key = leader_lock_key(cfg.stitch.instance)
+                    self.takeover = await lead.start(hold_leadership, cfg.db.url, key)
+                    await self._run(store)
+                    lead.cancel_scope.cancel()
+            finally:
+                await trio.to_thread.run_sync(store.close)
         finally:
             self.stopped.set()
 
-    async def _run(self) -> None:
+    async def _run(self, store: StateStore) -> None:
         cfg = self.cfg
         raw_tx, raw_rx = trio.open_memory_channel[ListenItem](cfg.queue_size)
         ev_tx, ev_rx = trio.open_memory_channel[Received](cfg.queue_size)
@@ -128,7 +133,6 @@ class Service:
         span_tx, span_rx = trio.open_memory_channel[SpanRecord | Checkpoint](cfg.queue_size)
         trig_tx, trig_rx = trio.open_memory_channel[str](16)
         stitcher = Stitcher(abandon_after=cfg.stitch.abandon_after, max_open=cfg.stitch.max_open_evals)
-        store = await trio.to_thread.run_sync(StateStore, cfg.state_dir)
         try:
             async with open_database(cfg.db.url) as db, trio.open_nursery() as pipeline:
                 self._pipeline = pipeline.cancel_scope
@@ -151,8 +155,7 @@ class Service:
                     self.ready.set()
                     log.info("ready")
         finally:
-            await trio.to_thread.run_sync(store.close)
-        log.info("stopped", extra=self.stats.snapshot())
+            log.info("stopped", extra=self.stats.snapshot())
 
     def catchup_settings(self) -> CatchupSettings:
         """Catch-up timing from the configuration."""
@@ -197,6 +200,17 @@ class Service:
             )
         finally:
             self.sink.shutdown()
+
+
+async def _open_store(cfg: Config) -> StateStore:
+    """The progress store, checked before anything else starts (a bad state dir is fatal)."""
+    try:
+        return await trio.to_thread.run_sync(StateStore, cfg.state_dir)
+    except (OSError, sqlite3.Error) as exc:
+        raise StateDirError(
+            f"cannot use the state directory {cfg.state_dir}: {exc}; "
+            "set --state-dir / HYDRA_OTEL_STATE_DIR to a writable directory"
+        ) from exc
 
 
 def render_config(cfg: Config) -> RenderConfig:
