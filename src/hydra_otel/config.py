@@ -111,6 +111,7 @@ class Config:
     catchup_interval: float
     catchup_overlap: int
     takeover_window: int
+    metrics_address: tuple[str, int] | None
     queue_size: int
 
 
@@ -193,6 +194,13 @@ def _instance(text: str) -> str:
     if not (text.isascii() and text.isprintable() and text == text.strip() and 1 <= len(text) <= 64):
         raise ValueError
     return text
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError
+    return host.strip("[]"), int(port)
 
 
 def _abs_path(text: str) -> Path:
@@ -452,6 +460,11 @@ CATCHUP_OVERLAP = Setting(
     check=_int(0, 86_400),
     doc="Seconds before the progress mark that each scan reads again, for rows committed after the time "
     "they record; what was already sent is not sent twice.")
+METRICS_ADDRESS = Setting(
+    flag="--metrics-address", env=("HYDRA_OTEL_METRICS_ADDRESS",), default="", section="Service",
+    default_doc="off", check=_optional(_Check("host:port, e.g. 127.0.0.1:9464", _host_port)),
+    doc="Serve Prometheus `/metrics` and `/healthz` on this address (docs/operations-tools.md). "
+    "Off by default; bind to localhost unless a scraper elsewhere needs it.")
 TAKEOVER_WINDOW = Setting(
     flag="--takeover-window", env=("HYDRA_OTEL_TAKEOVER_WINDOW",), default="600", section="Service",
     check=_int(0, 7 * 86_400),
@@ -468,7 +481,7 @@ SETTINGS: tuple[Setting[Any], ...] = (
     OTLP_PROTOCOL, OTLP_ENDPOINT, OTLP_HEADERS, OTLP_TIMEOUT, OTLP_CERTIFICATE, OTLP_INSECURE,
     OTLP_COMPRESSION, EXPORT_BATCH_SIZE, EXPORT_DELAY, EXPORT_MAX_BACKOFF, SERVICE_NAME,
     RESOURCE_ATTRIBUTES, STATE_DIR, LOG_LEVEL, SHUTDOWN_GRACE, CATCHUP_INTERVAL, CATCHUP_OVERLAP,
-    TAKEOVER_WINDOW, QUEUE_SIZE,
+    TAKEOVER_WINDOW, METRICS_ADDRESS, QUEUE_SIZE,
 )
 # fmt: on
 SECTIONS = ("Database", "Hydra", "Export", "Service")
@@ -538,6 +551,7 @@ def load(argv_values: Mapping[str, str | None], environ: Mapping[str, str]) -> C
         catchup_interval=r.get(CATCHUP_INTERVAL),
         catchup_overlap=r.get(CATCHUP_OVERLAP),
         takeover_window=r.get(TAKEOVER_WINDOW),
+        metrics_address=r.get(METRICS_ADDRESS),
         queue_size=r.get(QUEUE_SIZE),
     )
     if r.problems:

@@ -49,6 +49,7 @@ from hydra_otel.core.events import DATA_CHANNELS, TRIGGER_CHANNELS, Received
 from hydra_otel.core.spans import SpanRecord
 from hydra_otel.core.stitch import Stitcher, Work
 from hydra_otel.errors import StateDirError
+from hydra_otel.metrics_http import MetricsSnapshot, gauge, serve_metrics, snapshot_from
 from hydra_otel.stats import Stats
 from hydra_otel.tasks.catchup import Catchup, CatchupSettings, Progress, run_catchup
 from hydra_otel.tasks.exporter import run_exporter
@@ -134,7 +135,7 @@ class Service:
         trig_tx, trig_rx = trio.open_memory_channel[str](16)
         stitcher = Stitcher(abandon_after=cfg.stitch.abandon_after, max_open=cfg.stitch.max_open_evals)
         try:
-            async with open_database(cfg.db.url) as db, trio.open_nursery() as pipeline:
+            async with open_database(cfg.db.url, stats=self.stats) as db, trio.open_nursery() as pipeline:
                 self._pipeline = pipeline.cancel_scope
                 resolver = Resolver.create(db, render_config(cfg), self.stats)
                 pipeline.start_soon(self._export, span_rx, store)
@@ -156,6 +157,16 @@ class Service:
                     log.info("ready")
         finally:
             log.info("stopped", extra=self.stats.snapshot())
+
+    def healthy(self) -> bool:
+        """Ready: LISTEN active, catch-up running, the last export (if any) succeeded, not stopping."""
+        return self.ready.is_set() and not self.stopping and not self.stats.exporting_failed
+
+    def metrics_snapshot(self) -> MetricsSnapshot:
+        """Every counter for ``/metrics``."""
+        return snapshot_from(
+            self.stats, self.listen, [gauge("hydra_otel_ready", "1 while healthy.", int(self.healthy()))]
+        )
 
     def catchup_settings(self) -> CatchupSettings:
         """Catch-up timing from the configuration."""
@@ -259,5 +270,10 @@ async def main(cfg: Config) -> None:
     service = Service(cfg=cfg, sink=make_sink(cfg))
     async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
         nursery.start_soon(_watch_signals, service)
+        if cfg.metrics_address is not None:
+            # Outside the pipeline, so serving scrapes never holds up a drain.
+            host, port = cfg.metrics_address
+            serve = functools.partial(serve_metrics, host, port, service.metrics_snapshot, service.healthy)
+            await nursery.start(serve)
         await service.run()
         nursery.cancel_scope.cancel()

@@ -23,6 +23,7 @@ class Stats:
     spans_exported: int = 0
     spans_dropped: int = 0  # given up on (shutdown deadline passed with the endpoint down)
     export_failures: int = 0  # failed export attempts (each retried)
+    exporting_failed: bool = False  # the latest export attempt failed (health)
     queries: int = 0
     checkpoints: int = 0  # progress marks stored after the endpoint acknowledged what they cover
 
@@ -39,4 +40,5 @@ class Stats:
             "spans_dropped": self.spans_dropped,
             "export_failures": self.export_failures,
             "checkpoints": self.checkpoints,
+            "queries": self.queries,
         }

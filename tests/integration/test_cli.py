@@ -67,3 +67,71 @@ async def test_run_exports_and_stops_on_sigterm(
     assert not any('"level": "error"' in line for line in log), log
     assert "s3cret" not in "\n".join(log)
     assert any("***" in line for line in log), "the DSN is logged, redacted"
+
+
+async def http_get(port: int, path: str) -> tuple[int, str]:
+    """A minimal HTTP/1.1 GET against 127.0.0.1 (no client library needed)."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := await stream.receive_some():
+            data += chunk
+    head, _, body = data.decode().partition("\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def test_metrics_and_health_during_a_run(
+    hydra: Hydra, hydra_db: str, otlp_grpc: GrpcOtlpReceiver, tmp_path: Path
+) -> None:
+    """`/metrics` counts what the running daemon did and `/healthz` says ready, over real HTTP."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "HYDRA_OTEL_DATABASE_URL": hydra_db,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{otlp_grpc.endpoint}",
+        "HYDRA_OTEL_STATE_DIR": str(tmp_path),
+        "HYDRA_OTEL_EXPORT_DELAY": "0.05",
+        "HYDRA_OTEL_METRICS_ADDRESS": f"127.0.0.1:{port}",
+    }
+    log: list[str] = []
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "hydra_otel", "run"], env=env, stderr=subprocess.PIPE
+    )
+    assert proc.stderr is not None
+    try:
+        with trio.fail_after(20):
+            await read_until(proc.stderr, "ready", log)
+        await hydra.run(*hydra.sim.evaluator_starts(1, CID, 1_700_000_000))
+        await hydra.run(hydra.sim.eval_fetch_failed(1, CID, 1_700_000_005, "no network"))
+        await hydra.run("SELECT pg_notify('eval_added', 'garbage');")
+        await otlp_grpc.wait_for_spans(1)
+        with trio.fail_after(10):
+            while True:  # the export is acknowledged before the counter moves: poll under the deadline
+                status, body = await http_get(port, "/metrics")
+                if "hydra_otel_spans_exported_total 1\n" in body:
+                    break
+                await trio.sleep(0.05)
+        assert status == 200
+        assert 'hydra_otel_events_received_total{channel="eval_started"} 1' in body
+        assert 'hydra_otel_payload_errors_total{channel="eval_added"} 1' in body
+        assert "hydra_otel_ready 1" in body
+        assert (
+            await http_get(port, "/healthz") == (200, "ok\n") or (await http_get(port, "/healthz"))[0] == 200
+        )
+        proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(20):
+            assert await proc.wait() == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

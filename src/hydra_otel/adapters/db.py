@@ -36,6 +36,7 @@ from trio_asyncio import aio_as_trio
 
 from hydra_otel.core.backoff import Backoff
 from hydra_otel.errors import DbUnavailable, LeadershipLost
+from hydra_otel.stats import Stats
 
 log = logging.getLogger("hydra_otel.db")
 
@@ -98,13 +99,18 @@ def _ignore(*_args: object) -> None:
 class Database:
     """A small pool of query connections (Trio-flavoured), separate from LISTEN."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, stats: Stats | None = None) -> None:
         self._pool = pool
-        self.queries = 0
+        self._stats = stats if stats is not None else Stats()
+
+    @property
+    def queries(self) -> int:
+        """Queries sent so far."""
+        return self._stats.queries
 
     async def fetch(self, sql: str, *args: object) -> list[asyncpg.Record]:
         """Run one read-only query and return its rows. Raises DbUnavailable."""
-        self.queries += 1
+        self._stats.queries += 1
         try:
             rows: list[asyncpg.Record] = await aio_as_trio(self._pool.fetch)(sql, *args)
         except (asyncpg.InterfaceError, OSError, TimeoutError, asyncpg.PostgresConnectionError) as exc:
@@ -118,7 +124,7 @@ class Database:
 
 
 @asynccontextmanager
-async def open_database(dsn: str, *, size: int = 4) -> AsyncIterator[Database]:
+async def open_database(dsn: str, *, size: int = 4, stats: Stats | None = None) -> AsyncIterator[Database]:
     """Open the query pool (lazily: a database that is down at start-up only delays queries).
 
     Closing it is shielded so a cancelled shutdown cannot leak connections.
@@ -130,7 +136,7 @@ async def open_database(dsn: str, *, size: int = 4) -> AsyncIterator[Database]:
     except RETRYABLE as exc:
         raise DbUnavailable(f"cannot open the database pool: {exc}") from exc
     try:
-        yield Database(pool)
+        yield Database(pool, stats)
     finally:
         with trio.CancelScope(shield=True) as cs:
             cs.deadline = trio.current_time() + 5

@@ -81,6 +81,7 @@ async def _export_until_done(sink: SpanSink, batch: list[SpanRecord], stats: Sta
     failing = False
     while not await sink.export(batch):
         stats.export_failures += 1
+        stats.exporting_failed = True
         delay = backoff.next_delay()
         if not failing:
             log.warning(
@@ -91,4 +92,5 @@ async def _export_until_done(sink: SpanSink, batch: list[SpanRecord], stats: Sta
     if failing:
         log.info("OTLP export recovered", extra={"spans": len(batch)})
     backoff.reset()
+    stats.exporting_failed = False
     stats.spans_exported += len(batch)
