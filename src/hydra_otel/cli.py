@@ -1,4 +1,4 @@
-"""Command line: ``hydra-otel run``. The only place that exits the process.
+"""Command line: ``hydra-otel run | demo | ids | check``. The only place that exits the process.
 
 Exit codes: 0 after a clean stop (signal), 2 for an invalid configuration or
 usage, 3 when the instance lock was lost (run under a supervisor that restarts
@@ -13,10 +13,11 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import hydra_otel
-from hydra_otel import config, log
-from hydra_otel.errors import ConfigError, LeadershipLost
+from hydra_otel import config, log, tools
+from hydra_otel.errors import ConfigError, LeadershipLost, StateDirError
 
 logger = logging.getLogger("hydra_otel")
 
@@ -31,12 +32,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="LISTEN to Hydra's notifications and export traces over OTLP")
     config.add_arguments(run)
+    tools.add_tool_commands(sub)
+    demo = sub.add_parser(
+        "demo", help="play a scripted Hydra against a throwaway PostgreSQL and show the traces it makes"
+    )
+    demo.add_argument("--short", action="store_true", help="a smaller workload, without pauses (for CI)")
+    demo.add_argument(
+        "--out",
+        type=Path,
+        default=Path("hydra-otel-demo"),
+        metavar="DIR",
+        help="where to save the traces as OTLP/JSON (default: ./hydra-otel-demo)",
+    )
+    demo.add_argument("--width", type=int, metavar="N", help="waterfall width (default: the terminal's)")
+    demo.add_argument("--ascii", action="store_true", help="draw the waterfalls with ASCII characters only")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hydra-otel`` console script."""
     args = build_parser().parse_args(argv)
+    if args.command == "demo":
+        return _demo(args)
     try:
         cfg = config.load(vars(args), os.environ)
     except ConfigError as exc:
@@ -45,6 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.configure(cfg.log_level)
     if args.command == "run":
         return _run(cfg)
+    if args.command in ("ids", "check"):
+        return tools.run_tool(args, cfg)
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 
@@ -62,9 +81,40 @@ def _run(cfg: config.Config) -> int:
         if lost is not None and other is None:
             logger.error("lost the instance lock; exiting so the service manager restarts this as a standby")
             return 3
+        state, other = group.split(StateDirError)
+        if state is not None and other is None:
+            logger.error(str(_first(state)))
+            return 2
         logger.exception("hydra-otel stopped on an unexpected error; this is a bug, please report it")
         return 1
     except Exception:
         logger.exception("hydra-otel stopped on an unexpected error; this is a bug, please report it")
         return 1
     return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    # The demo prints its own story; the daemon's info lines would drown it.
+    log.configure("warning")
+    try:
+        import trio
+
+        from hydra_otel.demo import DemoOptions, run_demo
+
+        opts = DemoOptions(
+            short=args.short,
+            out_dir=args.out,
+            width=args.width,
+            ascii=args.ascii,
+            speed=0.0 if args.short else 1.0,
+        )
+        return trio.run(run_demo, opts)
+    except KeyboardInterrupt:  # before the demo's own signal handling was installed, or a second Ctrl-C
+        return 130
+
+
+def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc

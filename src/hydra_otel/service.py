@@ -149,7 +149,7 @@ class Service:
                     self._sources = sources.cancel_scope
                     await sources.start(self._listen, raw_tx)
                     # Catch-up starts once LISTEN is active, so the table scan and the live stream overlap.
-                    catchup = Catchup(db, work_tx, self.catchup_settings())
+                    catchup = Catchup(db, work_tx, self.catchup_settings(), stitcher.open_jobsets)
                     self.progress = await sources.start(
                         run_catchup, catchup, store, trig_rx, self.catchup_settings(), resolver.live_jobsets
                     )

@@ -19,7 +19,7 @@ class Stats:
     missing_rows: Counter[str] = field(default_factory=Counter)  # IDs not found, by table
     resyncs: Counter[str] = field(default_factory=Counter)  # catch-up requests, by reason
     spans_deduplicated: int = 0  # exact repeats of recently exported spans, skipped
-    not_finished: int = 0  # build_finished for a build that was restarted again before we read it
+    not_finished: int = 0  # build_finished for a build with no recorded finish (bad input)
     spans_exported: int = 0
     spans_dropped: int = 0  # given up on (shutdown deadline passed with the endpoint down)
     export_failures: int = 0  # failed export attempts (each retried)

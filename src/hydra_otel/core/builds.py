@@ -180,9 +180,14 @@ class Cause:
 def build_spans(
     cfg: RenderConfig, b: BuildFacts, steps: Sequence[StepFacts], cause: Cause | None = None
 ) -> list[SpanRecord]:
-    """The spans of a finished build's latest attempt: build, ``queued`` and the attempt's steps."""
-    if not b.finished or b.stoptime is None:
-        raise ValueError(f"build {b.build_id} is not finished")
+    """The spans of a build's latest finished attempt: build, ``queued`` and the attempt's steps.
+
+    A build restarted since (``finished = 0``) still holds its last finish's status and
+    times, so that attempt is rendered as it was: a restart right after ``build_finished``
+    does not lose it.
+    """
+    if b.stoptime is None:
+        raise ValueError(f"build {b.build_id} has no recorded finish")
     attempt = build_attempt(b, steps)
     mine = [s for s in steps if step_attempt(b, steps, s.stepnr) == attempt]
     starts = [s.starttime for s in mine if s.starttime is not None]

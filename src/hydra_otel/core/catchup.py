@@ -46,7 +46,9 @@ class Marks:
         for k, v in other.jobsets.items():
             jobsets[k] = max(v, jobsets.get(k, 0))
         return Marks(
-            eval_id=max(self.eval_id, other.eval_id), stop_time=max(self.stop_time, other.stop_time), jobsets=jobsets
+            eval_id=max(self.eval_id, other.eval_id),
+            stop_time=max(self.stop_time, other.stop_time),
+            jobsets=jobsets,
         )
 
 
@@ -68,16 +70,20 @@ class JobsetRow:
     fetch_error_msg: str | None
 
 
-def jobset_failures(rows: list[JobsetRow], known: dict[int, int]) -> tuple[list[Attempt], dict[int, int]]:
+def jobset_failures(
+    rows: list[JobsetRow], known: dict[int, int], open_jobsets: frozenset[int] = frozenset()
+) -> tuple[list[Attempt], dict[int, int]]:
     """Failed attempts recorded since ``known`` (jobset ID -> lastcheckedtime already handled).
 
     Jobsets not in ``known`` are only recorded: their past is a backfill's job, not catch-up's.
-    Returns the attempts and the updated ``known`` mapping.
+    Jobsets in ``open_jobsets`` have an attempt the live stitcher is still following: it will
+    report how that ended (an evaluator crash shows up there as abandoned), so they are left
+    alone, and their mark does not move. Returns the attempts and the updated ``known`` mapping.
     """
     out: list[Attempt] = []
     updated = dict(known)
     for r in rows:
-        if r.last_checked is None:
+        if r.last_checked is None or r.jobset_id in open_jobsets:
             continue
         seen = known.get(r.jobset_id)
         updated[r.jobset_id] = max(r.last_checked, seen or 0)

@@ -106,6 +106,10 @@ class Stitcher:
         handler = TRANSITIONS[(self.state(event.jobset_id, event.correlation_id), type(event))]
         return handler(self, event, at_ns, now)
 
+    def open_jobsets(self) -> frozenset[int]:
+        """Jobsets with an attempt that is still open."""
+        return frozenset(self._by_jobset)
+
     def expire(self, now: float, now_ns: int) -> list[Outcome]:
         """Abandon every open attempt whose deadline is at or before ``now``."""
         out: list[Outcome] = []

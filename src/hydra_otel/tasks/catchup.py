@@ -83,11 +83,18 @@ class Progress:
 class Catchup:
     """One scanner; :meth:`scan` sends work and checkpoints into ``work``."""
 
-    def __init__(self, db: Database, work: trio.MemorySendChannel[Work | Checkpoint], settings: CatchupSettings):
+    def __init__(
+        self,
+        db: Database,
+        work: trio.MemorySendChannel[Work | Checkpoint],
+        settings: CatchupSettings,
+        open_jobsets: Callable[[], frozenset[int]] = frozenset,
+    ):
         self._db = db
         self._work = work
         self._s = settings
         self._seen = _Seen()
+        self._open_jobsets = open_jobsets  # the live stitcher's open attempts (see jobset_failures)
 
     async def start_marks(self, stored: Marks | None) -> Marks:
         """The stored marks, or on a first start the present minus ``look_back`` seconds."""
@@ -119,7 +126,13 @@ class Catchup:
             for eval_id, jobset_id in page:
                 if self._seen.add(("eval", eval_id)):
                     await self._work.send(
-                        AddedEval(eval_id=eval_id, jobset_id=jobset_id, correlation_id="", started_ns=None, ended_ns=0)
+                        AddedEval(
+                            eval_id=eval_id,
+                            jobset_id=jobset_id,
+                            correlation_id="",
+                            started_ns=None,
+                            ended_ns=0,
+                        )
                     )
             progress.marks = progress.marks.merged(Marks(eval_id=page[-1][0]))
             await self._work.send(Checkpoint(progress.marks))
@@ -143,7 +156,9 @@ class Catchup:
 
     async def _jobsets(self, progress: Progress) -> None:
         known = progress.marks.merged(Marks(jobsets=progress.live_jobsets)).jobsets
-        failures, updated = jobset_failures(await queries.catchup_jobsets(self._db), known)
+        failures, updated = jobset_failures(
+            await queries.catchup_jobsets(self._db), known, self._open_jobsets()
+        )
         for attempt in failures:
             await self._work.send(attempt)
         progress.marks = progress.marks.merged(Marks(jobsets=updated))
@@ -188,5 +203,7 @@ async def _retrying(step: Callable[[], Awaitable[T]]) -> T:
             return await step()
         except DbUnavailable as exc:
             delay = backoff.next_delay()
-            log.warning("catch-up waiting for the database", extra={"error": str(exc), "retry_in_s": round(delay, 2)})
+            log.warning(
+                "catch-up waiting for the database", extra={"error": str(exc), "retry_in_s": round(delay, 2)}
+            )
             await trio.sleep(delay)

@@ -42,8 +42,8 @@ async def run_exporter(
     it, ``commit`` stores the checkpoint's marks.
     """
     batch: list[SpanRecord] = []
-    try:
-        async with spans:
+    async with spans:
+        try:
             closed = False
             while not closed:
                 checkpoint: Checkpoint | None = None
@@ -65,16 +65,32 @@ async def run_exporter(
                         deadline = trio.current_time() + delay
                 if batch:
                     await _export_until_done(sink, batch, stats, backoff)
-                    batch = []
+                    batch.clear()
                 if checkpoint is not None:
                     await commit(checkpoint.marks)
-    finally:
-        if batch:
-            stats.spans_dropped += len(batch)
-            log.error(
-                "shutdown deadline passed before the endpoint took every span; the next start re-exports them",
-                extra={"dropped": len(batch)},
-            )
+        finally:
+            _count_dropped(stats, len(batch) + _drain(spans))
+
+
+def _drain(spans: trio.MemoryReceiveChannel[SpanRecord | Checkpoint]) -> int:
+    """Take whatever is still queued (the shutdown deadline passed); return how many spans it was."""
+    count = 0
+    while True:
+        try:
+            count += not isinstance(spans.receive_nowait(), Checkpoint)
+        except (trio.WouldBlock, trio.EndOfChannel):
+            return count
+
+
+def _count_dropped(stats: Stats, dropped: int) -> None:
+    if dropped:
+        stats.spans_dropped += dropped
+        log.error(
+            "shutdown deadline passed before the endpoint took every span: spans rendered from Hydra's tables "
+            "are exported again by the next start; live-only ones (evaluator run, cached and abandoned "
+            "attempts) are lost",
+            extra={"dropped": dropped},
+        )
 
 
 async def _export_until_done(sink: SpanSink, batch: list[SpanRecord], stats: Stats, backoff: Backoff) -> None:

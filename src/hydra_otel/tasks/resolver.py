@@ -162,8 +162,8 @@ class Resolver:
             if b is None:
                 self._missing("builds", "build_finished names a build", build_id=build_id)
                 continue
-            if not b.finished or b.stoptime is None:
-                self.stats.not_finished += 1  # restarted again before we looked: its next finish will come
+            if b.stoptime is None:
+                self.stats.not_finished += 1  # never finished (a bad notification): nothing to render
                 continue
             rows = steps.get(build_id, [])
             out += build_spans(self.cfg, b, rows, causes.get(build_id))
