@@ -195,9 +195,8 @@ class Service:
         cfg = self.cfg.export
 
         async def commit(marks: Marks) -> None:
-            await trio.to_thread.run_sync(store.save, marks)
+            self.committed = await trio.to_thread.run_sync(store.merge, marks)
             self.stats.checkpoints += 1
-            self.committed = marks
 
         try:
             await run_exporter(

@@ -50,6 +50,10 @@ RETRYABLE: tuple[type[BaseException], ...] = (
 )
 
 
+#: What ends one LISTEN session and starts a reconnect: driver errors, and our own "connection lost".
+_LISTEN_LOST: tuple[type[BaseException], ...] = (*RETRYABLE, DbUnavailable)
+
+
 @dataclass(frozen=True, slots=True)
 class RawNotification:
     """A notification as received: channel, payload, wall-clock receive time (ns)."""
@@ -197,33 +201,51 @@ async def hold_leadership(
     ``started()`` is given True if another instance held the lock first (this is a takeover).
 
     PostgreSQL releases a session lock when its connection ends, so a standby
-    takes over within ``poll_interval`` of the active instance dying. Raises
-    :class:`LeadershipLost` if the lock's connection is lost (the caller must stop
-    exporting: another instance may already be active).
+    takes over within ``poll_interval`` of the active instance dying. When the
+    lock's own connection is lost (a database restart, a network cut), this
+    reconnects and takes the lock again; only if another instance got it in
+    the meantime does it raise :class:`LeadershipLost` (the caller must stop
+    exporting).
     """
-    conn = await _connect_retrying(dsn)
-    lost = trio.Event()
-    try:
-        conn.add_termination_listener(lambda _c: lost.set())
-        waiting_logged = False
-        while not await aio_as_trio(conn.fetchval)("SELECT pg_try_advisory_lock($1)", key):
-            if not waiting_logged:
-                log.info(
-                    "standby: another instance holds the lock; waiting to take over", extra={"lock": key}
-                )
-                waiting_logged = True
-            await trio.sleep(poll_interval)
-        log.info("active: holding the instance lock", extra={"lock": key})
-        task_status.started(waiting_logged)
-        flags = _Flags()
-        flags.lost = lost
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_health, conn, flags, probe_interval, probe_timeout)
-            await lost.wait()
-            nursery.cancel_scope.cancel()
-        raise LeadershipLost("lost the connection holding the instance lock")
-    finally:
-        conn.terminate()
+    started = waited = False
+    while True:
+        conn = await _connect_retrying(dsn)
+        try:
+            lost = trio.Event()
+            conn.add_termination_listener(lambda _c: lost.set())
+            while not await aio_as_trio(conn.fetchval)("SELECT pg_try_advisory_lock($1)", key):
+                if started:
+                    raise LeadershipLost(
+                        "another instance took the instance lock while its connection was down"
+                    )
+                if not waited:
+                    log.info(
+                        "standby: another instance holds the lock; waiting to take over", extra={"lock": key}
+                    )
+                    waited = True
+                await trio.sleep(poll_interval)
+            log.info("active: holding the instance lock" if not started else "took the instance lock again")
+            if not started:
+                started = True
+                task_status.started(waited)
+            await _hold(conn, lost, probe_interval, probe_timeout)
+            log.warning("lost the connection holding the instance lock; reconnecting")
+        except RETRYABLE as exc:
+            log.warning("instance lock connection failed; reconnecting", extra={"error": str(exc)})
+        finally:
+            conn.terminate()
+
+
+async def _hold(
+    conn: asyncpg.Connection, lost: trio.Event, probe_interval: float, probe_timeout: float
+) -> None:
+    """Return when the connection holding the lock is gone (closed, or silent past the probe)."""
+    flags = _Flags()
+    flags.lost = lost
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_health, conn, flags, probe_interval, probe_timeout)
+        await lost.wait()
+        nursery.cancel_scope.cancel()
 
 
 async def _connect_retrying(dsn: str) -> asyncpg.Connection:
@@ -269,7 +291,7 @@ async def run_listener(
     while True:
         try:
             await _session(dsn, channels, send, stats, on_ready, health_interval, health_timeout)
-        except* RETRYABLE as group:
+        except* _LISTEN_LOST as group:
             stats.connection_losses += 1
             delay = backoff.next_delay()
             log.warning(

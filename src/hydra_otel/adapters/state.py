@@ -52,6 +52,16 @@ class StateStore:
             (value,),
         )
 
+    def merge(self, marks: Marks) -> Marks:
+        """Store the stored marks merged with ``marks`` (marks only move forward); return the result.
+
+        Several writers (the catch-up's first marks, checkpoints, live jobset checks) can each pass
+        just what they cover.
+        """
+        merged = (self.load() or Marks()).merged(marks)
+        self.save(merged)
+        return merged
+
     def close(self) -> None:
         """Close the database file."""
         self._db.close()

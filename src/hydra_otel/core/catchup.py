@@ -75,7 +75,8 @@ def jobset_failures(
 ) -> tuple[list[Attempt], dict[int, int]]:
     """Failed attempts recorded since ``known`` (jobset ID -> lastcheckedtime already handled).
 
-    Jobsets not in ``known`` are only recorded: their past is a backfill's job, not catch-up's.
+    ``known`` starts (first start) with every existing jobset at the start time, so history is
+    a backfill's job; a jobset missing from it was created since and all its checks count.
     Jobsets in ``open_jobsets`` have an attempt the live stitcher is still following: it will
     report how that ended (an evaluator crash shows up there as abandoned), so they are left
     alone, and their mark does not move. Returns the attempts and the updated ``known`` mapping.
@@ -85,9 +86,9 @@ def jobset_failures(
     for r in rows:
         if r.last_checked is None or r.jobset_id in open_jobsets:
             continue
-        seen = known.get(r.jobset_id)
-        updated[r.jobset_id] = max(r.last_checked, seen or 0)
-        if seen is None or r.last_checked <= seen:
+        seen = known.get(r.jobset_id, 0)
+        updated[r.jobset_id] = max(r.last_checked, seen)
+        if r.last_checked <= seen:
             continue
         failed = bool(r.fetch_error_msg) or (bool(r.error_msg) and r.error_time == r.last_checked)
         if failed:

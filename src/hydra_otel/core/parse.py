@@ -58,10 +58,11 @@ from hydra_otel.errors import PayloadError, quote_payload
 MAX_PAYLOAD_BYTES = 8000
 #: Upper bound for a correlation ID; Hydra's are about 25 characters.
 MAX_CORRELATION_ID_CHARS = 128
-#: IDs must fit a signed 64-bit integer (Hydra's columns are int4 today).
-ID_LIMIT = 2**63
+#: IDs must fit PostgreSQL's ``integer`` (int4): Hydra's ID columns are ``serial``, and a larger
+#: value would make every batched lookup (``= ANY($1::int[])``) fail for the whole batch.
+ID_LIMIT = 2**31
 
-_ID_MAX_DIGITS = len(str(ID_LIMIT))  # 19: longer digit strings are out of range
+_ID_MAX_DIGITS = len(str(ID_LIMIT))  # 10: longer digit strings are out of range
 _FIELD_QUOTE_CHARS = 40
 _LITERAL_TAB = "\\t"
 
@@ -99,7 +100,7 @@ def _id_problem(field: str, what: str) -> str:
     if not field.lstrip("0"):
         return f"{what} is zero (must be at least 1)"
     quoted = quote_payload(field, _FIELD_QUOTE_CHARS)
-    return f"{what} {quoted} is out of range (must be below 2**63)"
+    return f"{what} {quoted} is out of range (Hydra's IDs are below 2**31)"
 
 
 def _correlation_id(field: str) -> str:

@@ -175,7 +175,12 @@ async def run_catchup(
 ) -> None:
     """Scan at start, on each trigger and every ``interval`` seconds; retries while the database is down."""
     stored = await trio.to_thread.run_sync(store.load)
-    progress = Progress(marks=await _retrying(lambda: catchup.start_marks(stored)), live_jobsets=live_jobsets)
+    marks = await _retrying(lambda: catchup.start_marks(stored))
+    if stored is None:
+        # The first marks cover nothing yet, so they are stored at once: a restart before the
+        # first export (a collector that is down, say) must resume from here, not from "now".
+        marks = await trio.to_thread.run_sync(store.merge, marks)
+    progress = Progress(marks=marks, live_jobsets=live_jobsets)
     task_status.started(progress)
     while True:
         await _retrying(lambda: catchup.scan(progress))

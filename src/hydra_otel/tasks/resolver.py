@@ -31,7 +31,7 @@ from hydra_otel.core.builds import (
     step_attempt,
     step_span,
 )
-from hydra_otel.core.catchup import Checkpoint
+from hydra_otel.core.catchup import Checkpoint, Marks
 from hydra_otel.core.dedup import RecentSpans
 from hydra_otel.core.evals import (
     AddedEval,
@@ -63,6 +63,8 @@ class Resolver:
     warn: RateLimitedLog
     #: jobset ID -> lastcheckedtime of attempts handled here (catch-up then skips them).
     live_jobsets: dict[int, int]
+    #: The same, not yet sent downstream as a checkpoint (so a restart does not report them again).
+    unsent_jobsets: dict[int, int]
 
     @classmethod
     def create(cls, db: Database, cfg: RenderConfig, stats: Stats, *, recent: int = 200_000) -> Resolver:
@@ -75,6 +77,7 @@ class Resolver:
             recent=RecentSpans(recent),
             warn=RateLimitedLog(log),
             live_jobsets={},
+            unsent_jobsets={},
         )
 
     async def resolve(self, batch: list[Work]) -> list[SpanRecord]:
@@ -128,7 +131,8 @@ class Resolver:
                 continue
             out.append(attempt_span(t, j, self.cfg))
             if j.last_checked is not None:
-                self.live_jobsets[t.jobset_id] = max(j.last_checked, self.live_jobsets.get(t.jobset_id, 0))
+                checked = max(j.last_checked, self.live_jobsets.get(t.jobset_id, 0))
+                self.live_jobsets[t.jobset_id] = self.unsent_jobsets[t.jobset_id] = checked
         return out
 
     async def _steps(self, finished: list[StepFinished]) -> list[SpanRecord]:
@@ -212,6 +216,10 @@ async def run_resolver(
                     for record in await _resolve_with_retry(resolver, segment, backoff) if segment else ():
                         await spans.send(record)
                     segment = []
+                    if resolver.unsent_jobsets:
+                        # Live evaluation outcomes become a (partial) checkpoint behind their spans.
+                        await spans.send(Checkpoint(Marks(jobsets=dict(resolver.unsent_jobsets))))
+                        resolver.unsent_jobsets.clear()
                     if item is not None:
                         await spans.send(item)
                 else:
