@@ -21,9 +21,9 @@ exported. A second signal cancels everything at once.
 from __future__ import annotations
 
 import functools
-import sqlite3
 import logging
 import signal
+import sqlite3
 from dataclasses import dataclass, field
 
 import trio

@@ -212,7 +212,8 @@ async def hold_leadership(
         conn = await _connect_retrying(dsn)
         try:
             lost = trio.Event()
-            conn.add_termination_listener(lambda _c: lost.set())
+            # Bound now: a late callback from the previous connection must not flag this one.
+            conn.add_termination_listener(lambda _c, event=lost: event.set())
             while not await aio_as_trio(conn.fetchval)("SELECT pg_try_advisory_lock($1)", key):
                 if started:
                     raise LeadershipLost(
