@@ -99,6 +99,18 @@ class ExportConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class TelemetryConfig:
+    """What goes out besides traces: CI/CD metrics and failed-step log tails."""
+
+    metrics_export: bool
+    metrics_interval: float
+    step_logs: bool
+    step_logs_dir: Path
+    step_log_lines: int
+    logs_export: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     """The whole validated configuration; built only by :func:`load`."""
 
@@ -112,6 +124,7 @@ class Config:
     catchup_overlap: int
     takeover_window: int
     metrics_address: tuple[str, int] | None
+    telemetry: TelemetryConfig
     queue_size: int
 
 
@@ -460,6 +473,30 @@ CATCHUP_OVERLAP = Setting(
     check=_int(0, 86_400),
     doc="Seconds before the progress mark that each scan reads again, for rows committed after the time "
     "they record; what was already sent is not sent twice.")
+METRICS_EXPORT = Setting(
+    flag="--metrics-export", env=("HYDRA_OTEL_METRICS_EXPORT",), default="false", section="Export",
+    check=_Check("true or false", _bool),
+    doc="Also export CI/CD metrics (evaluation, build, step and queue-wait durations, errors) over OTLP "
+    "to the same collector (docs/metrics-and-logs.md).")
+METRICS_INTERVAL = Setting(
+    flag="--metrics-interval", env=("HYDRA_OTEL_METRICS_INTERVAL",), default="60", section="Export",
+    check=_seconds(), doc="Seconds between two metric exports.")
+STEP_LOGS = Setting(
+    flag="--step-logs", env=("HYDRA_OTEL_STEP_LOGS",), default="true", section="Export",
+    check=_Check("true or false", _bool),
+    doc="Attach the last lines of a failed step's Hydra log to its span (a `hydra.step.log_tail` event) "
+    "or, with `--logs-export`, send them as an OTLP log record correlated with the step span.")
+STEP_LOGS_DIR = Setting(
+    flag="--step-logs-dir", env=("HYDRA_OTEL_STEP_LOGS_DIR",), default="/var/lib/hydra/build-logs",
+    section="Export", check=_Check("an absolute path", _abs_path),
+    doc="Hydra's build-log directory (plain, `.bz2` and `.zst` logs; `.zst` needs the `zstd` program).")
+STEP_LOG_LINES = Setting(
+    flag="--step-log-lines", env=("HYDRA_OTEL_STEP_LOG_LINES",), default="50", section="Export",
+    check=_int(1, 1000), doc="Lines of a failed step's log to attach (at most 64 KiB).")
+LOGS_EXPORT = Setting(
+    flag="--logs-export", env=("HYDRA_OTEL_LOGS_EXPORT",), default="false", section="Export",
+    check=_Check("true or false", _bool),
+    doc="Send failed-step log tails as OTLP log records instead of span events.")
 METRICS_ADDRESS = Setting(
     flag="--metrics-address", env=("HYDRA_OTEL_METRICS_ADDRESS",), default="", section="Service",
     default_doc="off", check=_optional(_Check("host:port, e.g. 127.0.0.1:9464", _host_port)),
@@ -481,7 +518,8 @@ SETTINGS: tuple[Setting[Any], ...] = (
     OTLP_PROTOCOL, OTLP_ENDPOINT, OTLP_HEADERS, OTLP_TIMEOUT, OTLP_CERTIFICATE, OTLP_INSECURE,
     OTLP_COMPRESSION, EXPORT_BATCH_SIZE, EXPORT_DELAY, EXPORT_MAX_BACKOFF, SERVICE_NAME,
     RESOURCE_ATTRIBUTES, STATE_DIR, LOG_LEVEL, SHUTDOWN_GRACE, CATCHUP_INTERVAL, CATCHUP_OVERLAP,
-    TAKEOVER_WINDOW, METRICS_ADDRESS, QUEUE_SIZE,
+    TAKEOVER_WINDOW, METRICS_ADDRESS, METRICS_EXPORT, METRICS_INTERVAL, STEP_LOGS, STEP_LOGS_DIR,
+    STEP_LOG_LINES, LOGS_EXPORT, QUEUE_SIZE,
 )
 # fmt: on
 SECTIONS = ("Database", "Hydra", "Export", "Service")
@@ -552,6 +590,14 @@ def load(argv_values: Mapping[str, str | None], environ: Mapping[str, str]) -> C
         catchup_overlap=r.get(CATCHUP_OVERLAP),
         takeover_window=r.get(TAKEOVER_WINDOW),
         metrics_address=r.get(METRICS_ADDRESS),
+        telemetry=TelemetryConfig(
+            metrics_export=r.get(METRICS_EXPORT),
+            metrics_interval=r.get(METRICS_INTERVAL),
+            step_logs=r.get(STEP_LOGS),
+            step_logs_dir=r.get(STEP_LOGS_DIR),
+            step_log_lines=r.get(STEP_LOG_LINES),
+            logs_export=r.get(LOGS_EXPORT),
+        ),
         queue_size=r.get(QUEUE_SIZE),
     )
     if r.problems:

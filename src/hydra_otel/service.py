@@ -40,7 +40,9 @@ from hydra_otel.adapters.db import (
     run_listener,
 )
 from hydra_otel.adapters.otlp import ExporterSettings, OtlpSink, SpanSink, make_exporter
+from hydra_otel.adapters.otlp_metrics import MeteredSpanSink, MetricsSink, make_metrics_sink
 from hydra_otel.adapters.state import StateStore
+from hydra_otel.adapters.steplogs import LogTailSink, StepLogs, TailSettings, make_log_exporter
 from hydra_otel.config import Config
 from hydra_otel.core.backoff import Backoff
 from hydra_otel.core.catchup import Checkpoint, Marks
@@ -77,6 +79,8 @@ class Service:
     progress: Progress | None = None
     committed: Marks | None = None
     takeover: bool = False
+    metrics: MetricsSink | None = None
+    step_logs: StepLogs | None = None
     _lead: trio.CancelScope | None = None
     _sources: trio.CancelScope | None = None
     _pipeline: trio.CancelScope | None = None
@@ -137,7 +141,7 @@ class Service:
         try:
             async with open_database(cfg.db.url, stats=self.stats) as db, trio.open_nursery() as pipeline:
                 self._pipeline = pipeline.cancel_scope
-                resolver = Resolver.create(db, render_config(cfg), self.stats)
+                resolver = Resolver.create(db, render_config(cfg), self.stats, step_logs=self.step_logs)
                 pipeline.start_soon(self._export, span_rx, store)
                 pipeline.start_soon(
                     functools.partial(run_resolver, backoff=_backoff(10.0)), work_rx, span_tx, resolver
@@ -210,6 +214,12 @@ class Service:
             )
         finally:
             self.sink.shutdown()
+            with trio.CancelScope(shield=True) as scope:
+                scope.deadline = trio.current_time() + 5  # a last metric export and the queued log records
+                if self.metrics is not None:
+                    await self.metrics.shutdown()
+                if self.step_logs is not None:
+                    await self.step_logs.aclose()
 
 
 async def _open_store(cfg: Config) -> StateStore:
@@ -238,10 +248,10 @@ def _backoff(cap: float) -> Backoff:
     return Backoff(base=0.5, factor=2.0, cap=cap, jitter=0.2)
 
 
-def make_sink(cfg: Config) -> OtlpSink:
-    """The OTLP sink the configuration asks for."""
+def export_settings(cfg: Config) -> ExporterSettings:
+    """The OTLP exporter settings the configuration asks for (traces; metrics and logs reuse them)."""
     e = cfg.export
-    settings = ExporterSettings(
+    return ExporterSettings(
         protocol=e.protocol,
         endpoint=e.endpoint,
         headers=dict(e.headers),
@@ -250,8 +260,33 @@ def make_sink(cfg: Config) -> OtlpSink:
         insecure=e.insecure,
         compression=str(e.compression),
     )
-    resource = Resource({**dict(e.resource), "service.version": hydra_otel.__version__})
-    return OtlpSink(make_exporter(settings), resource)
+
+
+def otel_resource(cfg: Config) -> Resource:
+    """The resource every exported span, metric and log record carries."""
+    return Resource({**dict(cfg.export.resource), "service.version": hydra_otel.__version__})
+
+
+def make_sink(cfg: Config) -> OtlpSink:
+    """The OTLP span sink the configuration asks for."""
+    return OtlpSink(make_exporter(export_settings(cfg)), otel_resource(cfg))
+
+
+def make_metrics(cfg: Config) -> MetricsSink:
+    """The CI/CD metrics sink (a no-op unless ``--metrics-export``)."""
+    t = cfg.telemetry
+    return make_metrics_sink(
+        export_settings(cfg), otel_resource(cfg), enabled=t.metrics_export, interval_s=t.metrics_interval
+    )
+
+
+def make_step_logs(cfg: Config) -> StepLogs | None:
+    """Failed-step log tails (span events, or OTLP log records with ``--logs-export``), or None when off."""
+    t = cfg.telemetry
+    if not t.step_logs:
+        return None
+    sink = LogTailSink(make_log_exporter(export_settings(cfg)), otel_resource(cfg)) if t.logs_export else None
+    return StepLogs(TailSettings(logs_dir=str(t.step_logs_dir), max_lines=t.step_log_lines), sink)
 
 
 async def _watch_signals(service: Service) -> None:
@@ -266,7 +301,10 @@ async def _watch_signals(service: Service) -> None:
 
 async def main(cfg: Config) -> None:
     """The ``hydra-otel run`` program: the service plus signal handling."""
-    service = Service(cfg=cfg, sink=make_sink(cfg))
+    metrics = make_metrics(cfg)
+    service = Service(
+        cfg=cfg, sink=MeteredSpanSink(make_sink(cfg), metrics), metrics=metrics, step_logs=make_step_logs(cfg)
+    )
     async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
         nursery.start_soon(_watch_signals, service)
         if cfg.metrics_address is not None:

@@ -100,6 +100,18 @@ def _ignore(*_args: object) -> None:
     """Placeholder listener: add_listener issues LISTEN; delivery goes through the sink."""
 
 
+#: SQLSTATE classes that mean "the server cannot answer now" rather than "this query is wrong":
+#: connection exceptions, insufficient resources, operator intervention (shutdown, restart),
+#: system errors, and authorization problems an operator fixes without restarting us.
+_TRANSIENT_SQLSTATE_CLASSES = ("08", "28", "53", "57", "58")
+_INSUFFICIENT_PRIVILEGE = "42501"
+
+
+def _is_transient(exc: asyncpg.PostgresError) -> bool:
+    state = str(getattr(exc, "sqlstate", "") or "")
+    return state[:2] in _TRANSIENT_SQLSTATE_CLASSES or state == _INSUFFICIENT_PRIVILEGE
+
+
 class Database:
     """A small pool of query connections (Trio-flavoured), separate from LISTEN."""
 
@@ -119,6 +131,10 @@ class Database:
             rows: list[asyncpg.Record] = await aio_as_trio(self._pool.fetch)(sql, *args)
         except (asyncpg.InterfaceError, OSError, TimeoutError, asyncpg.PostgresConnectionError) as exc:
             raise DbUnavailable(f"database query failed: {exc}") from exc
+        except asyncpg.PostgresError as exc:
+            if not _is_transient(exc):
+                raise  # a bug in a query (syntax, types): let it surface
+            raise DbUnavailable(f"database query failed: {type(exc).__name__}: {exc}") from exc
         return rows
 
     async def fetchval(self, sql: str, *args: object) -> Any:

@@ -110,7 +110,15 @@ INSTRUMENTS: Final[Mapping[str, Instrument]] = {
             kind=InstrumentKind.HISTOGRAM,
             unit="s",
             description="Duration of a jobset evaluation (checkout and evaluation), by jobset, state and result.",
-            attributes=(sc.CICD_PIPELINE_NAME, CICD_PIPELINE_RUN_STATE, sc.CICD_PIPELINE_RESULT, sc.ERROR_TYPE),
+            attributes=(
+                sc.CICD_PIPELINE_NAME,
+                CICD_PIPELINE_RUN_STATE,
+                sc.CICD_PIPELINE_RESULT,
+                sc.ERROR_TYPE,
+                # True on a check that found its inputs unchanged (eval_cached): short runs that
+                # would otherwise blur the distribution of real evaluations.
+                sc.HYDRA_EVAL_INPUTS_UNCHANGED,
+            ),
         ),
         Instrument(
             name=PIPELINE_RUN_ERRORS,

@@ -19,6 +19,7 @@ import trio
 
 from hydra_otel.adapters import queries
 from hydra_otel.adapters.db import Database
+from hydra_otel.adapters.steplogs import StepLogs
 from hydra_otel.core.backoff import Backoff
 from hydra_otel.core.builds import (
     BuildFacts,
@@ -65,9 +66,19 @@ class Resolver:
     live_jobsets: dict[int, int]
     #: The same, not yet sent downstream as a checkpoint (so a restart does not report them again).
     unsent_jobsets: dict[int, int]
+    #: Attaches failed steps' log tails (None: off).
+    step_logs: StepLogs | None = None
 
     @classmethod
-    def create(cls, db: Database, cfg: RenderConfig, stats: Stats, *, recent: int = 200_000) -> Resolver:
+    def create(
+        cls,
+        db: Database,
+        cfg: RenderConfig,
+        stats: Stats,
+        *,
+        recent: int = 200_000,
+        step_logs: StepLogs | None = None,
+    ) -> Resolver:
         """A resolver with the budget from ``cfg``."""
         return cls(
             db=db,
@@ -78,6 +89,7 @@ class Resolver:
             warn=RateLimitedLog(log),
             live_jobsets={},
             unsent_jobsets={},
+            step_logs=step_logs,
         )
 
     async def resolve(self, batch: list[Work]) -> list[SpanRecord]:
@@ -88,6 +100,13 @@ class Resolver:
         records += await self._finished([w for w in batch if isinstance(w, BuildFinished)])
         fresh = [r for r in records if self.recent.fresh(r)]
         self.stats.spans_deduplicated += len(records) - len(fresh)
+        if self.step_logs is not None:  # after the duplicate filter, so each tail is read once
+            paths = {
+                (w.build_id, w.step_nr): w.log_path
+                for w in batch
+                if isinstance(w, StepFinished) and w.log_path
+            }
+            fresh = await self.step_logs.process(fresh, paths)
         return fresh
 
     def _missing(self, table: str, what: str, **ids: int) -> None:

@@ -1,0 +1,242 @@
+"""Failed-step log tails, the pure part (core/logtail.py): which steps, which paths, how text is cut."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from hydra_otel.core import semconv as sc
+from hydra_otel.core.builds import BuildFacts, StepFacts, step_span
+from hydra_otel.core.evals import RenderConfig
+from hydra_otel.core.logtail import (
+    EVENT_NAME,
+    Compression,
+    LogTail,
+    TailBuffer,
+    TailRequest,
+    compression_of,
+    hydra_log_path,
+    is_failed_step,
+    log_attributes,
+    log_candidates,
+    log_tail_event,
+    render_tail,
+    strip_suffix,
+    tail_request,
+)
+from hydra_otel.core.spans import SpanEvent
+
+CFG = RenderConfig(instance="hydra", hydra_url="https://hydra.example.org", error_text_limit=100)
+T0 = 1_700_000_000
+DRV = "/nix/store/0c9x2f6vxg3lnp6j7x6ia1sc3x6i8j5m-hello-2.12.drv"
+LAID_OUT = "/logs/0c/9x2f6vxg3lnp6j7x6ia1sc3x6i8j5m-hello-2.12.drv"
+
+BUILD = BuildFacts(
+    build_id=100,
+    finished=True,
+    timestamp=T0,
+    jobset_id=3,
+    project="nixpkgs",
+    jobset="trunk",
+    job="hello.x86_64-linux",
+    nixname="hello-2.12",
+    drvpath=DRV,
+    system="x86_64-linux",
+    priority=100,
+    global_priority=0,
+    starttime=T0,
+    stoptime=T0 + 60,
+    cached=False,
+    status=1,
+    size=None,
+    closure_size=None,
+    release_name=None,
+    eval_id=42,
+    in_eval_trace=True,
+)
+STEP = StepFacts(
+    build_id=100,
+    stepnr=2,
+    type=0,
+    drvpath=DRV,
+    status=1,
+    errormsg="builder failed",
+    starttime=T0,
+    stoptime=T0 + 60,
+    machine="builder1",
+    system="x86_64-linux",
+    propagated_from=None,
+    overhead_ms=None,
+    times_built=None,
+    nondeterministic=None,
+    resolved_drv_path=None,
+)
+
+
+def request(**kw: object) -> TailRequest:
+    """A request for STEP, with fields overridden."""
+    fields: dict[str, object] = {
+        "trace_id": 1,
+        "span_id": 2,
+        "build_id": 100,
+        "step_nr": 2,
+        "drv_path": DRV,
+        "log_path": None,
+        "at_ns": 5,
+    }
+    fields.update(kw)
+    return TailRequest(**fields)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("status", "failed"),
+    [(None, False), (0, False), (13, False), (1, True), (3, True), (7, True), (99, True)],
+)
+def test_failed_statuses(status: int | None, failed: bool) -> None:
+    """Success (0) and CA resolution (13) are no failures; a running step (None) is none either."""
+    assert is_failed_step(status) is failed
+
+
+def test_hydra_layout() -> None:
+    """The log sits under the first two characters of the derivation's base name, then the rest."""
+    assert hydra_log_path("/logs", DRV) == LAID_OUT
+    assert hydra_log_path("/var/lib/hydra/build-logs/", "abc-x.drv") == "/var/lib/hydra/build-logs/ab/c-x.drv"
+
+
+def test_candidates_without_log_path() -> None:
+    """Without a path from step_finished, Hydra's layout is tried plain, then .bz2, then .zst."""
+    assert log_candidates(request(), "/logs") == (LAID_OUT, LAID_OUT + ".bz2", LAID_OUT + ".zst")
+
+
+def test_candidates_prefer_the_notified_path() -> None:
+    """The path step_finished gave comes first (its compressed forms too), then the layout."""
+    got = log_candidates(request(log_path="/elsewhere/x.drv.bz2"), "/logs")
+    assert got == (
+        "/elsewhere/x.drv",
+        "/elsewhere/x.drv.bz2",
+        "/elsewhere/x.drv.zst",
+        LAID_OUT,
+        LAID_OUT + ".bz2",
+        LAID_OUT + ".zst",
+    )
+
+
+def test_candidates_do_not_repeat() -> None:
+    """When step_finished names the laid-out path, each candidate appears once."""
+    assert log_candidates(request(log_path=LAID_OUT), "/logs") == (
+        LAID_OUT,
+        LAID_OUT + ".bz2",
+        LAID_OUT + ".zst",
+    )
+    assert log_candidates(request(drv_path=None), "/logs") == ()
+
+
+def test_suffixes() -> None:
+    """Compression is read from the suffix; stripping it gives the uncompressed name."""
+    assert compression_of("a.drv") is Compression.PLAIN
+    assert compression_of("a.drv.bz2") is Compression.BZIP2
+    assert compression_of("a.drv.zst") is Compression.ZSTD
+    assert strip_suffix("a.drv.zst") == strip_suffix("a.drv.bz2") == strip_suffix("a.drv") == "a.drv"
+
+
+def test_request_for_a_failed_step() -> None:
+    """A failed build step gives a request keyed by the step span, timed at its end."""
+    span = step_span(CFG, BUILD, STEP, 0)
+    got = tail_request(span, "/x/y.drv")
+    assert got == TailRequest(
+        trace_id=span.trace_id,
+        span_id=span.span_id,
+        build_id=100,
+        step_nr=2,
+        drv_path=DRV,
+        log_path="/x/y.drv",
+        at_ns=span.end_ns,
+    )
+    assert tail_request(span, "") == dataclasses.replace(got, log_path=None)  # the legacy runner sends ""
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"status": 0},
+        {"status": 13},
+        {"status": None},
+        {"status": 8},  # cached failure: nothing ran
+        {"status": 9},  # unsupported system: nothing ran
+        {"propagated_from": 7},  # the cause's step has the log
+        {"type": 1},  # substitution
+    ],
+)
+def test_no_request(change: dict[str, object]) -> None:
+    """Successful steps and failed steps that ran no builder get no request."""
+    assert tail_request(step_span(CFG, BUILD, dataclasses.replace(STEP, **change), 0)) is None  # type: ignore[arg-type]
+
+
+def test_no_request_for_other_spans() -> None:
+    """A span that is not a step (no step number or status) gets no request."""
+    span = step_span(CFG, BUILD, STEP, 0)
+    stripped = dataclasses.replace(
+        span, attributes=tuple(a for a in span.attributes if a[0] != sc.HYDRA_STEP_NR)
+    )
+    assert tail_request(stripped) is None
+
+
+def test_tail_buffer_keeps_the_end() -> None:
+    """The buffer keeps the last max_bytes across chunks and says when it forgot some."""
+    buf = TailBuffer(5)
+    buf.feed(b"abc")
+    assert (buf.value(), buf.dropped) == (b"abc", False)
+    buf.feed(b"defg")
+    assert (buf.value(), buf.dropped, buf.total) == (b"cdefg", True, 7)
+    buf.feed(b"0123456789")
+    assert buf.value() == b"56789"
+    with pytest.raises(ValueError, match="max_bytes"):
+        TailBuffer(0)
+
+
+def test_render_last_lines() -> None:
+    """At most max_lines lines are kept, the final newline ending the last one."""
+    data = b"".join(b"line %d\n" % i for i in range(10))
+    assert render_tail(data, max_lines=3, cut=False) == ("line 7\nline 8\nline 9", 3, True)
+    assert render_tail(data, max_lines=50, cut=False) == (data.decode().rstrip("\n"), 10, False)
+
+
+def test_render_drops_a_partial_first_line() -> None:
+    """When the data starts mid-file, its first (partial) line is dropped, unless it is the only one."""
+    assert render_tail(b"ne 1\nline 2\n", max_lines=50, cut=True) == ("line 2", 1, True)
+    assert render_tail(b"xxxxxxxx", max_lines=50, cut=True) == ("xxxxxxxx", 1, True)
+
+
+def test_render_decodes_bytes_leniently() -> None:
+    """Invalid UTF-8 becomes replacement characters and CRLF becomes LF."""
+    text, lines, _ = render_tail(b"ok \xff\xfe\r\nnext\r\n", max_lines=50, cut=False)
+    assert (text, lines) == ("ok \ufffd\ufffd\nnext", 2)
+
+
+TAIL = LogTail(path="/logs/0c/rest.drv.bz2", text="error: boom", lines=1, truncated=False, bytes_read=10)
+
+
+def test_event_when_logs_export_is_off() -> None:
+    """The span event carries the text and the log's uncompressed name, so it does not depend on compression."""
+    assert log_tail_event(TAIL, 7) == SpanEvent(
+        name=EVENT_NAME,
+        time_ns=7,
+        attributes=(
+            ("log.file.path", "/logs/0c/rest.drv"),
+            ("hydra.step.log_tail", "error: boom"),
+            ("hydra.step.log_tail.lines", 1),
+            ("hydra.step.log_tail.truncated", False),
+        ),
+    )
+
+
+def test_log_record_attributes() -> None:
+    """The OTLP log record names the build, the step and the file read."""
+    assert dict(log_attributes(request(), TAIL)) == {
+        "hydra.build.id": 100,
+        "hydra.step.nr": 2,
+        "log.file.path": "/logs/0c/rest.drv.bz2",
+        "hydra.step.log_tail.lines": 1,
+        "hydra.step.log_tail.truncated": False,
+    }
