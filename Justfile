@@ -30,3 +30,11 @@ fmt:
 # Run the daemon (configure with flags or HYDRA_OTEL_* / OTEL_* variables; see docs/configuration.md).
 run *args:
     {{venv}}/hydra-otel run {{args}}
+
+# Benchmarks at nixpkgs scale: a throwaway PostgreSQL, an OTLP receiver, the real daemon (docs/performance.md).
+bench *args:
+    {{venv}}/python benchmarks/run.py {{args}}
+
+# A small benchmark run (scale 0.02), to check it still works.
+bench-smoke:
+    {{venv}}/python benchmarks/run.py --scale 0.02 --out bench-smoke-results.json

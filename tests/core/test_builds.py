@@ -262,6 +262,7 @@ def test_successful_build_spans() -> None:
     assert (build.start_ns, build.end_ns) == (T0 * S, (T0 + 300) * S)
     assert build.links == ()
     assert build.attrs() == {
+        sc.HYDRA_SPAN_TYPE: "build",
         sc.CICD_PIPELINE_NAME: "nixpkgs:trunk",
         sc.CICD_PIPELINE_TASK_NAME: "hello.x86_64-linux",
         sc.CICD_PIPELINE_TASK_RUN_ID: "100",
@@ -287,7 +288,7 @@ def test_successful_build_spans() -> None:
 
     assert _ids(queued) == (EVAL_TRACE, ids.span_id(EVAL_KEY, "queued", 100, 0), build_id)
     assert (queued.name, queued.start_ns, queued.end_ns) == ("queued", T0 * S, (T0 + 60) * S)
-    assert queued.attributes == ((sc.HYDRA_BUILD_ID, 100),)
+    assert queued.attributes == ((sc.HYDRA_SPAN_TYPE, "queued"), (sc.HYDRA_BUILD_ID, 100))
 
     assert _ids(subst) == (EVAL_TRACE, ids.span_id(EVAL_KEY, "step", 100, 1), build_id)
     assert (subst.name, subst.start_ns, subst.end_ns) == (
@@ -302,6 +303,7 @@ def test_successful_build_spans() -> None:
     assert (top.name, top.kind, top.status) == ("step hello-2.12", Kind.INTERNAL, Status.OK)
     assert (top.start_ns, top.end_ns) == ((T0 + 80) * S, (T0 + 300) * S)
     assert top.attrs() == {
+        sc.HYDRA_SPAN_TYPE: "step",
         sc.CICD_WORKER_NAME: "ssh://builder1",
         sc.CICD_PIPELINE_TASK_RUN_RESULT: "success",
         sc.HYDRA_BUILD_ID: 100,

@@ -231,7 +231,7 @@ def _queued_span(
         kind=Kind.INTERNAL,
         start_ns=seconds_ns(start),
         end_ns=seconds_ns(end),
-        attributes=((sc.HYDRA_BUILD_ID, b.build_id),),
+        attributes=((sc.HYDRA_SPAN_TYPE, "queued"), (sc.HYDRA_BUILD_ID, b.build_id)),
     )
 
 
@@ -240,6 +240,7 @@ def _build_attributes(
 ) -> dict[str, AttrValue | None]:
     info = status_info(b.status)
     return {
+        sc.HYDRA_SPAN_TYPE: "build",
         sc.CICD_PIPELINE_NAME: f"{b.project}:{b.jobset}",
         sc.CICD_PIPELINE_TASK_NAME: b.job,
         sc.CICD_PIPELINE_TASK_RUN_ID: str(b.build_id),
@@ -310,6 +311,7 @@ def step_span(cfg: RenderConfig, b: BuildFacts, s: StepFacts, attempt: int) -> S
     info = status_info(s.status)
     kind = "substitute" if s.type == 1 else "step"  # not "build": that names the build span
     attrs: dict[str, AttrValue | None] = {
+        sc.HYDRA_SPAN_TYPE: "step",
         sc.CICD_WORKER_NAME: s.machine or "localhost",
         sc.CICD_PIPELINE_TASK_RUN_RESULT: info.result,
         sc.ERROR_TYPE: info.error_type,

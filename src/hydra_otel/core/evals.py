@@ -173,7 +173,7 @@ def eval_spans(f: EvalFacts, cfg: RenderConfig) -> list[SpanRecord]:
             kind=Kind.INTERNAL,
             start_ns=seconds_ns(start),
             end_ns=seconds_ns(end),
-            attributes=((sc.HYDRA_EVAL_ID, f.eval_id),),
+            attributes=((sc.HYDRA_SPAN_TYPE, name), (sc.HYDRA_EVAL_ID, f.eval_id)),
         )
         for name, start, end in phases
     ]
@@ -182,6 +182,7 @@ def eval_spans(f: EvalFacts, cfg: RenderConfig) -> list[SpanRecord]:
 
 def _eval_attributes(f: EvalFacts, cfg: RenderConfig) -> dict[str, AttrValue | None]:
     return {
+        sc.HYDRA_SPAN_TYPE: "evaluation",
         sc.CICD_PIPELINE_NAME: f"{f.project}:{f.jobset}",
         sc.CICD_PIPELINE_RUN_ID: str(f.eval_id),
         sc.CICD_PIPELINE_RUN_URL_FULL: eval_url(cfg, f.eval_id),
@@ -244,7 +245,11 @@ def evaluator_run_span(
         kind=Kind.INTERNAL,
         start_ns=started_ns,
         end_ns=max(started_ns, ended_ns),
-        attributes=((sc.HYDRA_EVAL_ID, eval_id), (sc.HYDRA_EVAL_CORRELATION_ID, correlation_id)),
+        attributes=(
+            (sc.HYDRA_SPAN_TYPE, "evaluator_run"),
+            (sc.HYDRA_EVAL_ID, eval_id),
+            (sc.HYDRA_EVAL_CORRELATION_ID, correlation_id),
+        ),
     )
 
 
@@ -254,6 +259,7 @@ def attempt_span(a: Attempt, j: JobsetFacts, cfg: RenderConfig) -> SpanRecord:
     end_ns = _attempt_end(a, j)
     start_ns = _attempt_start(a, j, end_ns)
     attrs: dict[str, AttrValue | None] = {
+        sc.HYDRA_SPAN_TYPE: "attempt",
         sc.CICD_PIPELINE_NAME: f"{j.project}:{j.jobset}",
         sc.CICD_PIPELINE_RUN_ID: a.correlation_id,
         sc.CICD_PIPELINE_RUN_URL_FULL: jobset_url(cfg, j.project, j.jobset),

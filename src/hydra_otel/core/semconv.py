@@ -24,6 +24,10 @@ RESULT_TIMEOUT = "timeout"
 RESULT_CANCELLATION = "cancellation"
 RESULT_SKIP = "skip"
 
+#: What a span stands for, a small fixed set (evaluation, attempt, checkout, evaluate, evaluator_run,
+#: build, queued, step): span names carry job and derivation names, this never does, so span
+#: metrics and queries group by it.
+HYDRA_SPAN_TYPE = "hydra.span.type"
 HYDRA_PROJECT = "hydra.project"
 HYDRA_JOBSET = "hydra.jobset"
 HYDRA_JOBSET_ID = "hydra.jobset.id"

@@ -1,0 +1,243 @@
+"""Child processes of the benchmark (receiver, baselines, daemon) and what /proc says about them.
+
+Every child is started in a session of its own, so a Ctrl-C reaches only the benchmark,
+which then stops each child itself (``Child.stop``: SIGTERM, then SIGKILL).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+class Child:
+    """A child process speaking JSON lines on stdout (and, optionally, commands on stdin)."""
+
+    def __init__(self, argv: list[str], *, env: dict[str, str] | None = None, stderr: Any = None) -> None:
+        self.proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            env=env,
+            start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def send(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{self.proc.args!r} exited (code {self.proc.wait()}) without answering")
+        result: dict[str, Any] = json.loads(line)
+        return result
+
+    def ask(self, line: str) -> dict[str, Any]:
+        self.send(line)
+        return self.read()
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for stream in (self.proc.stdin, self.proc.stdout):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
+
+
+def script(name: str, *args: str) -> list[str]:
+    """The command line that runs benchmarks/NAME with this Python."""
+    return [sys.executable, str(HERE / name), *args]
+
+
+class Receiver(Child):
+    """The OTLP receiver process (otlp_sink.py)."""
+
+    def __init__(self) -> None:
+        super().__init__(script("otlp_sink.py"))
+        self.port = int(self.read()["port"])
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+
+    def expect(self, path: Path, span_ids: list[int]) -> dict[str, Any]:
+        path.write_bytes(b"".join(i.to_bytes(8, "big") for i in span_ids))
+        return self.ask(f"expect {path}")
+
+    def wait_expected(self, *, stall: float, limit: float) -> dict[str, Any]:
+        """Poll until every expected span arrived, or none came for ``stall`` s, or ``limit`` s passed."""
+        start = time.monotonic()
+        last_got, last_change = -1, start
+        while True:
+            st = self.ask("stats")
+            now = time.monotonic()
+            if st["got"] >= st["expected"]:
+                return st
+            if st["got"] != last_got:
+                last_got, last_change = st["got"], now
+            if now - last_change > stall or now - start > limit:
+                return st
+            time.sleep(0.02)
+
+    def settle(self, quiet: float = 1.5, limit: float = 60.0) -> None:
+        """Wait until no span arrived for ``quiet`` seconds."""
+        start = time.monotonic()
+        spans, since = -1, start
+        while time.monotonic() - start < limit:
+            n = self.ask("stats")["spans"]
+            if n != spans:
+                spans, since = n, time.monotonic()
+            elif time.monotonic() - since >= quiet:
+                return
+            time.sleep(0.1)
+
+    def arrivals(self, path: Path) -> dict[int, float]:
+        self.ask(f"dump {path}")
+        raw = path.read_bytes()
+        return dict(struct.iter_unpack(">Qd", raw))
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(OSError):
+                self.send("quit")
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(5)
+        super().stop(timeout)
+
+
+class Daemon:
+    """``python -m hydra_otel run`` as a subprocess; its JSON log lines are collected from stderr."""
+
+    def __init__(self, env: dict[str, str], *, cprofile: Path | None = None) -> None:
+        argv = [sys.executable]
+        if cprofile is not None:
+            argv += ["-m", "cProfile", "-o", str(cprofile)]
+        argv += ["-m", "hydra_otel", "run"]
+        self.proc = subprocess.Popen(
+            argv, env=env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+        )
+        self.lines: list[dict[str, Any]] = []
+        self._cond = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                entry = {"message": line.rstrip(), "level": "raw"}
+            with self._cond:
+                self.lines.append(entry)
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def wait_for(self, message: str, timeout: float) -> dict[str, Any]:
+        """The first log line with this message; raises if the daemon exits or time runs out first."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for entry in self.lines:
+                    if entry.get("message") == message:
+                        return entry
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
+                    tail = "\n".join(str(e) for e in self.lines[-15:])
+                    raise RuntimeError(
+                        f"the daemon did not log {message!r} (exit {self.proc.poll()}):\n{tail}"
+                    )
+                self._cond.wait(min(left, 0.5))
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM (the daemon drains and logs "stopped"), then SIGKILL after ``timeout``."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._reader.join(5)
+        return self.proc.returncode
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of every thread of ``pid`` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def memory_kb(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak RSS) in kB."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(value.split()[0])
+    return out
+
+
+def reset_peak(pid: int) -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0, needs the right to write clear_refs)."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+class RssSampler:
+    """Samples a process's RSS every ``interval`` seconds in a thread; ``peak()`` since the last mark."""
+
+    def __init__(self, pid: int, interval: float = 0.02) -> None:
+        self.pid, self.interval, self.max_kb = pid, interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                rss = memory_kb(self.pid)["VmRSS"]
+            except (OSError, KeyError):
+                return
+            self.max_kb = max(self.max_kb, rss)
+
+    def mark(self) -> None:
+        self.max_kb = 0
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
