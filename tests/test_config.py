@@ -45,7 +45,7 @@ def test_defaults() -> None:
     assert (c.export.compression, c.export.batch_size, c.export.delay) == (Compression.NONE, 512, 1.0)
     assert (c.export.max_backoff, c.export.resource) == (30.0, (("service.name", "hydra-otel"),))
     assert (c.state_dir, c.log_level) == (Path("/var/lib/hydra-otel"), LogLevel.INFO)
-    assert (c.shutdown_grace, c.queue_size) == (10.0, 10000)
+    assert (c.shutdown_grace, c.queue_size) == (10.0, 100000)
 
 
 PRECEDENCE: list[tuple[Flags, Env, str, object]] = [
@@ -53,7 +53,7 @@ PRECEDENCE: list[tuple[Flags, Env, str, object]] = [
     ({"max_open_evals": "7"}, {"HYDRA_OTEL_MAX_OPEN_EVALS": "5"}, "stitch.max_open_evals", 7),
     ({"max_open_evals": None}, {"HYDRA_OTEL_MAX_OPEN_EVALS": "5"}, "stitch.max_open_evals", 5),
     ({}, {"HYDRA_OTEL_MAX_OPEN_EVALS": ""}, "stitch.max_open_evals", 10000),
-    ({"unrelated_cli_option": "x"}, {}, "queue_size", 10000),
+    ({"unrelated_cli_option": "x"}, {}, "queue_size", 100000),
     ({"hydra_url": "https://hydra.example/"}, {}, "stitch.hydra_url", "https://hydra.example"),
     ({}, {"HYDRA_OTEL_INSTANCE": "nixos.org"}, "stitch.instance", "nixos.org"),
     ({}, {"HYDRA_OTEL_EVAL_ABANDON_AFTER": "90.5"}, "stitch.abandon_after", 90.5),

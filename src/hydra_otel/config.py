@@ -508,8 +508,10 @@ TAKEOVER_WINDOW = Setting(
     doc="A standby that takes over with no progress marks of its own starts its catch-up this many "
     "seconds in the past, to cover what the instance that died had not exported (docs/operations.md).")
 QUEUE_SIZE = Setting(
-    flag="--queue-size", env=("HYDRA_OTEL_QUEUE_SIZE",), default="10000", section="Service",
-    check=_int(1), doc="Capacity of each bounded channel between pipeline stages.")
+    flag="--queue-size", env=("HYDRA_OTEL_QUEUE_SIZE",), default="100000", section="Service",
+    check=_int(1), doc="Capacity of each bounded channel between pipeline stages; a full one makes the stage "
+    "before it wait (the listener drops and asks for a catch-up). Items are small (100,000 take some "
+    "tens of MB at most); hint notifications (build_queued, cached_build_*) are counted, never queued.")
 
 #: The declaration table, in documentation order.
 SETTINGS: tuple[Setting[Any], ...] = (

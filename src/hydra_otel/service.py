@@ -55,7 +55,7 @@ from hydra_otel.metrics_http import MetricsSnapshot, gauge, serve_metrics, snaps
 from hydra_otel.stats import Stats
 from hydra_otel.tasks.catchup import Catchup, CatchupSettings, Progress, run_catchup
 from hydra_otel.tasks.exporter import run_exporter
-from hydra_otel.tasks.intake import run_intake
+from hydra_otel.tasks.intake import hint_counter, run_intake
 from hydra_otel.tasks.resolver import Resolver, run_resolver
 from hydra_otel.tasks.stitcher import run_stitcher
 
@@ -190,6 +190,7 @@ class Service:
                 raw_tx,
                 stats=self.listen,
                 backoff=_backoff(10.0),
+                consume=hint_counter(self.stats),
                 task_status=task_status,
             )
 

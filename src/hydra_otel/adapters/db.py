@@ -143,6 +143,11 @@ class Database:
         return rows[0][0] if rows else None
 
 
+async def _no_reset(_conn: asyncpg.Connection) -> None:
+    """Pool connections only run single SELECTs (no LISTEN, no session settings, no transactions
+    left open), so asyncpg's reset statement after every query would be a wasted round trip."""
+
+
 @asynccontextmanager
 async def open_database(dsn: str, *, size: int = 4, stats: Stats | None = None) -> AsyncIterator[Database]:
     """Open the query pool (lazily: a database that is down at start-up only delays queries).
@@ -151,7 +156,7 @@ async def open_database(dsn: str, *, size: int = 4, stats: Stats | None = None) 
     """
     try:
         pool = await aio_as_trio(asyncpg.create_pool)(
-            dsn, min_size=0, max_size=size, timeout=10, command_timeout=60
+            dsn, min_size=0, max_size=size, timeout=10, command_timeout=60, reset=_no_reset
         )
     except RETRYABLE as exc:
         raise DbUnavailable(f"cannot open the database pool: {exc}") from exc
@@ -289,9 +294,14 @@ async def run_listener(
     backoff: Backoff,
     health_interval: float = 5.0,
     health_timeout: float = 3.0,
+    consume: Callable[[str, str], bool] | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """LISTEN on ``channels`` forever, reconnecting with ``backoff``.
+
+    ``consume(channel, payload)``, if given, is offered each notification first, in the
+    callback: it returns True for what it handled itself (it must be cheap and never
+    raise), so such notifications never take a place in the bounded channel.
 
     Reports ``started()`` once LISTEN is first active. After every (re)connect it
     sends a :class:`Resync` so the consumer can catch up from Hydra's tables.
@@ -307,7 +317,7 @@ async def run_listener(
 
     while True:
         try:
-            await _session(dsn, channels, send, stats, on_ready, health_interval, health_timeout)
+            await _session(dsn, channels, send, stats, on_ready, health_interval, health_timeout, consume)
         except* _LISTEN_LOST as group:
             stats.connection_losses += 1
             delay = backoff.next_delay()
@@ -341,6 +351,7 @@ async def _session(
     on_ready: Callable[[], None],
     health_interval: float,
     health_timeout: float,
+    consume: Callable[[str, str], bool] | None = None,
 ) -> None:
     """One connection's life: returns never, raises DbUnavailable (or a driver error) when lost."""
     conn: _DirectNotifyConnection = await aio_as_trio(asyncpg.connect)(
@@ -351,6 +362,9 @@ async def _session(
 
         def sink(channel: str, payload: str) -> None:
             # Runs in the trio thread from asyncpg's protocol; must never raise or block.
+            if consume is not None and consume(channel, payload):
+                stats.received += 1
+                return
             try:
                 send.send_nowait(RawNotification(channel, payload, time.time_ns()))
                 stats.received += 1

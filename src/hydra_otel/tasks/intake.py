@@ -12,11 +12,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 
 import trio
 
 from hydra_otel.adapters.db import ListenItem, RawNotification
 from hydra_otel.core.events import (
+    BUILD_QUEUED,
+    BUILD_STARTED,
+    CACHED_BUILD_FINISHED,
+    CACHED_BUILD_QUEUED,
+    STEP_STARTED,
     BuildFinished,
     EvalAdded,
     EvalCached,
@@ -77,3 +83,38 @@ def _trigger(triggers: trio.MemorySendChannel[str], reason: str) -> None:
     # A full trigger channel means a scan is already pending: it will see this change too.
     with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError):
         triggers.send_nowait(reason)
+
+
+#: Hint channels: counted (and checked), never queued. They are nearly all of an evaluation's
+#: burst (one per build, ~230,000 for nixpkgs) and carry nothing spans need.
+HINT_CHANNELS = frozenset(
+    {BUILD_QUEUED, BUILD_STARTED, STEP_STARTED, CACHED_BUILD_FINISHED, CACHED_BUILD_QUEUED}
+)
+
+
+def hint_counter(stats: Stats) -> Callable[[str, str], bool]:
+    """A ``consume`` function for the listener: parses and counts hint notifications in its callback.
+
+    Returns True for a hint channel (handled), False for everything else (to be queued). Never raises.
+    """
+    warn = RateLimitedLog(log)
+
+    def consume(channel: str, payload: str) -> bool:
+        if channel not in HINT_CHANNELS:
+            return False
+        try:
+            parse(channel, payload)
+        except PayloadError as exc:
+            stats.payload_errors[channel] += 1
+            warn.warning(
+                channel,
+                "dropped a malformed notification",
+                channel=channel,
+                reason=exc.reason,
+                payload=exc.quoted,
+            )
+        else:
+            stats.events[channel] += 1
+        return True
+
+    return consume
