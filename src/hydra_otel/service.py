@@ -46,6 +46,7 @@ from hydra_otel.adapters.steplogs import LogTailSink, StepLogs, TailSettings, ma
 from hydra_otel.config import Config
 from hydra_otel.core.backoff import Backoff
 from hydra_otel.core.catchup import Checkpoint, Marks
+from hydra_otel.core.dedup import RecentKeys
 from hydra_otel.core.evals import RenderConfig
 from hydra_otel.core.events import DATA_CHANNELS, TRIGGER_CHANNELS, Received
 from hydra_otel.core.spans import SpanRecord
@@ -141,7 +142,10 @@ class Service:
         try:
             async with open_database(cfg.db.url, stats=self.stats) as db, trio.open_nursery() as pipeline:
                 self._pipeline = pipeline.cancel_scope
-                resolver = Resolver.create(db, render_config(cfg), self.stats, step_logs=self.step_logs)
+                handled = RecentKeys()  # what the live path rendered; the catch-up skips it
+                resolver = Resolver.create(
+                    db, render_config(cfg), self.stats, step_logs=self.step_logs, handled=handled
+                )
                 pipeline.start_soon(self._export, span_rx, store)
                 pipeline.start_soon(
                     functools.partial(run_resolver, backoff=_backoff(10.0)), work_rx, span_tx, resolver
@@ -153,7 +157,7 @@ class Service:
                     self._sources = sources.cancel_scope
                     await sources.start(self._listen, raw_tx)
                     # Catch-up starts once LISTEN is active, so the table scan and the live stream overlap.
-                    catchup = Catchup(db, work_tx, self.catchup_settings(), stitcher.open_jobsets)
+                    catchup = Catchup(db, work_tx, self.catchup_settings(), stitcher.open_jobsets, handled)
                     self.progress = await sources.start(
                         run_catchup, catchup, store, trig_rx, self.catchup_settings(), resolver.live_jobsets
                     )

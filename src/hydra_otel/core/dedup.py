@@ -39,3 +39,27 @@ class RecentSpans:
         if len(self._seen) > self._capacity:
             self._seen.popitem(last=False)
         return True
+
+
+class RecentKeys:
+    """A bounded memory of keys already handled (oldest forgotten first).
+
+    The catch-up and the resolver share one: a build the live path rendered is
+    not queued again by the next catch-up scan of the same window.
+    """
+
+    def __init__(self, capacity: int = 100_000) -> None:
+        if capacity < 1:
+            raise ValueError("capacity must be >= 1")
+        self._keys: OrderedDict[object, None] = OrderedDict()
+        self._capacity = capacity
+
+    def add(self, key: object) -> bool:
+        """Remember ``key``; True if it is new."""
+        if key in self._keys:
+            self._keys.move_to_end(key)
+            return False
+        self._keys[key] = None
+        if len(self._keys) > self._capacity:
+            self._keys.popitem(last=False)
+        return True

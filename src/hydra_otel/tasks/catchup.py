@@ -17,7 +17,6 @@ missed; what the process already sent is remembered and not sent again.
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -29,6 +28,7 @@ from hydra_otel.adapters.db import Database
 from hydra_otel.adapters.state import StateStore
 from hydra_otel.core.backoff import Backoff
 from hydra_otel.core.catchup import Checkpoint, Marks, jobset_failures
+from hydra_otel.core.dedup import RecentKeys
 from hydra_otel.core.evals import AddedEval
 from hydra_otel.core.events import BuildFinished, StepFinished
 from hydra_otel.core.stitch import Work
@@ -54,23 +54,6 @@ class CatchupSettings:
     look_back: int = 0
 
 
-class _Seen:
-    """A bounded memory of keys already sent in this process."""
-
-    def __init__(self, capacity: int = 100_000) -> None:
-        self._keys: OrderedDict[object, None] = OrderedDict()
-        self._capacity = capacity
-
-    def add(self, key: object) -> bool:
-        """True if ``key`` is new."""
-        if key in self._keys:
-            return False
-        self._keys[key] = None
-        if len(self._keys) > self._capacity:
-            self._keys.popitem(last=False)
-        return True
-
-
 @dataclass(slots=True)
 class Progress:
     """Catch-up state shared with the resolver (which records live-handled jobset checks)."""
@@ -89,11 +72,12 @@ class Catchup:
         work: trio.MemorySendChannel[Work | Checkpoint],
         settings: CatchupSettings,
         open_jobsets: Callable[[], frozenset[int]] = frozenset,
+        seen: RecentKeys | None = None,
     ):
         self._db = db
         self._work = work
         self._s = settings
-        self._seen = _Seen()
+        self._seen = seen if seen is not None else RecentKeys()  # shared with the resolver
         self._open_jobsets = open_jobsets  # the live stitcher's open attempts (see jobset_failures)
 
     async def start_marks(self, stored: Marks | None) -> Marks:

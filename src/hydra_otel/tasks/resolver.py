@@ -13,7 +13,7 @@ are skipped by :class:`~hydra_otel.core.dedup.RecentSpans`.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
@@ -33,7 +33,7 @@ from hydra_otel.core.builds import (
     step_span,
 )
 from hydra_otel.core.catchup import Checkpoint, Marks
-from hydra_otel.core.dedup import RecentSpans
+from hydra_otel.core.dedup import RecentKeys, RecentSpans
 from hydra_otel.core.evals import (
     AddedEval,
     Attempt,
@@ -68,6 +68,8 @@ class Resolver:
     unsent_jobsets: dict[int, int]
     #: Attaches failed steps' log tails (None: off).
     step_logs: StepLogs | None = None
+    #: ("build", ID, stop time) of builds rendered here, shared with the catch-up so it skips them.
+    handled: RecentKeys = field(default_factory=RecentKeys)
 
     @classmethod
     def create(
@@ -78,6 +80,7 @@ class Resolver:
         *,
         recent: int = 200_000,
         step_logs: StepLogs | None = None,
+        handled: RecentKeys | None = None,
     ) -> Resolver:
         """A resolver with the budget from ``cfg``."""
         return cls(
@@ -90,14 +93,20 @@ class Resolver:
             live_jobsets={},
             unsent_jobsets={},
             step_logs=step_logs,
+            handled=handled if handled is not None else RecentKeys(),
         )
 
     async def resolve(self, batch: list[Work]) -> list[SpanRecord]:
         """Spans for ``batch``, without exact repeats of recently exported ones."""
         records = await self._evals([w for w in batch if isinstance(w, AddedEval)])
         records += await self._attempts([w for w in batch if isinstance(w, Attempt)])
-        records += await self._steps([w for w in batch if isinstance(w, StepFinished)])
-        records += await self._finished([w for w in batch if isinstance(w, BuildFinished)])
+        finished = [w for w in batch if isinstance(w, BuildFinished)]
+        # A step whose build finishes in the same batch comes with the build: do not render it twice.
+        finishing = {w.build_id for w in finished} | {d for w in finished for d in w.dependents}
+        records += await self._steps(
+            [w for w in batch if isinstance(w, StepFinished) and w.build_id not in finishing]
+        )
+        records += await self._finished(finished)
         fresh = [r for r in records if self.recent.fresh(r)]
         self.stats.spans_deduplicated += len(records) - len(fresh)
         if self.step_logs is not None:  # after the duplicate filter, so each tail is read once
@@ -190,6 +199,7 @@ class Resolver:
                 continue
             rows = steps.get(build_id, [])
             out += build_spans(self.cfg, b, rows, causes.get(build_id))
+            self.handled.add(("build", build_id, b.stoptime))
         return out
 
     async def _causes(
@@ -219,16 +229,19 @@ async def run_resolver(
     *,
     backoff: Backoff,
     batch_size: int = 512,
+    gather: float = 0.02,
 ) -> None:
     """Consume ``work`` until it closes; closes ``spans`` when done. Checkpoints keep their place."""
     async with work, spans:
         async for first in work:
             batch = [first]
-            while len(batch) < batch_size:
-                try:
-                    batch.append(work.receive_nowait())
-                except (trio.WouldBlock, trio.EndOfChannel):
-                    break
+            # Wait a moment for more: in a burst, one query then serves hundreds of events.
+            with trio.move_on_after(gather):
+                while len(batch) < batch_size:
+                    try:
+                        batch.append(await work.receive())
+                    except trio.EndOfChannel:
+                        break
             segment: list[Work] = []
             for item in [*batch, None]:
                 if isinstance(item, Checkpoint) or item is None:
