@@ -1,9 +1,10 @@
-"""Command line: ``hydra-otel run | demo | ids | check``. The only place that exits the process.
+"""Command line: ``hydra-otel run | demo | ids | check | backfill``. The only place that exits the process.
 
 Exit codes: 0 after a clean stop (signal), 2 for an invalid configuration or
 usage, 3 when the instance lock was lost (run under a supervisor that restarts
 it: it comes back as a standby), 1 for an unexpected failure (a bug: the
-traceback is logged).
+traceback is logged); 130 for an interrupted ``backfill`` or ``demo`` (a backfill resumes
+when run again).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import hydra_otel
-from hydra_otel import config, log, tools
+from hydra_otel import backfill, config, log, tools
 from hydra_otel.errors import ConfigError, LeadershipLost, StateDirError
 
 logger = logging.getLogger("hydra_otel")
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="LISTEN to Hydra's notifications and export traces over OTLP")
     config.add_arguments(run)
     tools.add_tool_commands(sub)
+    backfill.add_backfill_command(sub)
     demo = sub.add_parser(
         "demo", help="play a scripted Hydra against a throwaway PostgreSQL and show the traces it makes"
     )
@@ -64,6 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(cfg)
     if args.command in ("ids", "check"):
         return tools.run_tool(args, cfg)
+    if args.command == "backfill":
+        return backfill.run_backfill(args, cfg)
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 
