@@ -52,10 +52,10 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Final, TextIO, TypeVar
+from typing import Any, Final, TextIO
 
 import trio
 
@@ -75,9 +75,10 @@ from hydra_otel.service import make_sink, render_config
 from hydra_otel.stats import Stats
 from hydra_otel.tasks.exporter import run_exporter
 from hydra_otel.tasks.resolver import Resolver, run_resolver
+from hydra_otel.tasks.retry import until_db_answers
 
 log = logging.getLogger("hydra_otel.backfill")
-T = TypeVar("T")
+WAITING = "backfill waiting for the database"
 
 _DB_ERRORS: Final[tuple[type[BaseException], ...]] = (DbUnavailable, *db.RETRYABLE)
 
@@ -864,10 +865,11 @@ class Backfill:
         opts, done = self.opts, self._done_before
         until = self.result.until
         while True:
-            page = await _retrying(
+            page = await until_db_answers(
                 functools.partial(
                     database.fetch, SELECT_EVALS_SQL, opts.since, until, after, jobset_ids, opts.batch
-                )
+                ),
+                waiting=WAITING,
             )
             if not page:
                 return
@@ -884,8 +886,9 @@ class Backfill:
                 )
             build_after = 0
             while True:
-                builds = await _retrying(
-                    functools.partial(database.fetch, CREATED_BUILDS_SQL, eval_ids, build_after, BUILD_PAGE)
+                builds = await until_db_answers(
+                    functools.partial(database.fetch, CREATED_BUILDS_SQL, eval_ids, build_after, BUILD_PAGE),
+                    waiting=WAITING,
                 )
                 for r in builds:
                     await work.send(BuildFinished(build_id=r["build"], dependents=()))
@@ -922,20 +925,6 @@ async def backfill(
 ) -> BackfillResult:
     """Run a backfill to completion (Trio-flavoured: needs ``open_loop()``); see :class:`Backfill`."""
     return await Backfill(cfg, opts, out=out, sink=sink).run()
-
-
-async def _retrying(step: Callable[[], Awaitable[T]]) -> T:
-    """Run ``step`` until the database answers (the pipeline waits meanwhile; Ctrl-C still works)."""
-    backoff = Backoff(base=0.5, cap=30.0)
-    while True:
-        try:
-            return await step()
-        except DbUnavailable as exc:
-            delay = backoff.next_delay()
-            log.warning(
-                "backfill waiting for the database", extra={"error": str(exc), "retry_in_s": round(delay, 2)}
-            )
-            await trio.sleep(delay)
 
 
 def _first(group: BaseExceptionGroup[BackfillError]) -> BackfillError:

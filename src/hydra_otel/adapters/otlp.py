@@ -90,9 +90,25 @@ def make_exporter(s: ExporterSettings) -> SpanExporter:
     )
 
 
-def _grpc_exporter(s: ExporterSettings) -> SpanExporter:
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GrpcOptions:
+    """gRPC channel options derived from :class:`ExporterSettings` (same rules as for traces)."""
+
+    insecure: bool | None
+    credentials: object | None  # grpc.ChannelCredentials; grpc ships no type hints
+    gzip: bool
+
+
+def grpc_options(s: ExporterSettings) -> GrpcOptions:
+    """TLS and compression for a gRPC exporter of any signal.
+
+    Args:
+        s: the exporter settings.
+
+    Returns:
+        ``insecure`` from the settings or, without a certificate, from the endpoint's scheme.
+    """
     import grpc
-    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
     credentials = None
     if s.certificate:
@@ -101,13 +117,21 @@ def _grpc_exporter(s: ExporterSettings) -> SpanExporter:
     insecure = s.insecure
     if insecure is None and credentials is None:
         insecure = s.endpoint.startswith("http://")
+    return GrpcOptions(insecure=insecure, credentials=credentials, gzip=s.compression == "gzip")
+
+
+def _grpc_exporter(s: ExporterSettings) -> SpanExporter:
+    import grpc
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+    o = grpc_options(s)
     exporter: SpanExporter = OTLPSpanExporter(
         endpoint=s.endpoint,
-        insecure=insecure,
-        credentials=credentials,
+        insecure=o.insecure,
+        credentials=o.credentials,
         headers=dict(s.headers),
         timeout=s.timeout_s,
-        compression=grpc.Compression.Gzip if s.compression == "gzip" else None,
+        compression=grpc.Compression.Gzip if o.gzip else None,
     )
     return exporter
 

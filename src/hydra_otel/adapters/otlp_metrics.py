@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
 import trio
@@ -30,7 +29,7 @@ from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, V
 from opentelemetry.sdk.resources import Resource
 
 import hydra_otel
-from hydra_otel.adapters.otlp import ExporterSettings, SpanSink
+from hydra_otel.adapters.otlp import ExporterSettings, SpanSink, grpc_options
 from hydra_otel.core.metrics import (
     DURATION_BUCKETS,
     INSTRUMENTS,
@@ -64,36 +63,6 @@ def signal_endpoint(s: ExporterSettings, signal: str) -> str:
     path = parts.path.rstrip("/")
     path = path.removesuffix("/v1/traces")
     return urlunsplit(parts._replace(path=f"{path}/v1/{signal}"))
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class GrpcOptions:
-    """gRPC channel options derived from :class:`ExporterSettings` (same rules as for traces)."""
-
-    insecure: bool | None
-    credentials: object | None  # grpc.ChannelCredentials; grpc ships no type hints
-    gzip: bool
-
-
-def grpc_options(s: ExporterSettings) -> GrpcOptions:
-    """TLS and compression for a gRPC exporter of any signal.
-
-    Args:
-        s: the exporter settings.
-
-    Returns:
-        ``insecure`` from the settings or, without a certificate, from the endpoint's scheme.
-    """
-    import grpc
-
-    credentials = None
-    if s.certificate:
-        with open(s.certificate, "rb") as f:
-            credentials = grpc.ssl_channel_credentials(f.read())
-    insecure = s.insecure
-    if insecure is None and credentials is None:
-        insecure = s.endpoint.startswith("http://")
-    return GrpcOptions(insecure=insecure, credentials=credentials, gzip=s.compression == "gzip")
 
 
 def make_metric_exporter(s: ExporterSettings, endpoint: str | None = None) -> MetricExporter:

@@ -43,8 +43,8 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 import hydra_otel
-from hydra_otel.adapters.otlp import ExporterSettings
-from hydra_otel.adapters.otlp_metrics import grpc_options, signal_endpoint
+from hydra_otel.adapters.otlp import ExporterSettings, grpc_options
+from hydra_otel.adapters.otlp_metrics import signal_endpoint
 from hydra_otel.core.logtail import (
     DEFAULT_LOGS_DIR,
     DEFAULT_MAX_BYTES,

@@ -17,25 +17,22 @@ missed; what the process already sent is remembered and not sent again.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
 
 import trio
 
 from hydra_otel.adapters import queries
 from hydra_otel.adapters.db import Database
 from hydra_otel.adapters.state import StateStore
-from hydra_otel.core.backoff import Backoff
 from hydra_otel.core.catchup import Checkpoint, Marks, jobset_failures
 from hydra_otel.core.dedup import RecentKeys
 from hydra_otel.core.evals import AddedEval
 from hydra_otel.core.events import BuildFinished, StepFinished
 from hydra_otel.core.stitch import Work
-from hydra_otel.errors import DbUnavailable
+from hydra_otel.tasks.retry import until_db_answers
 
 log = logging.getLogger("hydra_otel.catchup")
-T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -159,7 +156,9 @@ async def run_catchup(
 ) -> None:
     """Scan at start, on each trigger and every ``interval`` seconds; retries while the database is down."""
     stored = await trio.to_thread.run_sync(store.load)
-    marks = await _retrying(lambda: catchup.start_marks(stored))
+    marks = await until_db_answers(
+        lambda: catchup.start_marks(stored), waiting="catch-up waiting for the database"
+    )
     if stored is None:
         # The first marks cover nothing yet, so they are stored at once: a restart before the
         # first export (a collector that is down, say) must resume from here, not from "now".
@@ -167,7 +166,7 @@ async def run_catchup(
     progress = Progress(marks=marks, live_jobsets=live_jobsets)
     task_status.started(progress)
     while True:
-        await _retrying(lambda: catchup.scan(progress))
+        await until_db_answers(lambda: catchup.scan(progress), waiting="catch-up waiting for the database")
         reasons = await _next_trigger(triggers, settings.interval)
         log.debug("catch-up scan", extra={"reasons": reasons})
 
@@ -182,17 +181,3 @@ async def _next_trigger(triggers: trio.MemoryReceiveChannel[str], interval: floa
             reasons.append(triggers.receive_nowait())
         except trio.WouldBlock:
             return reasons
-
-
-async def _retrying(step: Callable[[], Awaitable[T]]) -> T:
-    """Run ``step`` until the database answers (the pipeline waits meanwhile; nothing is lost)."""
-    backoff = Backoff(base=0.5, cap=30.0)
-    while True:
-        try:
-            return await step()
-        except DbUnavailable as exc:
-            delay = backoff.next_delay()
-            log.warning(
-                "catch-up waiting for the database", extra={"error": str(exc), "retry_in_s": round(delay, 2)}
-            )
-            await trio.sleep(delay)

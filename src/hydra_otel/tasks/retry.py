@@ -1,0 +1,31 @@
+"""Waiting out an unreachable database (Trio-flavoured).
+
+Work that only reads Hydra's tables can always be done later: while the
+database is down it is held, not dropped, and retried with capped backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import trio
+
+from hydra_otel.core.backoff import Backoff
+from hydra_otel.errors import DbUnavailable
+
+log = logging.getLogger("hydra_otel.retry")
+T = TypeVar("T")
+
+
+async def until_db_answers(step: Callable[[], Awaitable[T]], *, waiting: str) -> T:
+    """Run ``step`` until it no longer raises :class:`DbUnavailable`; log ``waiting`` on each failure."""
+    backoff = Backoff(base=0.5, cap=30.0)
+    while True:
+        try:
+            return await step()
+        except DbUnavailable as exc:
+            delay = backoff.next_delay()
+            log.warning(waiting, extra={"error": str(exc), "retry_in_s": round(delay, 2)})
+            await trio.sleep(delay)
