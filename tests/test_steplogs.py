@@ -20,9 +20,10 @@ from hydra_otel.adapters.steplogs import (
     TailSettings,
     read_tail_sync,
 )
-from hydra_otel.core.builds import BuildFacts, StepFacts, step_span
+from hydra_otel.core.builds import step_span
 from hydra_otel.core.evals import RenderConfig
 from hydra_otel.core.logtail import EVENT_NAME, hydra_log_path
+from tests.factories import make_build, make_step
 
 ZSTD = shutil.which("zstd")
 needs_zstd = pytest.mark.skipif(ZSTD is None, reason="the zstd program is not installed")
@@ -181,45 +182,15 @@ def test_plain_preferred_over_compressed(tmp_path: Path) -> None:
     assert tail.text == "plain"
 
 
-BUILD = BuildFacts(
-    build_id=100,
-    finished=True,
-    timestamp=T0,
-    jobset_id=3,
-    project="nixpkgs",
-    jobset="trunk",
-    job="hello.x86_64-linux",
-    nixname="hello-2.12",
-    drvpath=DRV,
-    system="x86_64-linux",
-    priority=100,
-    global_priority=0,
-    starttime=T0,
-    stoptime=T0 + 60,
-    cached=False,
-    status=1,
-    size=None,
-    closure_size=None,
-    release_name=None,
-    eval_id=42,
-    in_eval_trace=True,
-)
-STEP = StepFacts(
-    build_id=100,
+BUILD = make_build(drvpath=DRV, starttime=T0, stoptime=T0 + 60, status=1, size=None, closure_size=None)
+STEP = make_step(
     stepnr=2,
-    type=0,
     drvpath=DRV,
     status=1,
     errormsg="builder failed",
     starttime=T0,
     stoptime=T0 + 60,
     machine="builder1",
-    system="x86_64-linux",
-    propagated_from=None,
-    overhead_ms=None,
-    times_built=None,
-    nondeterministic=None,
-    resolved_drv_path=None,
 )
 
 

@@ -16,7 +16,6 @@ import pytest
 from hydra_otel.core import ids
 from hydra_otel.core import semconv as sc
 from hydra_otel.core.builds import (
-    BuildFacts,
     Cause,
     Placement,
     StepFacts,
@@ -33,6 +32,7 @@ from hydra_otel.core.dedup import RecentSpans
 from hydra_otel.core.evals import EvalFacts, RenderConfig, eval_spans
 from hydra_otel.core.spans import Kind, SpanLink, SpanRecord, Status
 from hydra_otel.core.status import STATUSES, StatusInfo, status_info
+from tests.factories import make_build, make_step
 
 CFG = RenderConfig(
     instance="hydra",
@@ -54,47 +54,11 @@ EVAL_KEY = ids.eval_trace("hydra", 42)
 EVAL_TRACE = ids.trace_id(EVAL_KEY)
 EVAL_ROOT = ids.root_span_id(EVAL_KEY)
 
-BUILD = BuildFacts(
-    build_id=100,
-    finished=True,
-    timestamp=T0,
-    jobset_id=3,
-    project="nixpkgs",
-    jobset="trunk",
-    job="hello.x86_64-linux",
-    nixname="hello-2.12",
-    drvpath=DRV,
-    system="x86_64-linux",
-    priority=100,
-    global_priority=0,
-    starttime=T0 + 80,
-    stoptime=T0 + 300,
-    cached=False,
-    status=0,
-    size=1_000,
-    closure_size=5_000,
-    release_name=None,
-    eval_id=42,
-    in_eval_trace=True,
-)
+BUILD = make_build(drvpath=DRV)
 
 # The top-level step: it builds the build's own derivation.
-TOP = StepFacts(
-    build_id=100,
-    stepnr=2,
-    type=0,
-    drvpath=DRV,
-    status=0,
-    errormsg=None,
-    starttime=T0 + 80,
-    stoptime=T0 + 300,
-    machine="ssh://builder1",
-    system="x86_64-linux",
-    propagated_from=None,
-    overhead_ms=1_234,
-    times_built=1,
-    nondeterministic=False,
-    resolved_drv_path=None,
+TOP = make_step(
+    stepnr=2, drvpath=DRV, machine="ssh://builder1", overhead_ms=1_234, times_built=1, nondeterministic=False
 )
 # A dependency fetched from a binary cache on the local machine ("" in buildsteps.machine).
 SUBST = dataclasses.replace(

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from hydra_otel.core import semconv as sc
-from hydra_otel.core.builds import BuildFacts, StepFacts, step_span
+from hydra_otel.core.builds import step_span
 from hydra_otel.core.evals import RenderConfig
 from hydra_otel.core.logtail import (
     EVENT_NAME,
@@ -26,51 +26,22 @@ from hydra_otel.core.logtail import (
     tail_request,
 )
 from hydra_otel.core.spans import SpanEvent
+from tests.factories import make_build, make_step
 
 CFG = RenderConfig(instance="hydra", hydra_url="https://hydra.example.org", error_text_limit=100)
 T0 = 1_700_000_000
 DRV = "/nix/store/0c9x2f6vxg3lnp6j7x6ia1sc3x6i8j5m-hello-2.12.drv"
 LAID_OUT = "/logs/0c/9x2f6vxg3lnp6j7x6ia1sc3x6i8j5m-hello-2.12.drv"
 
-BUILD = BuildFacts(
-    build_id=100,
-    finished=True,
-    timestamp=T0,
-    jobset_id=3,
-    project="nixpkgs",
-    jobset="trunk",
-    job="hello.x86_64-linux",
-    nixname="hello-2.12",
-    drvpath=DRV,
-    system="x86_64-linux",
-    priority=100,
-    global_priority=0,
-    starttime=T0,
-    stoptime=T0 + 60,
-    cached=False,
-    status=1,
-    size=None,
-    closure_size=None,
-    release_name=None,
-    eval_id=42,
-    in_eval_trace=True,
-)
-STEP = StepFacts(
-    build_id=100,
+BUILD = make_build(drvpath=DRV, starttime=T0, stoptime=T0 + 60, status=1, size=None, closure_size=None)
+STEP = make_step(
     stepnr=2,
-    type=0,
     drvpath=DRV,
     status=1,
     errormsg="builder failed",
     starttime=T0,
     stoptime=T0 + 60,
     machine="builder1",
-    system="x86_64-linux",
-    propagated_from=None,
-    overhead_ms=None,
-    times_built=None,
-    nondeterministic=None,
-    resolved_drv_path=None,
 )
 
 

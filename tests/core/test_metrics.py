@@ -12,7 +12,7 @@ import itertools
 import pytest
 
 from hydra_otel.core import semconv as sc
-from hydra_otel.core.builds import BuildFacts, StepFacts, build_spans, step_span
+from hydra_otel.core.builds import StepFacts, build_spans, step_span
 from hydra_otel.core.evals import (
     Attempt,
     AttemptKind,
@@ -37,6 +37,7 @@ from hydra_otel.core.metrics import (
     span_role,
 )
 from hydra_otel.core.spans import SpanRecord
+from tests.factories import make_build
 
 CFG = RenderConfig(instance="hydra", hydra_url="https://hydra.example.org", error_text_limit=100)
 S = 1_000_000_000
@@ -44,29 +45,7 @@ T0 = 1_700_000_000
 DRV = f"/nix/store/{'0' * 32}-hello-2.12.drv"
 DEP = f"/nix/store/{'1' * 32}-glibc-2.40.drv"
 
-BUILD = BuildFacts(
-    build_id=100,
-    finished=True,
-    timestamp=T0,
-    jobset_id=3,
-    project="nixpkgs",
-    jobset="trunk",
-    job="hello.x86_64-linux",
-    nixname="hello-2.12",
-    drvpath=DRV,
-    system="x86_64-linux",
-    priority=100,
-    global_priority=0,
-    starttime=T0 + 80,
-    stoptime=T0 + 300,
-    cached=False,
-    status=0,
-    size=1_000,
-    closure_size=5_000,
-    release_name=None,
-    eval_id=42,
-    in_eval_trace=True,
-)
+BUILD = make_build()
 
 
 def step(
