@@ -291,7 +291,7 @@ def test_summaries() -> None:
     )
 
 
-# Table aliases used in backfill.py's SQL.
+# Table aliases used in the backfill's SQL (backfill/run.py).
 ALIASES = {"b": "builds", "e": "jobsetevals", "j": "jobsets", "m": "jobsetevalmembers"}
 
 
