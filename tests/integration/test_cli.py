@@ -134,3 +134,41 @@ async def test_metrics_and_health_during_a_run(
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_second_signal_exits_at_once(hydra: Hydra, hydra_db: str, tmp_path: Path) -> None:
+    """With the endpoint down the drain waits up to the grace period; a second SIGTERM ends it at once."""
+    env = {
+        **os.environ,
+        "HYDRA_OTEL_DATABASE_URL": hydra_db,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}",  # nothing listens there
+        "HYDRA_OTEL_STATE_DIR": str(tmp_path),
+        "HYDRA_OTEL_EXPORT_DELAY": "0.05",
+        "HYDRA_OTEL_SHUTDOWN_GRACE": "60",
+    }
+    log: list[str] = []
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "hydra_otel", "run"], env=env, stderr=subprocess.PIPE
+    )
+    assert proc.stderr is not None
+    try:
+        with trio.fail_after(20):
+            await read_until(proc.stderr, "ready", log)
+        await hydra.run(*hydra.sim.evaluator_starts(1, CID, 1_700_000_000))
+        await hydra.run(hydra.sim.eval_fetch_failed(1, CID, 1_700_000_005, "no network"))
+        with trio.fail_after(20):
+            await read_until(proc.stderr, "OTLP export failed; retrying with backoff", log)
+        proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(10):
+            await read_until(proc.stderr, "signal received; draining", log)
+        with trio.move_on_after(1):  # the first signal alone does not end it: the export is still failing
+            await proc.wait()
+        assert proc.returncode is None
+        proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(10):  # far less than the 60 s grace
+            await read_until(proc.stderr, "second signal; exiting now", log)
+            assert await proc.wait() == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
