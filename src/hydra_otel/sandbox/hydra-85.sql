@@ -14,9 +14,8 @@
 --   * the nrbuilds counter table and its trigger on builds (it only maintains a count);
 --   * the pg_trgm index on builds.drvpath (needs the extension; only speeds up web search).
 --
--- Differences from hydra-87.sql (the current Hydra's schema), all in buildsteps:
---   * drvpath may be NULL (upgrade-86.sql made it NOT NULL; old substitution steps lack it);
---   * there is no resolveddrvpath column nor its CHECK (added by upgrade-87.sql).
+-- The current Hydra's schema 87 is this file plus upgrade-86.sql (buildsteps.drvpath NOT NULL) and
+-- upgrade-87.sql (buildsteps.resolveddrvpath and its CHECK), as in Hydra itself.
 
 create table schemaversion (
     version       integer not null
