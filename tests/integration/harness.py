@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,3 +57,15 @@ async def stop(service: Service) -> None:
     service.stop()
     with trio.fail_after(15):
         await service.stopped.wait()
+
+
+def daemon_env(dsn: str, endpoint: str, state_dir: Path, **extra: str) -> dict[str, str]:
+    """The environment of a ``hydra-otel run`` subprocess: this process's, plus the daemon's settings."""
+    return {
+        **os.environ,
+        "HYDRA_OTEL_DATABASE_URL": dsn,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+        "HYDRA_OTEL_STATE_DIR": str(state_dir),
+        "HYDRA_OTEL_EXPORT_DELAY": "0.05",
+        **extra,
+    }

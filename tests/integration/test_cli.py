@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,7 +11,7 @@ from pathlib import Path
 import trio
 
 from hydra_otel.sandbox.receiver import GrpcOtlpReceiver
-from tests.integration.harness import Hydra
+from tests.integration.harness import Hydra, daemon_env
 
 CID = "77.1"
 
@@ -36,14 +35,9 @@ async def test_run_exports_and_stops_on_sigterm(
     hydra: Hydra, hydra_db: str, otlp_grpc: GrpcOtlpReceiver, tmp_path: Path
 ) -> None:
     """`hydra-otel run` exports an evaluation span, drains and exits 0 on SIGTERM, and never logs the password."""
-    env = {
-        **os.environ,
-        # The sandbox trusts local connections, so the password is never checked: only its redaction is.
-        "HYDRA_OTEL_DATABASE_URL": hydra_db.replace("postgres@", "postgres:s3cret@"),
-        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{otlp_grpc.endpoint}",
-        "HYDRA_OTEL_STATE_DIR": str(tmp_path),
-        "HYDRA_OTEL_EXPORT_DELAY": "0.05",
-    }
+    # The sandbox trusts local connections, so the password is never checked: only its redaction is.
+    dsn = hydra_db.replace("postgres@", "postgres:s3cret@")
+    env = daemon_env(dsn, f"http://{otlp_grpc.endpoint}", tmp_path)
     log: list[str] = []
     proc = await trio.lowlevel.open_process(
         [sys.executable, "-m", "hydra_otel", "run"], env=env, stderr=subprocess.PIPE
@@ -95,14 +89,9 @@ async def test_metrics_and_health_during_a_run(
 ) -> None:
     """`/metrics` counts what the running daemon did and `/healthz` says ready, over real HTTP."""
     port = free_port()
-    env = {
-        **os.environ,
-        "HYDRA_OTEL_DATABASE_URL": hydra_db,
-        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{otlp_grpc.endpoint}",
-        "HYDRA_OTEL_STATE_DIR": str(tmp_path),
-        "HYDRA_OTEL_EXPORT_DELAY": "0.05",
-        "HYDRA_OTEL_METRICS_ADDRESS": f"127.0.0.1:{port}",
-    }
+    env = daemon_env(
+        hydra_db, f"http://{otlp_grpc.endpoint}", tmp_path, HYDRA_OTEL_METRICS_ADDRESS=f"127.0.0.1:{port}"
+    )
     log: list[str] = []
     proc = await trio.lowlevel.open_process(
         [sys.executable, "-m", "hydra_otel", "run"], env=env, stderr=subprocess.PIPE
@@ -138,14 +127,8 @@ async def test_metrics_and_health_during_a_run(
 
 async def test_second_signal_exits_at_once(hydra: Hydra, hydra_db: str, tmp_path: Path) -> None:
     """With the endpoint down the drain waits up to the grace period; a second SIGTERM ends it at once."""
-    env = {
-        **os.environ,
-        "HYDRA_OTEL_DATABASE_URL": hydra_db,
-        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}",  # nothing listens there
-        "HYDRA_OTEL_STATE_DIR": str(tmp_path),
-        "HYDRA_OTEL_EXPORT_DELAY": "0.05",
-        "HYDRA_OTEL_SHUTDOWN_GRACE": "60",
-    }
+    nowhere = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    env = daemon_env(hydra_db, nowhere, tmp_path, HYDRA_OTEL_SHUTDOWN_GRACE="60")
     log: list[str] = []
     proc = await trio.lowlevel.open_process(
         [sys.executable, "-m", "hydra_otel", "run"], env=env, stderr=subprocess.PIPE

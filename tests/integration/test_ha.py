@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -11,19 +10,8 @@ from pathlib import Path
 import trio
 
 from hydra_otel.sandbox.receiver import GrpcOtlpReceiver
-from tests.integration.harness import Hydra
+from tests.integration.harness import Hydra, daemon_env
 from tests.integration.test_cli import read_until
-
-
-def daemon_env(dsn: str, endpoint: str, state_dir: Path) -> dict[str, str]:
-    return {
-        **os.environ,
-        "HYDRA_OTEL_DATABASE_URL": dsn,
-        "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
-        "HYDRA_OTEL_STATE_DIR": str(state_dir),
-        "HYDRA_OTEL_EXPORT_DELAY": "0.05",
-        "HYDRA_OTEL_TAKEOVER_WINDOW": "120",
-    }
 
 
 async def test_standby_takes_over_after_sigkill(
@@ -32,7 +20,9 @@ async def test_standby_takes_over_after_sigkill(
     """Only the lock holder exports; after it is killed, the standby becomes active within seconds."""
     endpoint = f"http://{otlp_grpc.endpoint}"
     cmd = [sys.executable, "-m", "hydra_otel", "run"]
-    env_a, env_b = (daemon_env(hydra_db, endpoint, tmp_path / n) for n in "ab")
+    env_a, env_b = (
+        daemon_env(hydra_db, endpoint, tmp_path / n, HYDRA_OTEL_TAKEOVER_WINDOW="120") for n in "ab"
+    )
     a = await trio.lowlevel.open_process(cmd, env=env_a, stderr=subprocess.PIPE)
     b: trio.Process | None = None
     log_a: list[str] = []
