@@ -1,7 +1,7 @@
 """Build and step spans rendered from Hydra's rows: placement, attempts, times, attributes, links.
 
 Also the status table (core/status.py, printed in docs/spans.md) and the duplicate filter (core/dedup.py).
-The rows below follow what Hydra's queue runner writes (see /work/shared/notes/hydra.md): a build's
+The rows below follow what Hydra's queue runner writes: a build's
 ``stoptime`` is its top-level step's, propagated steps have NULL times, step numbers keep increasing
 across restarts.
 """
