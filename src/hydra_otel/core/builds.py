@@ -164,8 +164,16 @@ def placement(cfg: RenderConfig, b: BuildFacts) -> Placement:
 
 def build_span_id(cfg: RenderConfig, b: BuildFacts, attempt: int) -> tuple[int, int]:
     """(trace ID, span ID) of attempt ``attempt`` of build ``b``."""
+    _, tid, span = _parent(cfg, b, attempt)
+    return tid, span
+
+
+_Parent = tuple[Placement, int, int]
+
+
+def _parent(cfg: RenderConfig, b: BuildFacts, attempt: int) -> _Parent:
     where = placement(cfg, b)
-    return ids.trace_id(where.trace), ids.span_id(where.trace, "build", b.build_id, attempt)
+    return where, ids.trace_id(where.trace), ids.span_id(where.trace, "build", b.build_id, attempt)
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,8 +204,7 @@ def build_spans(
     else:  # a restart: the attempt began with its first step (or, with none, when the last one ended)
         start = min(starts) if starts else _previous_attempt_end(b, steps, attempt)
     end = max(b.stoptime, start)
-    where = placement(cfg, b)
-    tid, span = build_span_id(cfg, b, attempt)
+    where, tid, span = _parent(cfg, b, attempt)
     info = status_info(b.status)
     root = SpanRecord(
         trace_id=tid,
@@ -216,7 +223,8 @@ def build_spans(
     first_step = min((t for t in starts if t >= start), default=None)
     if first_step is not None and first_step > start:  # a zero-length wait is noise, not a span
         out.append(_queued_span(where, b, attempt, tid, span, start, first_step))
-    out.extend(step_span(cfg, b, s, attempt) for s in sorted(mine, key=lambda s: s.stepnr))
+    parent = (where, tid, span)
+    out.extend(step_span(cfg, b, s, attempt, parent=parent) for s in sorted(mine, key=lambda s: s.stepnr))
     return out
 
 
@@ -301,10 +309,15 @@ def propagated_from(b: BuildFacts, steps: Sequence[StepFacts]) -> int | None:
     return None
 
 
-def step_span(cfg: RenderConfig, b: BuildFacts, s: StepFacts, attempt: int) -> SpanRecord:
-    """The span of one step, a child of attempt ``attempt`` of its build."""
-    where = placement(cfg, b)
-    tid, parent = build_span_id(cfg, b, attempt)
+def step_span(
+    cfg: RenderConfig, b: BuildFacts, s: StepFacts, attempt: int, *, parent: _Parent | None = None
+) -> SpanRecord:
+    """The span of one step, a child of attempt ``attempt`` of its build.
+
+    ``parent`` is the build span's (placement, trace ID, span ID) when the caller has it already
+    (rendering a whole build): deriving IDs is the costly part of rendering.
+    """
+    where, tid, parent_id = parent if parent is not None else _parent(cfg, b, attempt)
     fallback = b.stoptime if b.stoptime is not None else (s.stoptime or s.starttime or b.timestamp)
     start = s.starttime if s.starttime is not None else (s.stoptime if s.stoptime is not None else fallback)
     end = max(s.stoptime if s.stoptime is not None else start, start)
@@ -333,7 +346,7 @@ def step_span(cfg: RenderConfig, b: BuildFacts, s: StepFacts, attempt: int) -> S
     return SpanRecord(
         trace_id=tid,
         span_id=ids.span_id(where.trace, "step", b.build_id, s.stepnr),
-        parent_span_id=parent,
+        parent_span_id=parent_id,
         name=f"{kind} {derivation_name(s.drvpath)}",
         kind=Kind.INTERNAL,
         start_ns=seconds_ns(start),
