@@ -24,6 +24,7 @@ import functools
 import logging
 import signal
 import sqlite3
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import trio
@@ -57,7 +58,7 @@ from hydra_otel.stats import Stats
 from hydra_otel.tasks.catchup import Catchup, CatchupSettings, Progress, run_catchup
 from hydra_otel.tasks.exporter import run_exporter
 from hydra_otel.tasks.intake import hint_counter, run_intake
-from hydra_otel.tasks.resolver import Resolver, run_resolver
+from hydra_otel.tasks.resolver import RESOLVE_BATCH, Resolver, run_resolver
 from hydra_otel.tasks.stitcher import run_stitcher
 
 log = logging.getLogger("hydra_otel.service")
@@ -136,7 +137,9 @@ class Service:
         raw_tx, raw_rx = trio.open_memory_channel[ListenItem](cfg.queue_size)
         ev_tx, ev_rx = trio.open_memory_channel[Received](cfg.queue_size)
         work_tx, work_rx = trio.open_memory_channel[Work | Checkpoint](cfg.queue_size)
-        span_tx, span_rx = trio.open_memory_channel[SpanRecord | Checkpoint](cfg.queue_size)
+        # Spans travel as one list per resolved batch (up to RESOLVE_BATCH work items): bound the lists.
+        span_lists = max(2, cfg.queue_size // RESOLVE_BATCH)
+        span_tx, span_rx = trio.open_memory_channel[Sequence[SpanRecord] | Checkpoint](span_lists)
         trig_tx, trig_rx = trio.open_memory_channel[str](16)
         stitcher = Stitcher(abandon_after=cfg.stitch.abandon_after, max_open=cfg.stitch.max_open_evals)
         try:
@@ -199,7 +202,7 @@ class Service:
             )
 
     async def _export(
-        self, span_rx: trio.MemoryReceiveChannel[SpanRecord | Checkpoint], store: StateStore
+        self, span_rx: trio.MemoryReceiveChannel[Sequence[SpanRecord] | Checkpoint], store: StateStore
     ) -> None:
         cfg = self.cfg.export
 

@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import TextIO
 
@@ -52,7 +53,7 @@ from hydra_otel.core.stitch import Work
 from hydra_otel.service import make_sink, render_config
 from hydra_otel.stats import Stats
 from hydra_otel.tasks.exporter import run_exporter
-from hydra_otel.tasks.resolver import Resolver, run_resolver
+from hydra_otel.tasks.resolver import RESOLVE_BATCH, Resolver, run_resolver
 from hydra_otel.tasks.retry import until_db_answers
 
 # --- SQL (plain SELECTs; columns as declared in tools.HYDRA_COLUMNS) ----------------------------------
@@ -288,7 +289,9 @@ class Backfill:
     ) -> None:
         cfg, opts = self.cfg, self.opts
         work_tx, work_rx = trio.open_memory_channel[Work | Checkpoint](WORK_QUEUE)
-        span_tx, span_rx = trio.open_memory_channel[SpanRecord | Checkpoint](SPAN_QUEUE)
+        span_tx, span_rx = trio.open_memory_channel[Sequence[SpanRecord] | Checkpoint](
+            max(2, SPAN_QUEUE // RESOLVE_BATCH)
+        )
         bucket = TokenBucket(opts.rate) if opts.rate > 0 and not opts.dry_run else None
         inner = None if opts.dry_run else (self._sink or make_sink(cfg))
         sink = _MeteredSink(inner, bucket, self.result.exported)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
@@ -27,7 +27,7 @@ log = logging.getLogger("hydra_otel.exporter")
 
 
 async def run_exporter(
-    spans: trio.MemoryReceiveChannel[SpanRecord | Checkpoint],
+    spans: trio.MemoryReceiveChannel[Sequence[SpanRecord] | Checkpoint],
     sink: SpanSink,
     stats: Stats,
     *,
@@ -36,7 +36,9 @@ async def run_exporter(
     backoff: Backoff,
     commit: Callable[[Marks], Awaitable[None]],
 ) -> None:
-    """Consume ``spans`` until it closes, exporting in batches.
+    """Consume ``spans`` (lists of spans, and checkpoints) until it closes, exporting in batches.
+
+    The resolver hands over each batch's spans as one list: one channel hop per batch, not per span.
 
     A :class:`Checkpoint` flushes the batch, and once the endpoint acknowledged
     it, ``commit`` stores the checkpoint's marks.
@@ -60,26 +62,29 @@ async def run_exporter(
                     if isinstance(item, Checkpoint):
                         checkpoint = item
                         break
-                    batch.append(item)
-                    if len(batch) == 1:
+                    if not batch:
                         deadline = trio.current_time() + delay
-                if batch:
-                    await _export_until_done(sink, batch, stats, backoff)
-                    batch.clear()
+                    batch.extend(item)
+                # A checkpoint, the end, or the age limit flushes everything; a full batch only itself.
+                flush_all = checkpoint is not None or closed or len(batch) < batch_size
+                while len(batch) >= batch_size or (flush_all and batch):
+                    await _export_until_done(sink, batch[:batch_size], stats, backoff)
+                    del batch[:batch_size]
                 if checkpoint is not None:
                     await commit(checkpoint.marks)
         finally:
             _count_dropped(stats, len(batch) + _drain(spans))
 
 
-def _drain(spans: trio.MemoryReceiveChannel[SpanRecord | Checkpoint]) -> int:
+def _drain(spans: trio.MemoryReceiveChannel[Sequence[SpanRecord] | Checkpoint]) -> int:
     """Take whatever is still queued (the shutdown deadline passed); return how many spans it was."""
     count = 0
     while True:
         try:
-            count += not isinstance(spans.receive_nowait(), Checkpoint)
+            item = spans.receive_nowait()
         except (trio.WouldBlock, trio.EndOfChannel):
             return count
+        count += 0 if isinstance(item, Checkpoint) else len(item)
 
 
 def _count_dropped(stats: Stats, dropped: int) -> None:

@@ -13,6 +13,7 @@ are skipped by :class:`~hydra_otel.core.dedup.RecentSpans`.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import trio
@@ -50,6 +51,9 @@ from hydra_otel.log import RateLimitedLog
 from hydra_otel.stats import Stats
 
 log = logging.getLogger("hydra_otel.resolver")
+
+#: Work items resolved together (one query per table serves them all).
+RESOLVE_BATCH = 512
 
 
 @dataclass(slots=True)
@@ -224,11 +228,11 @@ class Resolver:
 
 async def run_resolver(
     work: trio.MemoryReceiveChannel[Work | Checkpoint],
-    spans: trio.MemorySendChannel[SpanRecord | Checkpoint],
+    spans: trio.MemorySendChannel[Sequence[SpanRecord] | Checkpoint],
     resolver: Resolver,
     *,
     backoff: Backoff,
-    batch_size: int = 512,
+    batch_size: int = RESOLVE_BATCH,
     gather: float = 0.02,
 ) -> None:
     """Consume ``work`` until it closes; closes ``spans`` when done. Checkpoints keep their place."""
@@ -245,8 +249,9 @@ async def run_resolver(
             segment: list[Work] = []
             for item in [*batch, None]:
                 if isinstance(item, Checkpoint) or item is None:
-                    for record in await _resolve_with_retry(resolver, segment, backoff) if segment else ():
-                        await spans.send(record)
+                    records = await _resolve_with_retry(resolver, segment, backoff) if segment else []
+                    if records:
+                        await spans.send(records)
                     segment = []
                     if resolver.unsent_jobsets:
                         # Live evaluation outcomes become a (partial) checkpoint behind their spans.
