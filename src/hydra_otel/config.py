@@ -511,7 +511,8 @@ QUEUE_SIZE = Setting(
     flag="--queue-size", env=("HYDRA_OTEL_QUEUE_SIZE",), default="100000", section="Service",
     check=_int(1), doc="Capacity of each bounded channel between pipeline stages; a full one makes the stage "
     "before it wait (the listener drops and asks for a catch-up). Items are small (100,000 take some "
-    "tens of MB at most); hint notifications (build_queued, cached_build_*) are counted, never queued.")
+    "tens of MB at most); hint notifications (build_queued, cached_build_*) are counted, never queued. "
+    "Rendered spans travel as one list per batch of 512 work items, so that channel holds this / 512 lists.")
 
 #: The declaration table, in documentation order.
 SETTINGS: tuple[Setting[Any], ...] = (
