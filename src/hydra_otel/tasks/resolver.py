@@ -233,7 +233,7 @@ async def run_resolver(
     *,
     backoff: Backoff,
     batch_size: int = RESOLVE_BATCH,
-    gather: float = 0.02,
+    gather: float = 0.05,
 ) -> None:
     """Consume ``work`` until it closes; closes ``spans`` when done. Checkpoints keep their place."""
     async with work, spans:
