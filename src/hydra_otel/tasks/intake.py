@@ -3,9 +3,10 @@
 Parses each notification (the pure parser in core/parse.py), counts it by
 channel, logs and counts malformed payloads (rate-limited), and forwards
 the events that produce spans (evaluations, finished steps, finished builds)
-to the stitcher. ``build_queued``, ``build_started`` and the ``cached_build_*``
-notices are counted only: they are hints, and span content comes from the
-tables (the evaluation span counts cached builds from ``jobsetevalmembers``).
+to the stitcher. The hint channels (``build_queued``, ``build_started``,
+``step_started``, ``cached_build_*``) never reach this task: :func:`hint_counter`
+parses and counts them in the listener's callback, with the same
+:func:`parse_counted`, so they take no place in the queue.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from hydra_otel.core.events import (
     EvalCached,
     EvalFailed,
     EvalStarted,
+    HydraEvent,
     Received,
     StepFinished,
     TableChanged,
@@ -39,7 +41,7 @@ from hydra_otel.stats import Stats
 
 log = logging.getLogger("hydra_otel.intake")
 
-# Events that produce spans; the rest (queued/started hints, cached-build notices) are counted only.
+# Events that produce spans; trigger channels start a catch-up instead (hints never get here).
 _FORWARDED = (EvalStarted, EvalAdded, EvalCached, EvalFailed, StepFinished, BuildFinished)
 
 
@@ -60,23 +62,31 @@ async def run_intake(
                 stats.resyncs[item.reason] += 1
                 _trigger(triggers, item.reason)
                 continue
-            try:
-                event = parse(item.channel, item.payload)
-            except PayloadError as exc:
-                stats.payload_errors[exc.channel] += 1
-                warn.warning(
-                    exc.channel,
-                    "dropped a malformed notification",
-                    channel=exc.channel,
-                    reason=exc.reason,
-                    payload=exc.quoted,
-                )
+            event = parse_counted(item.channel, item.payload, stats, warn)
+            if event is None:
                 continue
-            stats.events[item.channel] += 1
             if isinstance(event, TableChanged):
                 _trigger(triggers, event.channel)
             elif isinstance(event, _FORWARDED):
                 await events.send(Received(event=event, at_ns=item.at_ns))
+
+
+def parse_counted(channel: str, payload: str, stats: Stats, warn: RateLimitedLog) -> HydraEvent | None:
+    """Parse one notification and count it by channel; a malformed one is counted, logged and None."""
+    try:
+        event = parse(channel, payload)
+    except PayloadError as exc:
+        stats.payload_errors[channel] += 1
+        warn.warning(
+            channel,
+            "dropped a malformed notification",
+            channel=channel,
+            reason=exc.reason,
+            payload=exc.quoted,
+        )
+        return None
+    stats.events[channel] += 1
+    return event
 
 
 def _trigger(triggers: trio.MemorySendChannel[str], reason: str) -> None:
@@ -102,19 +112,7 @@ def hint_counter(stats: Stats) -> Callable[[str, str], bool]:
     def consume(channel: str, payload: str) -> bool:
         if channel not in HINT_CHANNELS:
             return False
-        try:
-            parse(channel, payload)
-        except PayloadError as exc:
-            stats.payload_errors[channel] += 1
-            warn.warning(
-                channel,
-                "dropped a malformed notification",
-                channel=channel,
-                reason=exc.reason,
-                payload=exc.quoted,
-            )
-        else:
-            stats.events[channel] += 1
+        parse_counted(channel, payload, stats, warn)
         return True
 
     return consume
