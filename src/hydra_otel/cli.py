@@ -18,7 +18,7 @@ from pathlib import Path
 
 import hydra_otel
 from hydra_otel import backfill, config, log, tools
-from hydra_otel.errors import ConfigError, LeadershipLost, StateDirError
+from hydra_otel.errors import ConfigError, LeadershipLost, StateDirError, first_leaf
 
 logger = logging.getLogger("hydra_otel")
 
@@ -87,7 +87,7 @@ def _run(cfg: config.Config) -> int:
             return 3
         state, other = group.split(StateDirError)
         if state is not None and other is None:
-            logger.error(str(_first(state)))
+            logger.error(str(first_leaf(state)))
             return 2
         logger.exception("hydra-otel stopped on an unexpected error; this is a bug, please report it")
         return 1
@@ -115,10 +115,3 @@ def _demo(args: argparse.Namespace) -> int:
         return trio.run(run_demo, opts)
     except KeyboardInterrupt:  # before the demo's own signal handling was installed, or a second Ctrl-C
         return 130
-
-
-def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    exc: BaseException = group
-    while isinstance(exc, BaseExceptionGroup):
-        exc = exc.exceptions[0]
-    return exc

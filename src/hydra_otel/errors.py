@@ -67,6 +67,13 @@ class ExportPermanent(HydraOtelError):
     """The OTLP endpoint rejected the batch for good; drop and count it."""
 
 
+def first_leaf(exc: BaseException) -> BaseException:
+    """The first exception inside (nested) exception groups, or ``exc`` itself: what to report."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
 def quote_payload(payload: str | bytes, limit: int = PAYLOAD_QUOTE_LIMIT) -> str:
     """Return a printable, bounded quote of ``payload`` for log lines and errors."""
     if isinstance(payload, bytes):

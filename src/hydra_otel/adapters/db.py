@@ -35,7 +35,7 @@ import trio_asyncio
 from trio_asyncio import aio_as_trio
 
 from hydra_otel.core.backoff import Backoff
-from hydra_otel.errors import DbUnavailable, LeadershipLost
+from hydra_otel.errors import DbUnavailable, LeadershipLost, first_leaf
 from hydra_otel.stats import Stats
 
 log = logging.getLogger("hydra_otel.db")
@@ -329,9 +329,7 @@ async def run_listener(
 
 
 def _first_message(group: BaseExceptionGroup[BaseException]) -> str:
-    exc: BaseException = group
-    while isinstance(exc, BaseExceptionGroup):
-        exc = exc.exceptions[0]
+    exc = first_leaf(group)
     return f"{type(exc).__name__}: {exc}"
 
 

@@ -50,6 +50,7 @@ from hydra_otel.core.evals import AddedEval
 from hydra_otel.core.events import BuildFinished
 from hydra_otel.core.spans import SpanRecord
 from hydra_otel.core.stitch import Work
+from hydra_otel.errors import first_leaf
 from hydra_otel.service import make_sink, render_config
 from hydra_otel.stats import Stats
 from hydra_otel.tasks.exporter import run_exporter
@@ -415,9 +416,7 @@ async def backfill(
 
 
 def _first(group: BaseExceptionGroup[BackfillError]) -> BackfillError:
-    exc: BaseException = group
-    while isinstance(exc, BaseExceptionGroup):
-        exc = exc.exceptions[0]
+    exc = first_leaf(group)
     assert isinstance(exc, BackfillError)
     return exc
 

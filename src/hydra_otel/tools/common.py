@@ -11,7 +11,7 @@ import trio
 
 from hydra_otel.adapters import db
 from hydra_otel.config import Config
-from hydra_otel.errors import DbUnavailable, HydraOtelError
+from hydra_otel.errors import DbUnavailable, HydraOtelError, first_leaf
 
 #: Every Hydra table and column the daemon reads (adapters/queries.py), plus what ``check`` reads itself.
 HYDRA_COLUMNS: Final[Mapping[str, tuple[str, ...]]] = {
@@ -86,8 +86,7 @@ class ToolError(Exception):
 
 def describe(exc: BaseException, cfg: Config) -> str:
     """A one-line reason for ``exc`` that never shows the database password."""
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        exc = exc.exceptions[0]
+    exc = first_leaf(exc)
     if isinstance(exc, trio.TooSlowError):
         return "timed out"
     first = str(exc).strip().split("\n", 1)[0]
