@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable, Callable
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,3 +72,20 @@ def daemon_env(dsn: str, endpoint: str, state_dir: Path, **extra: str) -> dict[s
         "HYDRA_OTEL_EXPORT_DELAY": "0.05",
         **extra,
     }
+
+
+@asynccontextmanager
+async def daemon_process(
+    env: Mapping[str, str],
+) -> AsyncIterator[tuple[trio.Process, trio.abc.ReceiveStream]]:
+    """A real ``hydra-otel run`` process and its stderr; killed on exit if it is still running."""
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "hydra_otel", "run"], env=dict(env), stderr=subprocess.PIPE
+    )
+    assert proc.stderr is not None
+    try:
+        yield proc, proc.stderr
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import trio
 
 from hydra_otel.sandbox.receiver import GrpcOtlpReceiver
-from tests.integration.harness import Hydra, daemon_env
+from tests.integration.harness import Hydra, daemon_env, daemon_process
 
 CID = "77.1"
 
@@ -39,25 +37,17 @@ async def test_run_exports_and_stops_on_sigterm(
     dsn = hydra_db.replace("postgres@", "postgres:s3cret@")
     env = daemon_env(dsn, f"http://{otlp_grpc.endpoint}", tmp_path)
     log: list[str] = []
-    proc = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "hydra_otel", "run"], env=env, stderr=subprocess.PIPE
-    )
-    assert proc.stderr is not None
-    try:
+    async with daemon_process(env) as (proc, stderr):
         with trio.fail_after(20):
-            await read_until(proc.stderr, "ready", log)
+            await read_until(stderr, "ready", log)
         await hydra.run(*hydra.sim.evaluator_starts(1, CID, 1_700_000_000))
         await hydra.run(hydra.sim.eval_fetch_failed(1, CID, 1_700_000_005, "no network"))
         (span,) = await otlp_grpc.wait_for_spans(1)
         assert span.span.name == "eval nixpkgs:trunk"
         proc.send_signal(signal.SIGTERM)
         with trio.fail_after(20):
-            await read_until(proc.stderr, "stopped", log)
+            await read_until(stderr, "stopped", log)
             assert await proc.wait() == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
     assert not any('"level": "error"' in line for line in log), log
     assert "s3cret" not in "\n".join(log)
     assert any("***" in line for line in log), "the DSN is logged, redacted"
@@ -93,13 +83,9 @@ async def test_metrics_and_health_during_a_run(
         hydra_db, f"http://{otlp_grpc.endpoint}", tmp_path, HYDRA_OTEL_METRICS_ADDRESS=f"127.0.0.1:{port}"
     )
     log: list[str] = []
-    proc = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "hydra_otel", "run"], env=env, stderr=subprocess.PIPE
-    )
-    assert proc.stderr is not None
-    try:
+    async with daemon_process(env) as (proc, stderr):
         with trio.fail_after(20):
-            await read_until(proc.stderr, "ready", log)
+            await read_until(stderr, "ready", log)
         await hydra.run(*hydra.sim.evaluator_starts(1, CID, 1_700_000_000))
         await hydra.run(hydra.sim.eval_fetch_failed(1, CID, 1_700_000_005, "no network"))
         await hydra.run("SELECT pg_notify('eval_added', 'garbage');")
@@ -119,10 +105,6 @@ async def test_metrics_and_health_during_a_run(
         proc.send_signal(signal.SIGTERM)
         with trio.fail_after(20):
             assert await proc.wait() == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
 
 
 async def test_second_signal_exits_at_once(hydra: Hydra, hydra_db: str, tmp_path: Path) -> None:
@@ -130,28 +112,20 @@ async def test_second_signal_exits_at_once(hydra: Hydra, hydra_db: str, tmp_path
     nowhere = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     env = daemon_env(hydra_db, nowhere, tmp_path, HYDRA_OTEL_SHUTDOWN_GRACE="60")
     log: list[str] = []
-    proc = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "hydra_otel", "run"], env=env, stderr=subprocess.PIPE
-    )
-    assert proc.stderr is not None
-    try:
+    async with daemon_process(env) as (proc, stderr):
         with trio.fail_after(20):
-            await read_until(proc.stderr, "ready", log)
+            await read_until(stderr, "ready", log)
         await hydra.run(*hydra.sim.evaluator_starts(1, CID, 1_700_000_000))
         await hydra.run(hydra.sim.eval_fetch_failed(1, CID, 1_700_000_005, "no network"))
         with trio.fail_after(20):
-            await read_until(proc.stderr, "OTLP export failed; retrying with backoff", log)
+            await read_until(stderr, "OTLP export failed; retrying with backoff", log)
         proc.send_signal(signal.SIGTERM)
         with trio.fail_after(10):
-            await read_until(proc.stderr, "signal received; draining", log)
+            await read_until(stderr, "signal received; draining", log)
         with trio.move_on_after(1):  # the first signal alone does not end it: the export is still failing
             await proc.wait()
         assert proc.returncode is None
         proc.send_signal(signal.SIGTERM)
         with trio.fail_after(10):  # far less than the 60 s grace
-            await read_until(proc.stderr, "second signal; exiting now", log)
+            await read_until(stderr, "second signal; exiting now", log)
             assert await proc.wait() == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
