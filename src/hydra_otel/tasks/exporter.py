@@ -44,14 +44,17 @@ async def run_exporter(
     it, ``commit`` stores the checkpoint's marks.
     """
     batch: list[SpanRecord] = []
+    # When the oldest span still in ``batch`` arrived. It is kept across a full batch's flush: a
+    # list that overfilled the batch leaves its remainder behind, and that must not wait for
+    # the next arrival (which may be the next catch-up checkpoint, 30 s later).
+    oldest = math.inf
     async with spans:
         try:
             closed = False
             while not closed:
                 checkpoint: Checkpoint | None = None
-                deadline = math.inf
                 while len(batch) < batch_size:
-                    with trio.move_on_at(deadline) as scope:
+                    with trio.move_on_at(oldest + delay if batch else math.inf) as scope:
                         try:
                             item = await spans.receive()
                         except trio.EndOfChannel:
@@ -63,7 +66,7 @@ async def run_exporter(
                         checkpoint = item
                         break
                     if not batch:
-                        deadline = trio.current_time() + delay
+                        oldest = trio.current_time()
                     batch.extend(item)
                 # A checkpoint, the end, or the age limit flushes everything; a full batch only itself.
                 flush_all = checkpoint is not None or closed or len(batch) < batch_size
