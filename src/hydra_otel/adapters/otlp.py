@@ -1,10 +1,17 @@
-"""OTLP export: SpanRecord -> OpenTelemetry SDK span -> OTLP exporter.
+"""OTLP export: SpanRecord batches -> OTLP/protobuf bytes -> the official OTLP exporters.
 
 The SDK's TracerProvider and BatchSpanProcessor are not used: spans here have
-chosen IDs and times from Hydra's rows, so they are built directly as
-``ReadableSpan`` values and handed to the official OTLP exporters (gRPC or
-HTTP/protobuf). The exporters block, so :meth:`OtlpSink.export` runs them in a
-worker thread; their own ``timeout`` bounds each call.
+chosen IDs and times from Hydra's rows. Batches are encoded by
+:class:`~hydra_otel.core.otlp_wire.SpanEncoder` and handed, already
+serialized, to the official OTLP exporters (gRPC or HTTP/protobuf; see
+adapters/otlp_exporters.py), which bring the transport, TLS, headers,
+compression, timeouts and retries. The exporters block, so
+:meth:`OtlpSink.export` runs them in a worker thread; their own ``timeout``
+bounds each call.
+
+:func:`to_readable` is the SDK's view of the same record. The daemon does not
+use it; it is the reference the direct encoder is tested against, and what the
+benchmark's R_export baseline sends through the SDK's own encoder.
 """
 
 from __future__ import annotations
@@ -16,13 +23,14 @@ from typing import Protocol
 import trio
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan
-from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, TraceFlags
 from opentelemetry.trace.status import Status as OtelStatus
 from opentelemetry.trace.status import StatusCode
 
 import hydra_otel
+from hydra_otel.adapters.otlp_exporters import Encoded, GrpcSpanExporter, HttpSpanExporter
+from hydra_otel.core.otlp_wire import SpanEncoder
 from hydra_otel.core.spans import Kind, SpanRecord, Status
 
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
@@ -74,14 +82,13 @@ class ExporterSettings:
     compression: str | None = None
 
 
-def make_exporter(s: ExporterSettings) -> SpanExporter:
-    """Build the official OTLP span exporter for ``s``."""
+def make_exporter(s: ExporterSettings) -> GrpcSpanExporter | HttpSpanExporter:
+    """Build the official OTLP span exporter for ``s`` (with :meth:`export_encoded`)."""
     if s.protocol == "grpc":
         return _grpc_exporter(s)
     from opentelemetry.exporter.otlp.proto.http import Compression
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-    return OTLPSpanExporter(
+    return HttpSpanExporter(
         endpoint=s.endpoint,
         certificate_file=s.certificate,
         headers=dict(s.headers),
@@ -120,12 +127,11 @@ def grpc_options(s: ExporterSettings) -> GrpcOptions:
     return GrpcOptions(insecure=insecure, credentials=credentials, gzip=s.compression == "gzip")
 
 
-def _grpc_exporter(s: ExporterSettings) -> SpanExporter:
+def _grpc_exporter(s: ExporterSettings) -> GrpcSpanExporter:
     import grpc
-    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
     o = grpc_options(s)
-    exporter: SpanExporter = OTLPSpanExporter(
+    return GrpcSpanExporter(
         endpoint=s.endpoint,
         insecure=o.insecure,
         credentials=o.credentials,
@@ -133,7 +139,6 @@ def _grpc_exporter(s: ExporterSettings) -> SpanExporter:
         timeout=s.timeout_s,
         compression=grpc.Compression.Gzip if o.gzip else None,
     )
-    return exporter
 
 
 class SpanSink(Protocol):
@@ -149,17 +154,28 @@ class SpanSink(Protocol):
 
 
 class OtlpSink:
-    """A :class:`SpanSink` over an OpenTelemetry SDK exporter."""
+    """A :class:`SpanSink` that encodes batches itself and sends them with an OTLP exporter.
 
-    def __init__(self, exporter: SpanExporter, resource: Resource) -> None:
+    Args:
+        exporter: from :func:`make_exporter`.
+        resource: the resource every span carries.
+    """
+
+    def __init__(self, exporter: GrpcSpanExporter | HttpSpanExporter, resource: Resource) -> None:
         self._exporter = exporter
-        self._resource = resource
+        attributes = tuple(
+            (str(k), v) for k, v in resource.attributes.items() if isinstance(v, str | bool | int | float)
+        )
+        self._encoder = SpanEncoder(attributes, _SCOPE.name, _SCOPE.version or "")
 
     async def export(self, batch: Sequence[SpanRecord]) -> bool:
-        """Convert and export ``batch`` in a worker thread; True on success."""
-        spans = [to_readable(r, self._resource) for r in batch]
-        result = await trio.to_thread.run_sync(self._exporter.export, spans, abandon_on_cancel=True)
-        return result is SpanExportResult.SUCCESS
+        """Encode and export ``batch`` in a worker thread; True on success."""
+        return await trio.to_thread.run_sync(self._send, list(batch), abandon_on_cancel=True)
+
+    def _send(self, batch: list[SpanRecord]) -> bool:
+        # Encoding happens here, in the worker thread, so a batch never holds up the Trio thread for
+        # more than the interpreter's switch interval.
+        return self._exporter.export_encoded(Encoded(self._encoder.request(batch), len(batch)))
 
     def shutdown(self) -> None:
         """Shut the exporter down (returns quickly; interrupts retry sleeps)."""

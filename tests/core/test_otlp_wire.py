@@ -1,0 +1,183 @@
+"""The direct OTLP encoder parses to exactly what the SDK's encoder makes of the same spans."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.sdk.resources import Resource
+
+import hydra_otel
+from hydra_otel.adapters.otlp import to_readable
+from hydra_otel.core import otlp_wire
+from hydra_otel.core.builds import build_spans
+from hydra_otel.core.evals import RenderConfig
+from hydra_otel.core.otlp_wire import SpanEncoder
+from hydra_otel.core.spans import AttrValue, Kind, SpanEvent, SpanLink, SpanRecord, Status
+from tests.factories import make_build, make_step
+
+RESOURCE = (("service.name", "hydra-otel"), ("service.version", hydra_otel.__version__), ("deployment", "ci"))
+CFG = RenderConfig(
+    instance="hydra",
+    hydra_url="https://hydra.example.org",
+    error_text_limit=100,
+    max_builds_per_trace=10,
+    max_links=2,
+)
+
+
+def encoder() -> SpanEncoder:
+    return SpanEncoder(RESOURCE, "hydra_otel", hydra_otel.__version__)
+
+
+def sdk_request(records: Sequence[SpanRecord]) -> ExportTraceServiceRequest:
+    return encode_spans([to_readable(r, Resource(dict(RESOURCE))) for r in records])
+
+
+def parsed(payload: bytes) -> ExportTraceServiceRequest:
+    request: ExportTraceServiceRequest = ExportTraceServiceRequest.FromString(payload)
+    return request
+
+
+def assert_same_as_sdk(records: Sequence[SpanRecord], enc: SpanEncoder | None = None) -> None:
+    mine, sdk = parsed((enc or encoder()).request(records)), sdk_request(records)
+    assert mine == sdk, f"differs:\n{mine}\nSDK:\n{sdk}"
+
+
+def record(**overrides: object) -> SpanRecord:
+    fields: dict[str, object] = {
+        "trace_id": 0x0123456789ABCDEF0123456789ABCDEF,
+        "span_id": 0x1122334455667788,
+        "parent_span_id": None,
+        "name": "build hello",
+        "kind": Kind.INTERNAL,
+        "start_ns": 1_700_000_000_000_000_000,
+        "end_ns": 1_700_000_300_000_000_000,
+        "attributes": (("hydra.build.id", 100),),
+    }
+    fields.update(overrides)
+    return SpanRecord(**fields)  # type: ignore[arg-type]
+
+
+def test_rendered_build_spans_encode_as_the_sdk_does() -> None:
+    failed = make_build(build_id=7, status=1)
+    steps = [
+        make_step(build_id=7, stepnr=1, drvpath=f"/nix/store/{'1' * 32}-dep.drv"),
+        make_step(build_id=7, stepnr=2, status=1, errormsg="builder failed\nwith exit code 1", machine="m1"),
+    ]
+    records = build_spans(CFG, make_build(), [make_step()]) + build_spans(CFG, failed, steps)
+    assert any(r.status is Status.ERROR for r in records)
+    assert_same_as_sdk(records)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "",
+        "plain",
+        "ünïcødé ✓ \x00 nul",
+        "x" * 300,  # a length that needs a two-byte varint
+        True,
+        False,
+        0,
+        1,
+        -1,
+        127,
+        128,
+        2**31 - 1,
+        2**63 - 1,
+        -(2**63),
+        0.0,
+        -2.5,
+        1e300,
+    ],
+)
+def test_attribute_values(value: AttrValue) -> None:
+    assert_same_as_sdk([record(attributes=(("k", value),))])
+
+
+def test_equal_values_of_different_types_are_not_confused_by_the_cache() -> None:
+    enc = encoder()
+    for value in (1, True, 1.0, 0, False, 0.0):
+        assert_same_as_sdk([record(attributes=(("k", value),))], enc)
+
+
+def test_the_cache_stays_bounded_and_correct_after_emptying(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(otlp_wire, "_CACHE_LIMIT", 5)
+    enc = encoder()
+    for i in range(20):
+        assert_same_as_sdk([record(attributes=(("n", i), ("same", "v")))], enc)
+    assert len(enc._cache) <= 5
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"parent_span_id": 0x99},
+        {"kind": Kind.SERVER},
+        {"status": Status.OK},
+        {"status": Status.ERROR},
+        {"status": Status.ERROR, "status_message": "exit code 1"},
+        {"status": Status.OK, "status_message": "ignored unless an error"},
+        {"name": ""},
+        {"attributes": ()},
+        {"events": (SpanEvent(name="exception", time_ns=5, attributes=(("exception.message", "boom"),)),)},
+        {"links": (SpanLink(trace_id=3, span_id=4), SpanLink(trace_id=5, span_id=6, attributes=(("a", 1),)))},
+    ],
+    ids=lambda o: ",".join(o),
+)
+def test_span_fields(overrides: dict[str, object]) -> None:
+    assert_same_as_sdk([record(**overrides)])
+
+
+def test_an_empty_batch() -> None:
+    assert_same_as_sdk([])
+
+
+def test_a_value_of_another_type_is_refused() -> None:
+    with pytest.raises(TypeError, match="attribute values must be"):
+        encoder().request([record(attributes=(("k", b"bytes"),))])
+
+
+# Generated spans: any mix of the fields hydra-otel uses.
+_ids128 = st.integers(min_value=1, max_value=2**128 - 1)
+_ids64 = st.integers(min_value=1, max_value=2**64 - 1)
+_times = st.integers(min_value=0, max_value=2**64 - 1)
+_values: st.SearchStrategy[AttrValue] = st.one_of(
+    st.text(max_size=200),
+    st.booleans(),
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.floats(allow_nan=False),
+)
+_attributes = st.dictionaries(st.text(min_size=1, max_size=30), _values, max_size=8).map(
+    lambda d: tuple(d.items())
+)
+_records = st.builds(
+    SpanRecord,
+    trace_id=_ids128,
+    span_id=_ids64,
+    parent_span_id=st.none() | _ids64,
+    name=st.text(max_size=50),
+    kind=st.sampled_from(Kind),
+    start_ns=_times,
+    end_ns=_times,
+    attributes=_attributes,
+    status=st.sampled_from(Status),
+    status_message=st.text(max_size=50),
+    events=st.lists(
+        st.builds(SpanEvent, name=st.text(max_size=20), time_ns=_times, attributes=_attributes), max_size=2
+    ).map(tuple),
+    links=st.lists(
+        st.builds(SpanLink, trace_id=_ids128, span_id=_ids64, attributes=_attributes), max_size=2
+    ).map(tuple),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_records, max_size=5))
+def test_generated_spans_encode_as_the_sdk_does(records: list[SpanRecord]) -> None:
+    assert_same_as_sdk(records)
