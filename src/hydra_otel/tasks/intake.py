@@ -38,6 +38,7 @@ from hydra_otel.core.parse import parse
 from hydra_otel.errors import PayloadError
 from hydra_otel.log import RateLimitedLog
 from hydra_otel.stats import Stats
+from hydra_otel.tasks.channels import receive_some, send_all
 
 log = logging.getLogger("hydra_otel.intake")
 
@@ -57,18 +58,25 @@ async def run_intake(
     """
     warn = RateLimitedLog(log)
     async with raw, events:
-        async for item in raw:
-            if not isinstance(item, RawNotification):
-                stats.resyncs[item.reason] += 1
-                _trigger(triggers, item.reason)
-                continue
-            event = parse_counted(item.channel, item.payload, stats, warn)
-            if event is None:
-                continue
-            if isinstance(event, TableChanged):
-                _trigger(triggers, event.channel)
-            elif isinstance(event, _FORWARDED):
-                await events.send(Received(event=event, at_ns=item.at_ns))
+        while True:
+            try:
+                items = await receive_some(raw)
+            except trio.EndOfChannel:
+                break
+            out: list[Received] = []
+            for item in items:
+                if not isinstance(item, RawNotification):
+                    stats.resyncs[item.reason] += 1
+                    _trigger(triggers, item.reason)
+                    continue
+                event = parse_counted(item.channel, item.payload, stats, warn)
+                if event is None:
+                    continue
+                if isinstance(event, TableChanged):
+                    _trigger(triggers, event.channel)
+                elif isinstance(event, _FORWARDED):
+                    out.append(Received(event=event, at_ns=item.at_ns))
+            await send_all(events, out)
 
 
 def parse_counted(channel: str, payload: str, stats: Stats, warn: RateLimitedLog) -> HydraEvent | None:

@@ -49,6 +49,7 @@ from hydra_otel.core.stitch import Work
 from hydra_otel.errors import DbUnavailable
 from hydra_otel.log import RateLimitedLog
 from hydra_otel.stats import Stats
+from hydra_otel.tasks.channels import receive_some
 
 log = logging.getLogger("hydra_otel.resolver")
 
@@ -237,13 +238,16 @@ async def run_resolver(
 ) -> None:
     """Consume ``work`` until it closes; closes ``spans`` when done. Checkpoints keep their place."""
     async with work, spans:
-        async for first in work:
-            batch = [first]
+        while True:
+            try:
+                batch = await receive_some(work, batch_size)
+            except trio.EndOfChannel:
+                break
             # Wait a moment for more: in a burst, one query then serves hundreds of events.
             with trio.move_on_after(gather):
                 while len(batch) < batch_size:
                     try:
-                        batch.append(await work.receive())
+                        batch += await receive_some(work, batch_size - len(batch))
                     except trio.EndOfChannel:
                         break
             segment: list[Work] = []

@@ -25,6 +25,7 @@ from hydra_otel.core.events import (
     StepFinished,
 )
 from hydra_otel.core.stitch import Stitcher, Work
+from hydra_otel.tasks.channels import receive_some, send_all
 
 log = logging.getLogger("hydra_otel.stitcher")
 
@@ -38,25 +39,26 @@ async def run_stitcher(
     async with events, outcomes:
         while True:
             deadline = stitcher.next_deadline()
-            received: Received | None = None
+            batch: list[Received] | None = None
             with trio.move_on_at(math.inf if deadline is None else deadline):
                 try:
-                    received = await events.receive()
+                    batch = await receive_some(events)
                 except trio.EndOfChannel:
                     break
-            out: list[Work]
-            if received is None:
-                out = list(stitcher.expire(trio.current_time(), time.time_ns()))
-            elif isinstance(received.event, StepFinished | BuildFinished):
-                out = [received.event]  # build events pass through, in order with the evaluations
-            else:
+            if batch is None:
+                await send_all(outcomes, stitcher.expire(trio.current_time(), time.time_ns()))
+                continue
+            out: list[Work] = []
+            for received in batch:
                 event = received.event
-                assert isinstance(
-                    event, EvalStarted | EvalAdded | EvalCached | EvalFailed
-                )  # intake's contract
-                out = list(stitcher.feed(event, received.at_ns, trio.current_time()))
-            for outcome in out:
-                await outcomes.send(outcome)
+                if isinstance(event, StepFinished | BuildFinished):
+                    out.append(event)  # build events pass through, in order with the evaluations
+                else:
+                    assert isinstance(
+                        event, EvalStarted | EvalAdded | EvalCached | EvalFailed
+                    )  # intake's contract
+                    out += stitcher.feed(event, received.at_ns, trio.current_time())
+            await send_all(outcomes, out)
         stats = stitcher.statistics()
         if stats.open:
             log.info("evaluations still running at shutdown are not exported", extra={"open": stats.open})
