@@ -608,3 +608,13 @@ def test_invalid_capacity(capacity: int) -> None:
     """A capacity below one is refused."""
     with pytest.raises(ValueError, match="capacity must be >= 1"):
         RecentSpans(capacity)
+
+
+def test_a_build_with_thousands_of_steps_splits_attempts_as_step_attempt_does() -> None:
+    # 3,000 steps with a failed attempt at its own derivation half-way: split as step_attempt splits.
+    b = make_build(drvpath=DRV, stoptime=T0 + 10_000)
+    steps = [make_step(stepnr=n, drvpath=DEP, starttime=T0 + n, stoptime=T0 + n + 1) for n in range(1, 3001)]
+    steps[1499] = make_step(stepnr=1500, drvpath=DRV, status=1, starttime=T0 + 1500, stoptime=T0 + 1501)
+    spans = build_spans(CFG, b, steps)
+    expected = [s.stepnr for s in steps if step_attempt(b, steps, s.stepnr) == 1]
+    assert _step_nrs(spans) == expected
