@@ -88,9 +88,16 @@ async def listen_baseline(dsn: str, lay: w.Layout, channels: list[str]) -> dict[
     }
 
 
-def export_baseline(ctx: Ctx, layout_json: str, batch: int, ids: list[int]) -> dict[str, Any]:
-    """R_export: the build bursts' spans, pre-built, through the exporter alone to the same receiver."""
-    child = procs.Child(procs.script("export_baseline.py", ctx.receiver.endpoint, layout_json, str(batch)))
+def export_baseline(
+    ctx: Ctx, layout_json: str, batch: int, ids: list[int], mode: str = "sdk"
+) -> dict[str, Any]:
+    """R_export: the build bursts' spans, pre-built, through the exporter alone to the same receiver.
+
+    ``mode`` "sdk" sends SDK spans through the SDK's encoder (the issue's baseline); "direct" sends
+    the records through the daemon's own encoder, for comparison.
+    """
+    script = procs.script("export_baseline.py", ctx.receiver.endpoint, layout_json, str(batch), mode)
+    child = procs.Child(script)
     try:
         ready = child.read()
         ctx.receiver.expect(ctx.tmp / "expect-export.bin", ids)

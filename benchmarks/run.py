@@ -162,7 +162,10 @@ async def run(args: argparse.Namespace, res: Resources) -> dict[str, Any]:
         say(f"R_listen: {listen['rate_per_s']:,.0f}/s; R_export: the exporter alone")
         layout_json = json.dumps({"sizes": asdict(lay.sizes), "t0": lay.t0})
         export = bench.export_baseline(ctx, layout_json, BATCH, ctx.spans["bursts"])
-        say(f"R_export: {export['rate_per_s']:,.0f} spans/s; starting the daemon")
+        say(f"R_export: {export['rate_per_s']:,.0f} spans/s; the daemon's own encoder alone, for comparison")
+        res.receiver.ask("reset")
+        direct = bench.export_baseline(ctx, layout_json, BATCH, ctx.spans["bursts"], mode="direct")
+        say(f"R_export direct: {direct['rate_per_s']:,.0f} spans/s; starting the daemon")
         res.receiver.ask("reset")
         daemon_dsn = dsn.replace(f"{SUPERUSER}@", f"{ROLE}@", 1)
         res.daemon = ctx.daemon = procs.Daemon(daemon_env(res, daemon_dsn, args))
@@ -187,12 +190,12 @@ async def run(args: argparse.Namespace, res: Resources) -> dict[str, Any]:
     arrivals = res.receiver.arrivals(res.tmp / "arrivals.bin")
     totals = res.receiver.ask("stats")
     end = {"stopped": stopped, "code": code, "final": final, "totals": totals, "lines": res.daemon.lines}
-    baselines = {"R_listen": listen, "R_export": export}
+    baselines = {"R_listen": listen, "R_export": export, "R_export_direct": direct}
     settings = {
         "scale": args.scale,
         "export_delay_s": args.export_delay,
         "export_batch": BATCH,
-        "queue_size": args.queue_size or "default (10000)",
+        "queue_size": args.queue_size or "default (100000)",
     }
     r = report.summarize(settings, ctx, baselines, end, arrivals)
     if PROFILES:

@@ -153,6 +153,14 @@ class SpanSink(Protocol):
         ...
 
 
+def span_encoder(resource: Resource) -> SpanEncoder:
+    """The encoder for spans of ``resource``, under hydra-otel's instrumentation scope."""
+    attributes = tuple(
+        (str(k), v) for k, v in resource.attributes.items() if isinstance(v, str | bool | int | float)
+    )
+    return SpanEncoder(attributes, _SCOPE.name, _SCOPE.version or "")
+
+
 class OtlpSink:
     """A :class:`SpanSink` that encodes batches itself and sends them with an OTLP exporter.
 
@@ -163,10 +171,7 @@ class OtlpSink:
 
     def __init__(self, exporter: GrpcSpanExporter | HttpSpanExporter, resource: Resource) -> None:
         self._exporter = exporter
-        attributes = tuple(
-            (str(k), v) for k, v in resource.attributes.items() if isinstance(v, str | bool | int | float)
-        )
-        self._encoder = SpanEncoder(attributes, _SCOPE.name, _SCOPE.version or "")
+        self._encoder = span_encoder(resource)
 
     async def export(self, batch: Sequence[SpanRecord]) -> bool:
         """Encode and export ``batch`` in a worker thread; True on success."""
