@@ -56,6 +56,7 @@ def attempt_trace(instance: str, jobset_id: int, correlation_id: str) -> TraceKe
     return TraceKey(instance, ("attempt", jobset_id, correlation_id))
 
 
+@functools.lru_cache(maxsize=65536, typed=True)  # span kinds and build IDs recur within a trace
 def _encode(part: KeyPart) -> bytes:
     # Type-tagged and length-prefixed, so ("a", "bc") and ("ab", "c") differ, and 1 differs from "1".
     if isinstance(part, int):

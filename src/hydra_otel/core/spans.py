@@ -75,7 +75,7 @@ class SpanRecord:
 def attributes(pairs: Mapping[str, AttrValue | None] | Iterable[tuple[str, AttrValue | None]]) -> Attributes:
     """Build an :data:`Attributes` tuple, dropping ``None`` values and keeping the given order."""
     items = pairs.items() if isinstance(pairs, Mapping) else pairs
-    return tuple((k, v) for k, v in items if v is not None)
+    return tuple([(k, v) for k, v in items if v is not None])  # a list is built faster than a generator
 
 
 def seconds_ns(seconds: int) -> int:
