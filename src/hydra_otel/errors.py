@@ -7,10 +7,11 @@
 | StateDirError    | refuse to start; the message names the directory        |
 | DbUnavailable    | reconnect with backoff, then catch up from the tables  |
 | LeadershipLost   | stop exporting; exit so a supervisor restarts a standby |
-| ExportRetryable  | retry the batch with capped backoff                    |
-| ExportPermanent  | drop the batch, count it                               |
 
-Anything else is a bug and is allowed to crash the nursery.
+An export the endpoint refuses is not an exception: the sink returns False and
+the exporter task holds the batch and retries it with capped backoff, whatever
+the reason (tasks/exporter.py; docs/performance.md, "What is left"). Anything
+else is a bug and is allowed to crash the nursery.
 """
 
 from __future__ import annotations
@@ -57,14 +58,6 @@ class DbUnavailable(HydraOtelError):
 
 class LeadershipLost(DbUnavailable):
     """The connection holding the active instance's advisory lock was lost; stop exporting."""
-
-
-class ExportRetryable(HydraOtelError):
-    """The OTLP endpoint refused or did not answer; the batch may be retried."""
-
-
-class ExportPermanent(HydraOtelError):
-    """The OTLP endpoint rejected the batch for good; drop and count it."""
 
 
 def first_leaf(exc: BaseException) -> BaseException:
