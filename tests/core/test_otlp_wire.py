@@ -138,6 +138,12 @@ def test_an_empty_batch() -> None:
     assert_same_as_sdk([])
 
 
+@pytest.mark.parametrize("value", [2**63, -(2**63) - 1])
+def test_an_integer_beyond_int64_is_refused(value: int) -> None:
+    with pytest.raises(ValueError, match="does not fit OTLP's int64"):
+        encoder().request([record(attributes=(("k", value),))])
+
+
 def test_a_value_of_another_type_is_refused() -> None:
     with pytest.raises(TypeError, match="attribute values must be"):
         encoder().request([record(attributes=(("k", b"bytes"),))])

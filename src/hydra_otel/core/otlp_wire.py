@@ -31,6 +31,7 @@ _STATUS_CODES = {Status.UNSET: 0, Status.OK: 1, Status.ERROR: 2}  # Status.code 
 # (0x100) with IS_REMOTE clear, as the SDK writes for local parents and links.
 _SPAN_FLAGS = b"\x85\x01" + struct.pack("<I", 0x100)
 _LINK_FLAGS = b"\x35" + struct.pack("<I", 0x100)
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 _FIXED64 = struct.Struct("<Q")
 _DOUBLE = struct.Struct("<d")
 
@@ -69,6 +70,8 @@ def _any_value(value: AttrValue) -> bytes:
     if isinstance(value, bool):  # before int: bool is an int subclass
         return b"\x10\x01" if value else b"\x10\x00"  # bool_value (2)
     if isinstance(value, int):
+        if not _INT64_MIN <= value <= _INT64_MAX:
+            raise ValueError(f"integer attribute value {value} does not fit OTLP's int64")
         return b"\x18" + _varint(value)  # int_value (3)
     if isinstance(value, float):
         return b"\x21" + _DOUBLE.pack(value)  # double_value (4)
