@@ -16,9 +16,9 @@ from hydra_otel.config import (
     OtlpProtocol,
     add_arguments,
     load,
-    redacted_dsn,
     render_reference,
 )
+from hydra_otel.dsn import redacted_dsn
 from hydra_otel.errors import ConfigError
 
 Flags = dict[str, str | None]

@@ -8,7 +8,7 @@ docs/configuration.md (:func:`render_reference`; regenerate with
 ``python -m hydra_otel.config > docs/configuration.md``).
 
 Secrets (database passwords, OTLP header values) never appear in ``repr()`` or in an error message.
-This module imports only the standard library and :mod:`hydra_otel.errors`.
+This module imports only the standard library, :mod:`hydra_otel.errors` and :mod:`hydra_otel.dsn`.
 """
 
 from __future__ import annotations
@@ -22,14 +22,14 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Generic, TypeVar
-from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
+from urllib.parse import unquote, urlsplit
 
+from hydra_otel.dsn import DsnError, database_url, dbi_to_url, redacted_dsn
 from hydra_otel.errors import ConfigError, quote_payload
 
 _T = TypeVar("_T")
 _E = TypeVar("_E", bound=StrEnum)
 Pairs = tuple[tuple[str, str], ...]
-APPLICATION_NAME = "hydra-otel"
 REGENERATE = "python -m hydra_otel.config > docs/configuration.md"
 
 
@@ -261,99 +261,6 @@ def _pairs(header_names: bool) -> Callable[[str], Pairs]:
     return parse
 
 
-# --- database URLs ------------------------------------------------------------------------------------
-
-_PASSWORD_PARAM = re.compile(r"(?i)(\b(?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'?|(?:\\.|[^&;\s#\\])*)")
-_DBI_PREFIX = re.compile(r"(?i:dbi):Pg:")
-_DBI_TOKEN = re.compile(r"\\.|'(?:[^'\\]|\\.)*'?|;", re.DOTALL)
-_CONNINFO_PAIR = re.compile(r"\s*([^\s=]+)\s*=\s*(?:'((?:[^'\\]|\\.)*)'|(?!')((?:[^\s\\]|\\.)*))", re.DOTALL)
-_NETLOC_HOST = re.compile(r"[A-Za-z0-9._-]+|[0-9A-Fa-f.]*:[0-9A-Fa-f:.]*")
-
-
-def redacted_dsn(url: str) -> str:
-    """Return ``url`` with every password replaced by ``***``, for logs and error messages.
-
-    Args:
-        url: a ``postgresql://`` URL or a ``key=value`` data source (``dbi:Pg:...``, libpq).
-
-    Returns:
-        The same text with the userinfo password and any ``password=``/``sslpassword=`` value masked.
-    """
-    scheme, sep, rest = url.partition("://")
-    at = rest.split("?", 1)[0].rfind("@")
-    user, colon, _ = rest[: max(at, 0)].partition(":")
-    if sep and at >= 0 and colon:
-        url = f"{scheme}://{user}:***{rest[at:]}"
-    return _PASSWORD_PARAM.sub(r"\1***", url)
-
-
-def dbi_to_url(dsn: str) -> str:
-    """Convert legacy Hydra's ``HYDRA_DBI`` (a Perl DBI data source) to a ``postgresql://`` URL.
-
-    Reads the text as DBD::Pg does (``;`` outside single quotes separates libpq ``key=value``
-    pairs; ``db``/``database`` mean ``dbname``); keys other than user, password, host, port and
-    dbname, and hosts that are socket directories or lists, become query parameters.
-
-    Args:
-        dsn: e.g. ``dbi:Pg:dbname=hydra;host=db;port=5432;user=hydra;password=...``.
-
-    Returns:
-        The equivalent URL, without ``application_name`` unless the data source set one.
-
-    Raises:
-        ValueError: the text is not a ``dbi:Pg:`` data source (the message never quotes it).
-    """
-    if not _DBI_PREFIX.match(dsn):
-        raise _Invalid("it does not start with dbi:Pg:")
-    body = re.sub(r"\b(?:db|database)\s*=", "dbname=", dsn[len("dbi:Pg:") :], count=1)
-    body = re.sub(r'dbname\s*=\s*"(.+?)"', r"dbname='\1'", body, count=1)
-    body = _DBI_TOKEN.sub(lambda m: " " if m[0] == ";" else m[0], body)
-    return _conninfo_to_url(_parse_conninfo(body))
-
-
-def _parse_conninfo(text: str) -> dict[str, str]:
-    params: dict[str, str] = {}
-    pos = 0
-    while text[pos:].strip():
-        m = _CONNINFO_PAIR.match(text, pos)
-        if m is None:
-            raise _Invalid(f"cannot parse it after {len(params)} key=value pair(s)")
-        value = m[2] if m[2] is not None else m[3]
-        params[m[1]] = re.sub(r"\\(.)", r"\1", value, flags=re.DOTALL)
-        pos = m.end()
-    return params
-
-
-def _conninfo_to_url(params: dict[str, str]) -> str:
-    user, password = params.pop("user", ""), params.pop("password", "")
-    host, port, dbname = params.pop("host", ""), params.pop("port", ""), params.pop("dbname", "")
-    if port and not (port.isascii() and port.isdigit()):
-        raise _Invalid("port is not a number")
-    netloc = quote(user, safe="") + (":" + quote(password, safe="") if password else "")
-    netloc += "@" if netloc else ""
-    if _NETLOC_HOST.fullmatch(host):
-        netloc += (f"[{host}]" if ":" in host else host) + (f":{port}" if port else "")
-    else:  # a socket directory, a host list, or none: libpq and asyncpg both take ?host=&port=
-        params = {"host": host, "port": port} | params
-    query = urlencode({k: v for k, v in params.items() if v}, safe="/", quote_via=quote)
-    return (
-        f"postgresql://{netloc}"
-        + (f"/{quote(dbname, safe='')}" if dbname else "")
-        + (f"?{query}" if query else "")
-    )
-
-
-def _database_url(text: str) -> str:
-    if urlsplit(text).scheme not in ("postgresql", "postgres"):
-        raise _Invalid("the scheme must be postgresql:// or postgres://")
-    base, hash_, fragment = text.partition("#")
-    query = urlsplit(base).query
-    if any(k == "application_name" for k, _ in parse_qsl(query, keep_blank_values=True)):
-        return text
-    sep = "&" if query else ("" if base.endswith("?") else "?")
-    return f"{base}{sep}application_name={APPLICATION_NAME}{hash_}{fragment}"
-
-
 #: Conversions applied to a value according to the variable it came from.
 _FROM_ENV: Mapping[str, Callable[[str], str]] = {
     "HYDRA_DBI": dbi_to_url,
@@ -369,7 +276,7 @@ _URL = "an http(s) URL with a host"
 DATABASE_URL = Setting(
     flag="--database-url", env=("HYDRA_OTEL_DATABASE_URL", "HYDRA_DATABASE_URL", "HYDRA_DBI"),
     default="postgresql:///hydra", section="Database", show=lambda t: quote_payload(redacted_dsn(t)),
-    check=_Check("a postgresql:// URL, or for HYDRA_DBI a dbi:Pg: data source", _database_url),
+    check=_Check("a postgresql:// URL, or for HYDRA_DBI a dbi:Pg: data source", database_url),
     doc="Hydra's PostgreSQL database; `application_name=hydra-otel` is added unless the URL sets one. "
     "See *Database URL resolution*.")
 HYDRA_URL = Setting(
@@ -553,7 +460,7 @@ class _Resolver:
         try:
             return s.check.parse(_FROM_ENV.get(origin, str)(text))
         except ValueError as exc:
-            detail = f" ({exc})" if isinstance(exc, _Invalid) else ""
+            detail = f" ({exc})" if isinstance(exc, _Invalid | DsnError) else ""
             self.problems.append(f"{origin}: must be {s.check.rule}, got {s.show(text)}{detail}")
             return s.check.parse(s.default)  # keep going so that every problem is reported
 
