@@ -93,6 +93,7 @@ class ExportConfig:
     insecure: bool | None
     compression: Compression
     batch_size: int
+    max_request_bytes: int
     delay: float
     max_backoff: float
     resource: Pairs
@@ -343,6 +344,12 @@ OTLP_COMPRESSION = Setting(
 EXPORT_BATCH_SIZE = Setting(
     flag="--export-batch-size", env=("HYDRA_OTEL_EXPORT_BATCH_SIZE",), default="512", section="Export",
     check=_int(1, 10_000), doc="Spans per export request.")
+EXPORT_MAX_REQUEST_BYTES = Setting(
+    flag="--export-max-request-bytes", env=("HYDRA_OTEL_EXPORT_MAX_REQUEST_BYTES",), default="3145728",
+    section="Export", check=_int(65_536, 1 << 30),
+    doc="A batch whose encoded spans exceed this many bytes (before compression) is sent as several "
+    "requests. 3 MiB stays under the 4 MiB that the Collector's, Jaeger's and Tempo's OTLP/gRPC "
+    "receivers accept by default; a refused oversized request would be retried for ever.")
 EXPORT_DELAY = Setting(
     flag="--export-delay", env=("HYDRA_OTEL_EXPORT_DELAY",), default="1.0", section="Export",
     check=_seconds(60), doc="How long a partial batch waits for more spans before it is exported.")
@@ -426,7 +433,7 @@ SETTINGS: tuple[Setting[Any], ...] = (
     DATABASE_URL, HYDRA_URL, INSTANCE, EVAL_ABANDON_AFTER, MAX_OPEN_EVALS, ERROR_TEXT_LIMIT,
     MAX_BUILDS_PER_TRACE, MAX_LINKS,
     OTLP_PROTOCOL, OTLP_ENDPOINT, OTLP_HEADERS, OTLP_TIMEOUT, OTLP_CERTIFICATE, OTLP_INSECURE,
-    OTLP_COMPRESSION, EXPORT_BATCH_SIZE, EXPORT_DELAY, EXPORT_MAX_BACKOFF, SERVICE_NAME,
+    OTLP_COMPRESSION, EXPORT_BATCH_SIZE, EXPORT_MAX_REQUEST_BYTES, EXPORT_DELAY, EXPORT_MAX_BACKOFF, SERVICE_NAME,
     RESOURCE_ATTRIBUTES, STATE_DIR, LOG_LEVEL, SHUTDOWN_GRACE, CATCHUP_INTERVAL, CATCHUP_OVERLAP,
     TAKEOVER_WINDOW, METRICS_ADDRESS, METRICS_EXPORT, METRICS_INTERVAL, STEP_LOGS, STEP_LOGS_DIR,
     STEP_LOG_LINES, LOGS_EXPORT, QUEUE_SIZE,
@@ -532,6 +539,7 @@ def _export(r: _Resolver) -> ExportConfig:
         insecure=insecure,
         compression=r.get(OTLP_COMPRESSION),
         batch_size=r.get(EXPORT_BATCH_SIZE),
+        max_request_bytes=r.get(EXPORT_MAX_REQUEST_BYTES),
         delay=r.get(EXPORT_DELAY),
         max_backoff=r.get(EXPORT_MAX_BACKOFF),
         resource=_resource(r),

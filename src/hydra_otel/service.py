@@ -277,7 +277,11 @@ def otel_resource(cfg: Config) -> Resource:
 
 def make_sink(cfg: Config) -> OtlpSink:
     """The OTLP span sink the configuration asks for."""
-    return OtlpSink(make_exporter(export_settings(cfg)), otel_resource(cfg))
+    return OtlpSink(
+        make_exporter(export_settings(cfg)),
+        otel_resource(cfg),
+        max_request_bytes=cfg.export.max_request_bytes,
+    )
 
 
 def make_metrics(cfg: Config) -> MetricsSink:

@@ -187,3 +187,25 @@ _records = st.builds(
 @given(st.lists(_records, max_size=5))
 def test_generated_spans_encode_as_the_sdk_does(records: list[SpanRecord]) -> None:
     assert_same_as_sdk(records)
+
+
+def _spans_of(payloads: Sequence[bytes]) -> list[object]:
+    return [s for p in payloads for rs in parsed(p).resource_spans for ss in rs.scope_spans for s in ss.spans]
+
+
+@pytest.mark.parametrize("max_bytes", [1, 300, 1_000, 5_000, 10**9])
+def test_requests_split_by_size_keep_every_span_in_order(max_bytes: int) -> None:
+    records = [record(span_id=i, attributes=(("text", "x" * (i * 37 % 400)),)) for i in range(1, 60)]
+    parts = encoder().requests(records, max_bytes)
+    payloads = [p for p, _ in parts]
+    assert [n for _, n in parts] == [len(parsed(p).resource_spans[0].scope_spans[0].spans) for p in payloads]
+    assert sum(n for _, n in parts) == len(records)
+    assert _spans_of(payloads) == _spans_of([encoder().request(records)])
+    for payload, n in parts:
+        assert len(payload) <= max_bytes or n == 1  # only a span too big on its own goes over
+    if max_bytes == 10**9:
+        assert payloads == [encoder().request(records)]
+
+
+def test_requests_of_nothing() -> None:
+    assert encoder().requests([], 1000) == []

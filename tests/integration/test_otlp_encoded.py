@@ -89,3 +89,18 @@ async def test_a_refusing_endpoint_is_a_false_result(
     assert otlp_grpc.attempts >= 1
     assert otlp_http.attempts >= 1
     assert otlp_grpc.requests == otlp_http.requests == []
+
+
+async def test_a_large_batch_goes_as_several_requests(otlp_grpc: GrpcOtlpReceiver) -> None:
+    spans = records()
+    endpoint = f"http://{otlp_grpc.endpoint}"
+    sink = OtlpSink(make_exporter(settings(endpoint, "grpc")), RESOURCE, max_request_bytes=8_000)
+    try:
+        assert await sink.export(spans)
+    finally:
+        sink.shutdown()
+    requests = otlp_grpc.requests
+    assert len(requests) > 1
+    assert all(r.ByteSize() <= 8_000 for r in requests)
+    expected = encode_spans([to_readable(r, RESOURCE) for r in spans]).resource_spans[0].scope_spans[0].spans
+    assert [s for r in requests for s in r.resource_spans[0].scope_spans[0].spans] == list(expected)

@@ -161,26 +161,66 @@ def span_encoder(resource: Resource) -> SpanEncoder:
     return SpanEncoder(attributes, _SCOPE.name, _SCOPE.version or "")
 
 
+class EncodedExporter(Protocol):
+    """What :class:`OtlpSink` sends with: :func:`make_exporter`'s exporters (or a test's fake)."""
+
+    def export_encoded(self, batch: Encoded) -> bool:
+        """Send one encoded request; True when the endpoint acknowledged it."""
+        ...
+
+    def shutdown(self) -> None:
+        """Release the transport."""
+        ...
+
+
+#: Encoded bytes per export request at most (``--export-max-request-bytes``): under the 4 MiB a
+#: Collector's, Jaeger's or Tempo's OTLP/gRPC receiver accepts by default.
+DEFAULT_MAX_REQUEST_BYTES = 3 * 1024 * 1024
+
+
 class OtlpSink:
     """A :class:`SpanSink` that encodes batches itself and sends them with an OTLP exporter.
+
+    A batch larger than ``max_request_bytes`` once encoded goes as several requests, in order. If
+    one fails, the requests already acknowledged are not sent again when the exporter task
+    retries the same batch: the retry resumes at the first unacknowledged request.
 
     Args:
         exporter: from :func:`make_exporter`.
         resource: the resource every span carries.
+        max_request_bytes: encoded size of one request at most.
     """
 
-    def __init__(self, exporter: GrpcSpanExporter | HttpSpanExporter, resource: Resource) -> None:
+    def __init__(
+        self,
+        exporter: EncodedExporter,
+        resource: Resource,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    ) -> None:
         self._exporter = exporter
         self._encoder = span_encoder(resource)
+        self._max_bytes = max_request_bytes
+        # The batch that failed part-way and its requests still to send (the exporter task retries
+        # the very same batch object until it succeeds).
+        self._unfinished: tuple[Sequence[SpanRecord], list[Encoded]] | None = None
 
     async def export(self, batch: Sequence[SpanRecord]) -> bool:
-        """Encode and export ``batch`` in a worker thread; True on success."""
-        return await trio.to_thread.run_sync(self._send, list(batch), abandon_on_cancel=True)
+        """Encode and export ``batch`` in a worker thread; True once every span was acknowledged."""
+        return await trio.to_thread.run_sync(self._send, batch, abandon_on_cancel=True)
 
-    def _send(self, batch: list[SpanRecord]) -> bool:
+    def _send(self, batch: Sequence[SpanRecord]) -> bool:
         # Encoding happens here, in the worker thread, so a batch never holds up the Trio thread for
         # more than the interpreter's switch interval.
-        return self._exporter.export_encoded(Encoded(self._encoder.request(batch), len(batch)))
+        if self._unfinished is not None and self._unfinished[0] is batch:
+            pending = self._unfinished[1]
+        else:
+            pending = [Encoded(payload, n) for payload, n in self._encoder.requests(batch, self._max_bytes)]
+        self._unfinished = None
+        for i, request in enumerate(pending):
+            if not self._exporter.export_encoded(request):
+                self._unfinished = (batch, pending[i:])
+                return False
+        return True
 
     def shutdown(self) -> None:
         """Shut the exporter down (returns quickly; interrupts retry sleeps)."""

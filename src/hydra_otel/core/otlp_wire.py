@@ -96,11 +96,38 @@ class SpanEncoder:
             _field(b"\x12", scope_version.encode()) if scope_version else b""
         )
         self._scope = _field(b"\x0a", scope)
+        # What a request adds around its spans: resource and scope, and two tags with lengths.
+        self._overhead = len(self._resource) + len(self._scope) + 2 * (1 + 5)
 
     def request(self, records: Iterable[SpanRecord]) -> bytes:
         """A serialized ``ExportTraceServiceRequest`` holding ``records``."""
         span = self.span
-        spans = b"".join([_field(b"\x12", span(r)) for r in records])  # ScopeSpans.spans (2)
+        return self._wrap([_field(b"\x12", span(r)) for r in records])
+
+    def requests(self, records: Iterable[SpanRecord], max_bytes: int) -> list[tuple[bytes, int]]:
+        """``records`` as consecutive requests of at most ``max_bytes`` each, with their span counts.
+
+        Collectors refuse larger messages (a gRPC receiver takes 4 MiB unless configured
+        otherwise), and retrying a refused request cannot help. A span that alone exceeds
+        ``max_bytes`` travels alone. Each span is encoded once.
+        """
+        out: list[tuple[bytes, int]] = []
+        fields: list[bytes] = []
+        size = self._overhead
+        span = self.span
+        for r in records:
+            encoded = _field(b"\x12", span(r))  # ScopeSpans.spans (2)
+            if fields and size + len(encoded) > max_bytes:
+                out.append((self._wrap(fields), len(fields)))
+                fields, size = [], self._overhead
+            fields.append(encoded)
+            size += len(encoded)
+        if fields:
+            out.append((self._wrap(fields), len(fields)))
+        return out
+
+    def _wrap(self, span_fields: list[bytes]) -> bytes:
+        spans = b"".join(span_fields)
         if not spans:
             return b""  # no ResourceSpans at all, as the SDK encodes an empty batch
         scope_spans = _field(b"\x12", self._scope + spans)  # ResourceSpans.scope_spans (2)
