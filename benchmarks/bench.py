@@ -196,7 +196,8 @@ async def build_bursts(ctx: Ctx) -> None:
 async def steady(ctx: Ctx) -> None:
     """Builds finishing one per event at ``rate`` per second; commit time recorded per build."""
     lay = ctx.lay
-    off = ctx.qlog.offset()
+    assert ctx.daemon is not None
+    off, cpu0 = ctx.qlog.offset(), procs.cpu_seconds(ctx.daemon.pid)
     start = time.monotonic()
     for i, b in enumerate(lay.steady()):
         delay = start + i / lay.sizes.rate - time.monotonic()
@@ -205,6 +206,10 @@ async def steady(ctx: Ctx) -> None:
         stop = max(int(time.time()), lay.burst_stop)
         ctx.steady_commits[b] = await ctx.commit(w.single_sql(lay, b, stop), 2)
     ctx.figures["steady_rate_per_s"] = len(lay.steady()) / (time.monotonic() - start)
+    # CPU while the events come in: what a busy Hydra (which commits each build on its own) costs.
+    ctx.figures["steady_cpu_percent"] = (
+        100 * (procs.cpu_seconds(ctx.daemon.pid) - cpu0) / (time.monotonic() - start)
+    )
     ctx.wait("steady", [s for b in lay.steady() for s in ctx.spans[f"build:{b}"]])
     await asyncio.sleep(0.5)
     ctx.figures["steady_queries"] = dict(ctx.qlog.count(off))

@@ -146,6 +146,7 @@ def summarize(
                 "p99_s": percentile(lat_ok, 99) if lat_ok else float("nan"),
                 "max_s": max(lat_ok, default=float("nan")),
                 "idle_single_build_s": idle_lat,
+                "cpu_percent_of_core": f["steady_cpu_percent"],
             },
             "idle_cpu": f["idle_cpu"],
             "stats": stats,
@@ -242,7 +243,8 @@ def table(r: dict[str, Any]) -> str:
         f"  dependents commit -> last span     {bursts['dependents']['commit_to_last_span_s']:>8.2f} s",
         f"  peak RSS (whole run)               {d['memory']['peak_run_mb']:>8.0f} MB",
         f"  latency at {d['latency']['offered_rate_per_s']:.0f} events/s      "
-        f"p50 {d['latency']['p50_s']:.2f} s, p99 {d['latency']['p99_s']:.2f} s, max {d['latency']['max_s']:.2f} s",
+        f"p50 {d['latency']['p50_s']:.2f} s, p99 {d['latency']['p99_s']:.2f} s, max {d['latency']['max_s']:.2f} s; "
+        f"CPU {d['latency']['cpu_percent_of_core']:.1f}% of a core",
         f"  lost: {d['lost']['notifications_missing']:,} of {d['lost']['notifications_sent']:,} notifications, "
         f"{d['lost']['spans_missing']:,} of {d['lost']['spans_expected']:,} spans; resyncs {d['lost']['resyncs']}",
         f"  queries by kind (whole run)        {d['queries']['run']}",
