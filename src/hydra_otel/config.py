@@ -346,7 +346,7 @@ EXPORT_BATCH_SIZE = Setting(
     check=_int(1, 10_000), doc="Spans per export request.")
 EXPORT_MAX_REQUEST_BYTES = Setting(
     flag="--export-max-request-bytes", env=("HYDRA_OTEL_EXPORT_MAX_REQUEST_BYTES",), default="3145728",
-    section="Export", check=_int(65_536, 1 << 30),
+    section="Export", check=_int(65_536, 32 << 20),
     doc="A batch whose encoded spans exceed this many bytes (before compression) is sent as several "
     "requests. 3 MiB stays under the 4 MiB that the Collector's, Jaeger's and Tempo's OTLP/gRPC "
     "receivers accept by default; a refused oversized request would be retried for ever.")

@@ -106,12 +106,26 @@ def test_equal_values_of_different_types_are_not_confused_by_the_cache() -> None
         assert_same_as_sdk([record(attributes=(("k", value),))], enc)
 
 
-def test_the_cache_stays_bounded_and_correct_after_emptying(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(otlp_wire, "_CACHE_LIMIT", 5)
+def cached_values(enc: SpanEncoder) -> int:
+    return sum(len(v) for v in enc._cache.values() if v is not None)
+
+
+def test_long_values_are_not_cached() -> None:
+    enc = encoder()
+    before = cached_values(enc)
+    for i in range(5):
+        assert_same_as_sdk([record(attributes=(("log", f"{i}" * 10_000), ("short", "v")))], enc)
+    assert cached_values(enc) == before + 1
+
+
+def test_a_key_of_many_values_stops_being_cached(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(otlp_wire, "_VALUES_PER_KEY", 5)
     enc = encoder()
     for i in range(20):
         assert_same_as_sdk([record(attributes=(("n", i), ("same", "v")))], enc)
-    assert len(enc._cache) <= 5
+    assert enc._cache[(b"\x4a", "n")] is None
+    assert enc._cache[(b"\x4a", "same")] is not None
+    assert cached_values(enc) == len(RESOURCE) + 1  # the resource's attributes and "same"
 
 
 @pytest.mark.parametrize(

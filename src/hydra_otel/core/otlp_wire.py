@@ -35,9 +35,15 @@ _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 _FIXED64 = struct.Struct("<Q")
 _DOUBLE = struct.Struct("<d")
 
-#: Encoded attributes remembered for reuse. Most values recur (status names, systems, span
-#: types, project and jobset names); the cache is emptied when full, so it stays bounded.
-_CACHE_LIMIT = 50_000
+#: Encoded attributes are remembered per key. Most keys take few values (status names, systems,
+#: machines, span types, projects), and those are encoded once. A key that shows more than
+#: ``_VALUES_PER_KEY`` values (derivation paths, URLs, IDs) is not cached any more, and long
+#: values (error texts, log tails) never are, so the cache stays under a few MB.
+_VALUES_PER_KEY = 256
+_CACHE_ITEM_LIMIT = 256
+
+
+_NEW: dict[tuple[type, AttrValue], bytes] = {}  # marks a key not seen yet (never filled)
 
 
 def _varint(n: int) -> bytes:
@@ -88,7 +94,7 @@ class SpanEncoder:
     """
 
     def __init__(self, resource: Attributes, scope_name: str, scope_version: str) -> None:
-        self._cache: dict[tuple[bytes, str, type, AttrValue], bytes] = {}
+        self._cache: dict[tuple[bytes, str], dict[tuple[type, AttrValue], bytes] | None] = {}
         # ResourceSpans.resource (1) = Resource{attributes (1)}
         self._resource = _field(b"\x0a", self._attributes(b"\x0a", resource))
         # ScopeSpans.scope (1) = InstrumentationScope{name (1), version (2)}
@@ -156,18 +162,23 @@ class SpanEncoder:
         return b"".join(parts)
 
     def _attributes(self, tag: bytes, attributes: Attributes) -> bytes:
-        """Each attribute as a ``KeyValue`` field with ``tag``; repeated ones come from the cache."""
+        """Each attribute as a ``KeyValue`` field with ``tag``; recurring ones come from the cache."""
         cache = self._cache
         out = []
         for key, value in attributes:
-            ck = (tag, key, value.__class__, value)  # the class too: True == 1 == 1.0 as dict keys
-            encoded = cache.get(ck)
+            values = cache.get((tag, key), _NEW)
+            # The class too: True == 1 == 1.0 as dict keys.
+            encoded = None if values is None else values.get((value.__class__, value))
             if encoded is None:
                 kv = (_field(b"\x0a", key.encode()) if key else b"") + _field(b"\x12", _any_value(value))
                 encoded = _field(tag, kv)
-                if len(cache) >= _CACHE_LIMIT:
-                    cache.clear()
-                cache[ck] = encoded
+                if values is _NEW:
+                    values = cache[(tag, key)] = {}
+                if values is not None and len(encoded) <= _CACHE_ITEM_LIMIT:
+                    if len(values) < _VALUES_PER_KEY:
+                        values[(value.__class__, value)] = encoded
+                    else:
+                        cache[(tag, key)] = None  # a key of many values: stop caching it
             out.append(encoded)
         return b"".join(out)
 
