@@ -26,7 +26,13 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace.export import SpanExportResult
 
 import hydra_otel
-from hydra_otel.adapters.otlp import ExporterSettings, make_exporter, span_encoder, to_readable
+from hydra_otel.adapters.otlp import (
+    DEFAULT_MAX_REQUEST_BYTES,
+    ExporterSettings,
+    make_exporter,
+    span_encoder,
+    to_readable,
+)
 from hydra_otel.adapters.otlp_exporters import Encoded
 
 
@@ -45,9 +51,9 @@ def main(endpoint: str, layout: dict[str, Any], batch: int, mode: str) -> dict[s
     else:
         encoder = span_encoder(resource)
 
-        def send(i: int) -> bool:
-            part = records[i : i + batch]
-            return exporter.export_encoded(Encoded(encoder.request(part), len(part)))
+        def send(i: int) -> bool:  # as OtlpSink does it
+            parts = encoder.requests(records[i : i + batch], DEFAULT_MAX_REQUEST_BYTES)
+            return all(exporter.export_encoded(Encoded(payload, n)) for payload, n in parts)
 
     print(json.dumps({"ready": len(records)}), flush=True)
     if sys.stdin.readline().strip() != "go":
