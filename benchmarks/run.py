@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--profile",
         type=Path,
         metavar="PATH",
-        help="record the daemon with py-spy during the bursts: PATH-eval.txt, PATH-bursts.txt (raw stacks)",
+        help="record the daemon with py-spy: PATH-eval.txt, PATH-bursts.txt, PATH-steady.txt (raw stacks)",
     )
     return p.parse_args(argv)
 
@@ -179,7 +179,7 @@ async def run(args: argparse.Namespace, res: Resources) -> dict[str, Any]:
         say("build bursts and dependents")
         await profiled(args, res, "bursts", bench.build_bursts(ctx))
         say(f"steady {lay.sizes.rate:g} events/s")
-        await bench.steady(ctx)
+        await profiled(args, res, "steady", bench.steady(ctx))
     finally:
         await conn.close()
     final = procs.memory_kb(res.daemon.pid)
