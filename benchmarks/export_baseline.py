@@ -33,7 +33,6 @@ from hydra_otel.adapters.otlp import (
     span_encoder,
     to_readable,
 )
-from hydra_otel.adapters.otlp_exporters import Encoded
 
 
 def main(endpoint: str, layout: dict[str, Any], batch: int, mode: str) -> dict[str, object]:
@@ -53,7 +52,7 @@ def main(endpoint: str, layout: dict[str, Any], batch: int, mode: str) -> dict[s
 
         def send(i: int) -> bool:  # as OtlpSink does it
             parts = encoder.requests(records[i : i + batch], DEFAULT_MAX_REQUEST_BYTES)
-            return all(exporter.export_encoded(Encoded(payload, n)) for payload, n in parts)
+            return all(exporter.export_encoded(request) for request in parts)
 
     print(json.dumps({"ready": len(records)}), flush=True)
     if sys.stdin.readline().strip() != "go":

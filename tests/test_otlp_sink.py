@@ -6,8 +6,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.sdk.resources import Resource
 
 from hydra_otel.adapters.otlp import DEFAULT_MAX_REQUEST_BYTES, OtlpSink
-from hydra_otel.adapters.otlp_exporters import Encoded
 from hydra_otel.config import EXPORT_MAX_REQUEST_BYTES
+from hydra_otel.core.otlp_wire import Encoded
 from hydra_otel.core.spans import Kind, SpanRecord
 
 

@@ -211,12 +211,14 @@ def _spans_of(payloads: Sequence[bytes]) -> list[object]:
 def test_requests_split_by_size_keep_every_span_in_order(max_bytes: int) -> None:
     records = [record(span_id=i, attributes=(("text", "x" * (i * 37 % 400)),)) for i in range(1, 60)]
     parts = encoder().requests(records, max_bytes)
-    payloads = [p for p, _ in parts]
-    assert [n for _, n in parts] == [len(parsed(p).resource_spans[0].scope_spans[0].spans) for p in payloads]
-    assert sum(n for _, n in parts) == len(records)
+    payloads = [p.payload for p in parts]
+    assert [p.spans for p in parts] == [
+        len(parsed(p).resource_spans[0].scope_spans[0].spans) for p in payloads
+    ]
+    assert sum(p.spans for p in parts) == len(records)
     assert _spans_of(payloads) == _spans_of([encoder().request(records)])
-    for payload, n in parts:
-        assert len(payload) <= max_bytes or n == 1  # only a span too big on its own goes over
+    for part in parts:
+        assert len(part.payload) <= max_bytes or part.spans == 1  # only a span too big on its own goes over
     if max_bytes == 10**9:
         assert payloads == [encoder().request(records)]
 

@@ -29,8 +29,8 @@ from opentelemetry.trace.status import Status as OtelStatus
 from opentelemetry.trace.status import StatusCode
 
 import hydra_otel
-from hydra_otel.adapters.otlp_exporters import Encoded, GrpcSpanExporter, HttpSpanExporter
-from hydra_otel.core.otlp_wire import SpanEncoder
+from hydra_otel.adapters.otlp_exporters import GrpcSpanExporter, HttpSpanExporter
+from hydra_otel.core.otlp_wire import Encoded, SpanEncoder
 from hydra_otel.core.spans import Kind, SpanRecord, Status
 
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
@@ -214,7 +214,7 @@ class OtlpSink:
         if self._unfinished is not None and self._unfinished[0] is batch:
             pending = self._unfinished[1]
         else:
-            pending = [Encoded(payload, n) for payload, n in self._encoder.requests(batch, self._max_bytes)]
+            pending = self._encoder.requests(batch, self._max_bytes)
         self._unfinished = None
         for i, request in enumerate(pending):
             if not self._exporter.export_encoded(request):

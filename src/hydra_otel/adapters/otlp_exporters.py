@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as _SdkGrpcExporter
 from opentelemetry.exporter.otlp.proto.http._common import _is_request_too_large
@@ -24,15 +23,9 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExportResult
 
+from hydra_otel.core.otlp_wire import Encoded
+
 log = logging.getLogger("hydra_otel.export")
-
-
-@dataclass(frozen=True, slots=True)
-class Encoded:
-    """A serialized ``ExportTraceServiceRequest`` and how many spans it holds."""
-
-    payload: bytes
-    spans: int
 
 
 class GrpcSpanExporter(_SdkGrpcExporter):

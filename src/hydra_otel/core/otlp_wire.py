@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from hydra_otel.core.spans import Attributes, AttrValue, Kind, SpanEvent, SpanLink, SpanRecord, Status
 
@@ -41,6 +42,14 @@ _DOUBLE = struct.Struct("<d")
 #: values (error texts, log tails) never are, so the cache stays under a few MB.
 _VALUES_PER_KEY = 256
 _CACHE_ITEM_LIMIT = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    """A serialized ``ExportTraceServiceRequest`` and how many spans it holds."""
+
+    payload: bytes
+    spans: int
 
 
 _NEW: dict[tuple[type, AttrValue], bytes] = {}  # marks a key not seen yet (never filled)
@@ -110,26 +119,26 @@ class SpanEncoder:
         span = self.span
         return self._wrap([_field(b"\x12", span(r)) for r in records])
 
-    def requests(self, records: Iterable[SpanRecord], max_bytes: int) -> list[tuple[bytes, int]]:
+    def requests(self, records: Iterable[SpanRecord], max_bytes: int) -> list[Encoded]:
         """``records`` as consecutive requests of at most ``max_bytes`` each, with their span counts.
 
         Collectors refuse larger messages (a gRPC receiver takes 4 MiB unless configured
         otherwise), and retrying a refused request cannot help. A span that alone exceeds
         ``max_bytes`` travels alone. Each span is encoded once.
         """
-        out: list[tuple[bytes, int]] = []
+        out: list[Encoded] = []
         fields: list[bytes] = []
         size = self._overhead
         span = self.span
         for r in records:
             encoded = _field(b"\x12", span(r))  # ScopeSpans.spans (2)
             if fields and size + len(encoded) > max_bytes:
-                out.append((self._wrap(fields), len(fields)))
+                out.append(Encoded(self._wrap(fields), len(fields)))
                 fields, size = [], self._overhead
             fields.append(encoded)
             size += len(encoded)
         if fields:
-            out.append((self._wrap(fields), len(fields)))
+            out.append(Encoded(self._wrap(fields), len(fields)))
         return out
 
     def _wrap(self, span_fields: list[bytes]) -> bytes:
