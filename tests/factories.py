@@ -1,10 +1,12 @@
-"""Row builders for tests: a typical ``builds`` row and ``buildsteps`` row, overridable field by field."""
+"""Builders for tests: a typical ``builds`` row, ``buildsteps`` row and span, overridable field by field."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from hydra_otel.core.builds import BuildFacts, StepFacts
+from hydra_otel.core.evals import RenderConfig
+from hydra_otel.core.spans import Kind, SpanRecord
 
 T0 = 1_700_000_000
 DRV = f"/nix/store/{'0' * 32}-hello-2.12.drv"
@@ -60,3 +62,29 @@ def make_build(**overrides: Any) -> BuildFacts:
 def make_step(**overrides: Any) -> StepFacts:
     """A finished, successful build step of ``hello``'s own derivation, with ``overrides`` applied."""
     return StepFacts(**{**_STEP, **overrides})
+
+
+#: A rendering configuration with a small trace budget (10 builds) and two links at most.
+RENDER_CONFIG = RenderConfig(
+    instance="hydra",
+    hydra_url="https://hydra.example.org",
+    error_text_limit=100,
+    max_builds_per_trace=10,
+    max_links=2,
+)
+
+_SPAN: dict[str, Any] = {
+    "trace_id": 0x0123456789ABCDEF0123456789ABCDEF,
+    "span_id": 0x1122334455667788,
+    "parent_span_id": None,
+    "name": "build hello",
+    "kind": Kind.INTERNAL,
+    "start_ns": T0 * 1_000_000_000,
+    "end_ns": (T0 + 300) * 1_000_000_000,
+    "attributes": (("hydra.build.id", 100),),
+}
+
+
+def make_span(**overrides: Any) -> SpanRecord:
+    """A finished root span of build 100, with ``overrides`` applied."""
+    return SpanRecord(**{**_SPAN, **overrides})

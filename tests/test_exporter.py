@@ -9,27 +9,15 @@ import trio.testing
 
 from hydra_otel.core.backoff import Backoff
 from hydra_otel.core.catchup import Checkpoint, Marks
-from hydra_otel.core.spans import Kind, SpanRecord
+from hydra_otel.core.spans import SpanRecord
 from hydra_otel.stats import Stats
 from hydra_otel.tasks.exporter import run_exporter
+from tests.factories import make_span
 
 DELAY = 1.0
 BATCH = 4
 
 Item = Sequence[SpanRecord] | Checkpoint
-
-
-def span(n: int) -> SpanRecord:
-    return SpanRecord(
-        trace_id=1,
-        span_id=n,
-        parent_span_id=None,
-        name="s",
-        kind=Kind.INTERNAL,
-        start_ns=0,
-        end_ns=1,
-        attributes=(),
-    )
 
 
 class RecordingSink:
@@ -81,7 +69,7 @@ async def test_a_full_batch_goes_at_once(autojump_clock: trio.testing.MockClock)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(h.run)
         start = trio.current_time()
-        await h.send.send([span(i) for i in range(BATCH)])
+        await h.send.send([make_span(span_id=i) for i in range(BATCH)])
         await h.until_sent(1)
         assert h.sink.sent == [(start, [0, 1, 2, 3])]
         await h.send.aclose()
@@ -92,9 +80,9 @@ async def test_a_partial_batch_waits_for_the_delay(autojump_clock: trio.testing.
     async with trio.open_nursery() as nursery:
         nursery.start_soon(h.run)
         start = trio.current_time()
-        await h.send.send([span(1)])
+        await h.send.send([make_span(span_id=1)])
         await trio.sleep(0.5)
-        await h.send.send([span(2)])
+        await h.send.send([make_span(span_id=2)])
         await h.until_sent(1)
         # Timed from the oldest span, not the latest one.
         assert h.sink.sent == [(start + DELAY, [1, 2])]
@@ -109,7 +97,7 @@ async def test_the_remainder_of_an_oversized_list_goes_after_the_delay(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(h.run)
         start = trio.current_time()
-        await h.send.send([span(i) for i in range(6)])
+        await h.send.send([make_span(span_id=i) for i in range(6)])
         await h.until_sent(2)
         assert h.sink.sent == [(start, [0, 1, 2, 3]), (start + DELAY, [4, 5])]
         await h.send.aclose()
@@ -124,7 +112,7 @@ async def test_a_checkpoint_flushes_and_is_committed_after_the_spans(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(h.run)
         start = trio.current_time()
-        await h.send.send([span(1)])
+        await h.send.send([make_span(span_id=1)])
         await h.send.send(Checkpoint(marks))
         await h.until_sent(1)
         await h.send.aclose()
@@ -137,7 +125,7 @@ async def test_closing_flushes_what_is_left(autojump_clock: trio.testing.MockClo
     async with trio.open_nursery() as nursery:
         nursery.start_soon(h.run)
         start = trio.current_time()
-        await h.send.send([span(i) for i in range(5)])
+        await h.send.send([make_span(span_id=i) for i in range(5)])
         await h.send.aclose()
     assert h.sink.sent == [(start, [0, 1, 2, 3]), (start, [4])]
     assert h.stats.spans_dropped == 0

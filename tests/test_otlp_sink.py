@@ -8,20 +8,12 @@ from opentelemetry.sdk.resources import Resource
 from hydra_otel.adapters.otlp import DEFAULT_MAX_REQUEST_BYTES, OtlpSink
 from hydra_otel.config import EXPORT_MAX_REQUEST_BYTES
 from hydra_otel.core.otlp_wire import Encoded
-from hydra_otel.core.spans import Kind, SpanRecord
+from hydra_otel.core.spans import SpanRecord
+from tests.factories import make_span
 
 
 def span(n: int) -> SpanRecord:
-    return SpanRecord(
-        trace_id=1,
-        span_id=n,
-        parent_span_id=None,
-        name="s",
-        kind=Kind.INTERNAL,
-        start_ns=1,
-        end_ns=2,
-        attributes=(("padding", "x" * 1000),),
-    )
+    return make_span(span_id=n, attributes=(("padding", "x" * 1000),))  # about 1 KB encoded
 
 
 class FlakyExporter:

@@ -15,19 +15,11 @@ import hydra_otel
 from hydra_otel.adapters.otlp import to_readable
 from hydra_otel.core import otlp_wire
 from hydra_otel.core.builds import build_spans
-from hydra_otel.core.evals import RenderConfig
 from hydra_otel.core.otlp_wire import SpanEncoder
 from hydra_otel.core.spans import AttrValue, Kind, SpanEvent, SpanLink, SpanRecord, Status
-from tests.factories import make_build, make_step
+from tests.factories import RENDER_CONFIG, make_build, make_span, make_step
 
 RESOURCE = (("service.name", "hydra-otel"), ("service.version", hydra_otel.__version__), ("deployment", "ci"))
-CFG = RenderConfig(
-    instance="hydra",
-    hydra_url="https://hydra.example.org",
-    error_text_limit=100,
-    max_builds_per_trace=10,
-    max_links=2,
-)
 
 
 def encoder() -> SpanEncoder:
@@ -48,28 +40,15 @@ def assert_same_as_sdk(records: Sequence[SpanRecord], enc: SpanEncoder | None = 
     assert mine == sdk, f"differs:\n{mine}\nSDK:\n{sdk}"
 
 
-def record(**overrides: object) -> SpanRecord:
-    fields: dict[str, object] = {
-        "trace_id": 0x0123456789ABCDEF0123456789ABCDEF,
-        "span_id": 0x1122334455667788,
-        "parent_span_id": None,
-        "name": "build hello",
-        "kind": Kind.INTERNAL,
-        "start_ns": 1_700_000_000_000_000_000,
-        "end_ns": 1_700_000_300_000_000_000,
-        "attributes": (("hydra.build.id", 100),),
-    }
-    fields.update(overrides)
-    return SpanRecord(**fields)  # type: ignore[arg-type]
-
-
 def test_rendered_build_spans_encode_as_the_sdk_does() -> None:
     failed = make_build(build_id=7, status=1)
     steps = [
         make_step(build_id=7, stepnr=1, drvpath=f"/nix/store/{'1' * 32}-dep.drv"),
         make_step(build_id=7, stepnr=2, status=1, errormsg="builder failed\nwith exit code 1", machine="m1"),
     ]
-    records = build_spans(CFG, make_build(), [make_step()]) + build_spans(CFG, failed, steps)
+    records = build_spans(RENDER_CONFIG, make_build(), [make_step()]) + build_spans(
+        RENDER_CONFIG, failed, steps
+    )
     assert any(r.status is Status.ERROR for r in records)
     assert_same_as_sdk(records)
 
@@ -97,13 +76,13 @@ def test_rendered_build_spans_encode_as_the_sdk_does() -> None:
     ],
 )
 def test_attribute_values(value: AttrValue) -> None:
-    assert_same_as_sdk([record(attributes=(("k", value),))])
+    assert_same_as_sdk([make_span(attributes=(("k", value),))])
 
 
 def test_equal_values_of_different_types_are_not_confused_by_the_cache() -> None:
     enc = encoder()
     for value in (1, True, 1.0, 0, False, 0.0):
-        assert_same_as_sdk([record(attributes=(("k", value),))], enc)
+        assert_same_as_sdk([make_span(attributes=(("k", value),))], enc)
 
 
 def cached_values(enc: SpanEncoder) -> int:
@@ -114,7 +93,7 @@ def test_long_values_are_not_cached() -> None:
     enc = encoder()
     before = cached_values(enc)
     for i in range(5):
-        assert_same_as_sdk([record(attributes=(("log", f"{i}" * 10_000), ("short", "v")))], enc)
+        assert_same_as_sdk([make_span(attributes=(("log", f"{i}" * 10_000), ("short", "v")))], enc)
     assert cached_values(enc) == before + 1
 
 
@@ -122,7 +101,7 @@ def test_a_key_of_many_values_stops_being_cached(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(otlp_wire, "_VALUES_PER_KEY", 5)
     enc = encoder()
     for i in range(20):
-        assert_same_as_sdk([record(attributes=(("n", i), ("same", "v")))], enc)
+        assert_same_as_sdk([make_span(attributes=(("n", i), ("same", "v")))], enc)
     assert enc._cache[(b"\x4a", "n")] is None
     assert enc._cache[(b"\x4a", "same")] is not None
     assert cached_values(enc) == len(RESOURCE) + 1  # the resource's attributes and "same"
@@ -145,7 +124,7 @@ def test_a_key_of_many_values_stops_being_cached(monkeypatch: pytest.MonkeyPatch
     ids=lambda o: ",".join(o),
 )
 def test_span_fields(overrides: dict[str, object]) -> None:
-    assert_same_as_sdk([record(**overrides)])
+    assert_same_as_sdk([make_span(**overrides)])
 
 
 def test_an_empty_batch() -> None:
@@ -155,12 +134,12 @@ def test_an_empty_batch() -> None:
 @pytest.mark.parametrize("value", [2**63, -(2**63) - 1])
 def test_an_integer_beyond_int64_is_refused(value: int) -> None:
     with pytest.raises(ValueError, match="does not fit OTLP's int64"):
-        encoder().request([record(attributes=(("k", value),))])
+        encoder().request([make_span(attributes=(("k", value),))])
 
 
 def test_a_value_of_another_type_is_refused() -> None:
     with pytest.raises(TypeError, match="attribute values must be"):
-        encoder().request([record(attributes=(("k", b"bytes"),))])
+        encoder().request([make_span(attributes=(("k", b"bytes"),))])
 
 
 # Generated spans: any mix of the fields hydra-otel uses.
@@ -209,7 +188,7 @@ def _spans_of(payloads: Sequence[bytes]) -> list[object]:
 
 @pytest.mark.parametrize("max_bytes", [1, 300, 1_000, 5_000, 10**9])
 def test_requests_split_by_size_keep_every_span_in_order(max_bytes: int) -> None:
-    records = [record(span_id=i, attributes=(("text", "x" * (i * 37 % 400)),)) for i in range(1, 60)]
+    records = [make_span(span_id=i, attributes=(("text", "x" * (i * 37 % 400)),)) for i in range(1, 60)]
     parts = encoder().requests(records, max_bytes)
     payloads = [p.payload for p in parts]
     assert [p.spans for p in parts] == [

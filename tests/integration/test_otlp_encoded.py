@@ -14,18 +14,10 @@ from opentelemetry.sdk.resources import Resource
 import hydra_otel
 from hydra_otel.adapters.otlp import ExporterSettings, OtlpSink, make_exporter, to_readable
 from hydra_otel.core.builds import build_spans
-from hydra_otel.core.evals import RenderConfig
 from hydra_otel.core.spans import SpanRecord
 from hydra_otel.sandbox.receiver import GrpcOtlpReceiver, HttpOtlpReceiver
-from tests.factories import make_build, make_step
+from tests.factories import RENDER_CONFIG, make_build, make_step
 
-CFG = RenderConfig(
-    instance="hydra",
-    hydra_url="https://hydra.example.org",
-    error_text_limit=100,
-    max_builds_per_trace=10,
-    max_links=2,
-)
 RESOURCE = Resource({"service.name": "hydra-otel", "service.version": hydra_otel.__version__})
 
 
@@ -34,7 +26,7 @@ def records() -> list[SpanRecord]:
     for build_id in range(1, 41):
         failed = build_id % 7 == 0
         steps = [make_step(build_id=build_id, stepnr=n, status=1 if failed and n == 2 else 0) for n in (1, 2)]
-        out += build_spans(CFG, make_build(build_id=build_id, status=1 if failed else 0), steps)
+        out += build_spans(RENDER_CONFIG, make_build(build_id=build_id, status=1 if failed else 0), steps)
     return out
 
 
