@@ -175,9 +175,9 @@ class Service:
 
     def metrics_snapshot(self) -> MetricsSnapshot:
         """Every counter for ``/metrics``."""
-        return snapshot_from(
-            self.stats, self.listen, [gauge("hydra_otel_ready", "1 while healthy.", int(self.healthy()))]
-        )
+        extra = self.step_logs.stats.metrics() if self.step_logs is not None else []
+        extra.append(gauge("hydra_otel_ready", "1 while healthy.", int(self.healthy())))
+        return snapshot_from(self.stats, self.listen, extra)
 
     def catchup_settings(self) -> CatchupSettings:
         """Catch-up timing from the configuration."""

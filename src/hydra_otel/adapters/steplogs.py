@@ -90,6 +90,7 @@ from hydra_otel.core.logtail import (
 )
 from hydra_otel.core.spans import SpanRecord
 from hydra_otel.log import RateLimitedLog
+from hydra_otel.metrics_http import Metric, counter, labelled_counter
 
 log = logging.getLogger("hydra_otel.steplogs")
 
@@ -516,6 +517,26 @@ class TailStatistics:
     def snapshot(self) -> dict[str, object]:
         """A JSON-friendly copy."""
         return {"outcomes": dict(self.outcomes), "refused": dict(self.refused), "skipped": self.skipped}
+
+    def metrics(self) -> list[Metric]:
+        """The counters for ``/metrics`` (names in docs/operations-tools.md)."""
+        p = "hydra_otel_log_tails"
+        return [
+            labelled_counter(
+                f"{p}_total", "Failed-step log tails looked for, by outcome.", "outcome", self.outcomes
+            ),
+            labelled_counter(
+                f"{p}_refused_total",
+                "Step logs and step_finished log paths not read, by reason.",
+                "reason",
+                self.refused,
+            ),
+            counter(
+                f"{p}_skipped_total",
+                "Failed steps whose log was not read (batch bound, or a stuck read still pending).",
+                self.skipped,
+            ),
+        ]
 
 
 class StepLogs:
