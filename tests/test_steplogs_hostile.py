@@ -288,7 +288,21 @@ async def test_forged_notified_path_outside_is_never_read(
             assert "TOPSECRET" not in repr(out)
     assert logs.stats.refused == {"notified_path": 3}
     assert logs.stats.outcomes == {"found": 3}
-    assert [r.message for r in caplog.records].count(steplogs._REFUSAL_TEXT[Refusal.NOTIFIED_PATH]) == 1
+    (record,) = [r for r in caplog.records if r.message == steplogs._REFUSAL_TEXT[Refusal.NOTIFIED_PATH]]
+    assert record.__dict__["path"] == repr(str(tmp_path / "secret"))  # quoted: the sender chose it
+
+
+async def test_notified_path_is_quoted_and_bounded_in_the_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A forged path with a newline and 8,000 characters cannot forge or flood a log line."""
+    logs = StepLogs(settings(logs_dir(tmp_path)))
+    forged = "/x\nlevel=error message=forged" + "a" * 8000
+    with caplog.at_level(logging.WARNING, "hydra_otel.steplogs"):
+        await logs.process([step_span(CFG, BUILD, STEP, 0)], {(100, 2): forged})
+    (record,) = caplog.records
+    assert "\n" not in record.__dict__["path"]
+    assert len(record.__dict__["path"]) < 300
 
 
 async def test_refusals_are_counted_and_logged_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

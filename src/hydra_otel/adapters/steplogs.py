@@ -89,6 +89,7 @@ from hydra_otel.core.logtail import (
     tail_request,
 )
 from hydra_otel.core.spans import SpanRecord
+from hydra_otel.errors import quote_payload
 from hydra_otel.log import RateLimitedLog
 from hydra_otel.metrics_http import Metric, counter, labelled_counter
 
@@ -577,7 +578,8 @@ class StepLogs:
                 notified = paths.get((request.build_id, request.step_nr)) or None
                 request = dataclasses.replace(request, log_path=notified)
                 if not notified_path_agrees(notified, request.drv_path):
-                    self._refuse(Refusal.NOTIFIED_PATH, request, notified)
+                    # The sender chose this text: quoted and bounded before it reaches a log line.
+                    self._refuse(Refusal.NOTIFIED_PATH, request, quote_payload(notified or ""))
                 wanted.append((index, request))
         if len(wanted) > self.settings.max_per_batch:
             self.stats.skipped += len(wanted) - self.settings.max_per_batch
