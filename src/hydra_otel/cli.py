@@ -61,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"hydra-otel: {exc}", file=sys.stderr)
         return 2
-    log.configure(cfg.log_level)
+    log.configure(cfg.log_level, cfg.secrets)
     if args.command == "run":
         return _run(cfg)
     if args.command in ("ids", "check"):
