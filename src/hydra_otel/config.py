@@ -386,13 +386,14 @@ STATE_DIR = Setting(
     section="Service", check=_Check("an absolute path", _abs_path),
     doc="hydra-otel's own state: the progress marks (`progress.sqlite3`, docs/operations.md). "
     "`STATE_DIRECTORY` comes from systemd's `StateDirectory=` (its first entry is used). Created if "
-    "missing; a directory that cannot be written stops the daemon at start-up with exit code 2.")
+    "missing; a directory that cannot be written, that another hydra-otel process uses, or whose marks "
+    "are invalid or another instance's stops the daemon at start-up with exit code 2 and a message.")
 LOG_LEVEL = Setting(
     flag="--log-level", env=("HYDRA_OTEL_LOG_LEVEL",), default="info", section="Service",
     check=_choice(LogLevel), doc="Least severe level logged.")
 SHUTDOWN_GRACE = Setting(
     flag="--shutdown-grace", env=("HYDRA_OTEL_SHUTDOWN_GRACE",), default="10", section="Service",
-    check=_seconds(), doc="On SIGTERM or SIGINT, time allowed to drain the pipeline and flush the spans.")
+    check=_seconds(), doc="On SIGTERM, SIGINT or SIGHUP, time allowed to drain the pipeline and flush the spans.")
 CATCHUP_INTERVAL = Setting(
     flag="--catchup-interval", env=("HYDRA_OTEL_CATCHUP_INTERVAL",), default="30", section="Service",
     check=_seconds(),
