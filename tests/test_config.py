@@ -18,7 +18,7 @@ from hydra_otel.config import (
     load,
     render_reference,
 )
-from hydra_otel.dsn import redacted_dsn, url_secrets
+from hydra_otel.dsn import has_userinfo, redacted_dsn, url_secrets
 from hydra_otel.errors import ConfigError
 
 Flags = dict[str, str | None]
@@ -453,6 +453,23 @@ URL_SECRETS: list[tuple[str, list[str]]] = [
     ("postgresql://u@h/db", []),
     ("postgresql://h:5432/db", []),
 ]
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("https://u:p@collector:4317", True),
+        ("https://u@collector", True),
+        ("http://u:pa?ss@collector", True),
+        ("http://u:pa/ss@collector", True),
+        ("http://u:pa#ss@collector/v1/traces", True),
+        ("https://collector:4317/v1/traces", False),
+        ("https://collector/path?x=a@b", False),
+    ],
+)
+def test_has_userinfo(url: str, expected: bool) -> None:
+    """A user:password part is found also when an unencoded '/', '?' or '#' hides it from urlsplit."""
+    assert has_userinfo(url) is expected
 
 
 @pytest.mark.parametrize(("url", "expected"), URL_SECRETS)

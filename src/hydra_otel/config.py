@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 from urllib.parse import unquote, urlsplit
 
-from hydra_otel.dsn import DsnError, database_url, dbi_to_url, redacted_dsn, url_secrets
+from hydra_otel.dsn import DsnError, database_url, dbi_to_url, has_userinfo, redacted_dsn, url_secrets
 from hydra_otel.errors import ConfigError, quote_payload
 
 _T = TypeVar("_T")
@@ -194,9 +194,7 @@ def _optional(check: _Check[_T]) -> _Check[_T | None]:
 
 def _http_url(text: str) -> str:
     parts = urlsplit(text)
-    rest = text.partition("://")[2]
-    # Read like dsn.redacted_dsn: an unencoded '/', '?' or '#' in a password hides the '@' from urlsplit.
-    if "@" in rest.split("/", 1)[0] or "@" in rest.split("?", 1)[0]:
+    if has_userinfo(text):
         raise _Invalid(
             "credentials in a URL end up in logs and span attributes: remove them, and for the OTLP "
             "endpoint give them as a header in OTEL_EXPORTER_OTLP_HEADERS, e.g. authorization=Basic%20..."

@@ -54,6 +54,16 @@ def _userinfo_password(url: str) -> tuple[int, int] | None:
     return start + colon + 1, start + at
 
 
+def has_userinfo(url: str) -> bool:
+    """Whether ``url`` holds a ``user[:password]@`` part, also when a password hides it from urlsplit.
+
+    An unencoded ``/`` or ``#`` in a password ends the authority early for a URL parser, ``?`` too;
+    looking before the first ``/`` and before the first ``?`` finds the ``@`` either way.
+    """
+    rest = url.partition("://")[2]
+    return "@" in rest.split("/", 1)[0] or "@" in rest.split("?", 1)[0]
+
+
 def url_secrets(url: str) -> list[str]:
     """Every password in ``url`` as written and percent-decoded, for a log redactor.
 

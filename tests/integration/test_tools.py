@@ -160,6 +160,10 @@ def test_tempo_url_form() -> None:
             ("ids", "--eval", "1", "--jaeger-url", "jaeger:16686"),
             "--jaeger-url (or HYDRA_OTEL_JAEGER_URL) must be",
         ),
+        (
+            ("ids", "--eval", "1", "--tempo-url", "https://admin:hun?ter2@grafana"),
+            "--tempo-url (or HYDRA_OTEL_TEMPO_URL) must not hold a user name or password",
+        ),
     ],
 )
 async def test_ids_usage_errors(argv: tuple[str, ...], message: str, tmp_path: Path) -> None:
@@ -168,6 +172,7 @@ async def test_ids_usage_errors(argv: tuple[str, ...], message: str, tmp_path: P
     status, out, err = await run(parse(*argv), cfg)
     assert (status, out) == (2, "")
     assert message in err
+    assert "ter2" not in err
 
 
 async def eval_with_builds(hydra: Hydra, jobs: list[str]) -> tuple[int, list[int]]:
