@@ -188,3 +188,9 @@ def test_inspect_changes_nothing(tmp_path: Path) -> None:
     before = sorted(os.listdir(tmp_path))
     assert inspect(tmp_path, "hydra") == "marks: evaluation 42, stop time 1700000123, 2 jobsets"
     assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_inspect_an_empty_database(tmp_path: Path) -> None:
+    """An empty SQLite file is what the daemon would start with as a new store, so check accepts it."""
+    sqlite3.connect(tmp_path / FILENAME).close()
+    assert inspect(tmp_path, "hydra").startswith("no progress marks yet")

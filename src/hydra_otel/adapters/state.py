@@ -163,10 +163,9 @@ def inspect(state_dir: Path, instance: str) -> str:
         raise _unusable(path, exc) from None
     with contextlib.closing(db):
         try:
-            has_meta = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone()
-            meta = _read_meta(db) if has_meta else {}
-            _check_recorded(meta, path, instance)
-            marks = _read_marks(db, path)
+            tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            _check_recorded(_read_meta(db) if "meta" in tables else {}, path, instance)
+            marks = _read_marks(db, path) if "marks" in tables else None
         except sqlite3.Error as exc:
             raise _unusable(path, exc) from None
     if marks is None:
@@ -251,13 +250,15 @@ def _open_checked(db: sqlite3.Connection, path: Path, instance: str) -> Marks | 
 def _check_recorded(meta: dict[str, str], path: Path, instance: str) -> None:
     found = meta.get("format")
     if found is not None and found != str(FORMAT):
-        newer = found.isdigit() and int(found) > FORMAT
+        if found.isdigit() and int(found) > FORMAT:
+            origin = "written by a newer hydra-otel"
+            fix = "run that version, or "
+        else:
+            origin, fix = "which no hydra-otel writes", ""
         raise StateDirError(
-            f"{path} has store format {found[:20]!r}, "
-            + (f"written by a newer hydra-otel (this one reads format {FORMAT}): run that version, or "
-               if newer else f"which no hydra-otel writes (this one reads format {FORMAT}): ")
-            + _START_OVER
-        )  # fmt: skip
+            f"{path} has store format {found[:20]!r}, {origin} (this one reads format {FORMAT}): "
+            f"{fix}{_START_OVER}"
+        )
     recorded = meta.get("instance")
     if recorded is not None and recorded != instance:
         raise StateDirError(

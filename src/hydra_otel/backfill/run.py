@@ -51,6 +51,7 @@ from hydra_otel.core.events import BuildFinished
 from hydra_otel.core.spans import SpanRecord
 from hydra_otel.core.stitch import Work
 from hydra_otel.errors import first_leaf
+from hydra_otel.log import Redactor
 from hydra_otel.service import make_sink, render_config
 from hydra_otel.stats import Stats
 from hydra_otel.tasks.exporter import run_exporter
@@ -494,7 +495,7 @@ def run_backfill(
     except KeyboardInterrupt:
         interrupted = True
     if error is not None:
-        print(f"hydra-otel backfill: {error}", file=err)
+        print(Redactor(cfg.secrets)(f"hydra-otel backfill: {error}"), file=err)  # a driver may quote the URL
         return error.status
     if interrupted or not runner.result.complete:
         print(runner.result.summary(opts.rate), file=err)
