@@ -2,7 +2,9 @@
 
 Log lines are lifecycle events (start, LISTEN active, reconnect, export
 failing/recovered, shutdown) and problems, never one line per notification;
-:class:`RateLimitedLog` keeps bad-input warnings from flooding.
+:class:`RateLimitedLog` keeps bad-input warnings from flooding. Every line,
+traceback included, passes a :class:`Redactor` fed with the configuration's
+secrets (``Config.secrets``) before it is written.
 """
 
 from __future__ import annotations
