@@ -18,13 +18,13 @@ import math
 import re
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 from urllib.parse import unquote, urlsplit
 
-from hydra_otel.dsn import DsnError, database_url, dbi_to_url, redacted_dsn
+from hydra_otel.dsn import DsnError, database_url, dbi_to_url, has_userinfo, redacted_dsn, url_secrets
 from hydra_otel.errors import ConfigError, quote_payload
 
 _T = TypeVar("_T")
@@ -127,6 +127,8 @@ class Config:
     metrics_address: tuple[str, int] | None
     telemetry: TelemetryConfig
     queue_size: int
+    #: Every secret value (passwords as written and decoded, header values), for the log redactor.
+    secrets: tuple[str, ...] = field(default=(), repr=False)
 
 
 class _Invalid(ValueError):
@@ -192,6 +194,11 @@ def _optional(check: _Check[_T]) -> _Check[_T | None]:
 
 def _http_url(text: str) -> str:
     parts = urlsplit(text)
+    if has_userinfo(text):
+        raise _Invalid(
+            "credentials in a URL end up in logs and span attributes: remove them, and for the OTLP "
+            "endpoint give them as a header in OTEL_EXPORTER_OTLP_HEADERS, e.g. authorization=Basic%20..."
+        )
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError
     return text
@@ -268,6 +275,12 @@ _FROM_ENV: Mapping[str, Callable[[str], str]] = {
     "STATE_DIRECTORY": lambda text: text.split(":", 1)[0],
 }
 
+
+def _redacted(text: str) -> str:
+    """How an error message shows a URL: quoted, with any password masked (malformed ones too)."""
+    return quote_payload(redacted_dsn(text))
+
+
 # --- the declaration table ----------------------------------------------------------------------------
 
 _OTLP = "OTEL_EXPORTER_OTLP_"
@@ -276,13 +289,13 @@ _URL = "an http(s) URL with a host"
 # fmt: off
 DATABASE_URL = Setting(
     flag="--database-url", env=("HYDRA_OTEL_DATABASE_URL", "HYDRA_DATABASE_URL", "HYDRA_DBI"),
-    default="postgresql:///hydra", section="Database", show=lambda t: quote_payload(redacted_dsn(t)),
+    default="postgresql:///hydra", section="Database", show=_redacted,
     check=_Check("a postgresql:// URL, or for HYDRA_DBI a dbi:Pg: data source", database_url),
     doc="Hydra's PostgreSQL database; `application_name=hydra-otel` is added unless the URL sets one. "
     "See *Database URL resolution*.")
 HYDRA_URL = Setting(
     flag="--hydra-url", env=("HYDRA_OTEL_HYDRA_URL",), default="http://localhost:3000", section="Hydra",
-    check=_Check(f"{_URL}, no query or fragment", _hydra_url),
+    show=_redacted, check=_Check(f"{_URL}, no query or fragment", _hydra_url),
     doc="Hydra's web base URL, for `url.full` span attributes. Trailing slashes are removed.")
 INSTANCE = Setting(
     flag="--instance", env=("HYDRA_OTEL_INSTANCE",), default="hydra", section="Hydra",
@@ -314,9 +327,10 @@ OTLP_PROTOCOL = Setting(
 OTLP_ENDPOINT = Setting(
     flag="--otlp-endpoint", env=(f"{_OTLP}TRACES_ENDPOINT", f"{_OTLP}ENDPOINT"), default="", section="Export",
     default_doc="`http://localhost:4317` (grpc), `http://localhost:4318/v1/traces` (http/protobuf)",
-    check=_optional(_Check(_URL, _http_url)),
+    show=_redacted, check=_optional(_Check(_URL, _http_url)),
     doc="Collector URL. With http/protobuf, `/v1/traces` is appended to `OTEL_EXPORTER_OTLP_ENDPOINT` "
-    "(a base URL, per the OTel spec); the flag and the `TRACES` variable are used as they are.")
+    "(a base URL, per the OTel spec); the flag and the `TRACES` variable are used as they are. "
+    "Credentials in it are refused: put them in `OTEL_EXPORTER_OTLP_HEADERS`.")
 OTLP_HEADERS = Setting(
     flag=None, env=(f"{_OTLP}TRACES_HEADERS", f"{_OTLP}HEADERS"), default="", section="Export",
     check=_Check("comma-separated name=value pairs, URL-encoded", _pairs(header_names=True)),
@@ -370,13 +384,14 @@ STATE_DIR = Setting(
     section="Service", check=_Check("an absolute path", _abs_path),
     doc="hydra-otel's own state: the progress marks (`progress.sqlite3`, docs/operations.md). "
     "`STATE_DIRECTORY` comes from systemd's `StateDirectory=` (its first entry is used). Created if "
-    "missing; a directory that cannot be written stops the daemon at start-up with exit code 2.")
+    "missing; a directory that cannot be written, that another hydra-otel process uses, or whose marks "
+    "are invalid or another instance's stops the daemon at start-up with exit code 2 and a message.")
 LOG_LEVEL = Setting(
     flag="--log-level", env=("HYDRA_OTEL_LOG_LEVEL",), default="info", section="Service",
     check=_choice(LogLevel), doc="Least severe level logged.")
 SHUTDOWN_GRACE = Setting(
     flag="--shutdown-grace", env=("HYDRA_OTEL_SHUTDOWN_GRACE",), default="10", section="Service",
-    check=_seconds(), doc="On SIGTERM or SIGINT, time allowed to drain the pipeline and flush the spans.")
+    check=_seconds(), doc="On SIGTERM, SIGINT or SIGHUP, time allowed to drain the pipeline and flush the spans.")
 CATCHUP_INTERVAL = Setting(
     flag="--catchup-interval", env=("HYDRA_OTEL_CATCHUP_INTERVAL",), default="30", section="Service",
     check=_seconds(),
@@ -519,7 +534,15 @@ def load(argv_values: Mapping[str, str | None], environ: Mapping[str, str]) -> C
     )
     if r.problems:
         raise ConfigError(r.problems)
-    return config
+    return replace(config, secrets=_secrets(config, environ))
+
+
+def _secrets(config: Config, environ: Mapping[str, str]) -> tuple[str, ...]:
+    """What no log line may show: database passwords (also PGPASSWORD, which asyncpg reads) and headers."""
+    found = [*url_secrets(config.db.url), *(v for _, v in config.export.headers)]
+    if environ.get("PGPASSWORD"):
+        found.append(environ["PGPASSWORD"])
+    return tuple(sorted(set(found), key=len, reverse=True))
 
 
 def _export(r: _Resolver) -> ExportConfig:
@@ -613,11 +636,27 @@ at once, naming the flag or variable it came from; hydra-otel then exits without
 `application_name=hydra-otel` is added unless the URL already sets an `application_name`. The
 source used is logged at start-up, with the URL redacted.
 
+Reserved characters in the user name or password must be percent-encoded (`@` as `%40`, `/` as
+`%2F`, `?` as `%3F`, `#` as `%23`). A URL in which they are not is refused at start-up (exit code 2)
+rather than guessed at: asyncpg and libpq split such a URL differently, and would send part of the
+password as a host, database name or option. So are a fragment (`#...`), an `@` anywhere but at the
+end of the user name and password (also in a query value: write `%40`), a database name with a `/`
+and a port that is not a number.
+
 ## Redaction
 
 Passwords (the URL's `user:password@` part and `password=`/`sslpassword=` parameters) are shown as
-`***` in logs, in `repr()` of the configuration and in error messages. OTLP header values never
-appear at all: they are not in `repr()`, and a malformed header entry is reported by position only.
+`***` in logs, in `repr()` of the configuration and in error messages, also in a URL that is refused.
+OTLP header values never appear at all: they are not in `repr()`, and a malformed header entry is
+reported by position only. As a last line of defence every log line, traceback included, goes through
+a redactor that masks the database password (as written and percent-decoded), `PGPASSWORD` and every
+OTLP header value, also JSON- or `repr()`-escaped; secrets shorter than 4 characters are not searched
+for. `hydra-otel check` masks its output the same way.
+
+A URL with credentials (`https://user:password@collector:4317`) is refused for the OTLP endpoint and
+Hydra's URL (exit code 2): the OpenTelemetry exporters would log it on every retry, and Hydra's URL is
+copied into span attributes. Give collector credentials as a header instead, e.g.
+`OTEL_EXPORTER_OTLP_HEADERS=authorization=Basic%20<base64 of user:password>`.
 """
 
 

@@ -241,6 +241,11 @@ def snapshot_from(
                 "Progress marks stored after the endpoint acknowledged what they cover.",
                 stats.checkpoints,
             ),
+            counter(
+                f"{p}marks_store_failures_total",
+                "Progress-mark writes that failed (a full disk, say); exporting goes on and each is retried.",
+                stats.marks_store_failures,
+            ),
             *extra_gauges,
         )
     )

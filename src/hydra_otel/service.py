@@ -13,7 +13,7 @@
              └─ run_listener  LISTEN -> raw        (one dedicated connection)
 
 Sinks start before sources, and the listener reports ``started()`` only once
-LISTEN is active. On SIGINT/SIGTERM the sources stop; closing their send
+LISTEN is active. On SIGINT/SIGTERM/SIGHUP the sources stop; closing their send
 channels ends each stage in turn, so whatever is in flight is resolved and
 exported. A second signal cancels everything at once.
 """
@@ -23,7 +23,6 @@ from __future__ import annotations
 import functools
 import logging
 import signal
-import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -52,7 +51,6 @@ from hydra_otel.core.evals import RenderConfig
 from hydra_otel.core.events import DATA_CHANNELS, TRIGGER_CHANNELS, Received
 from hydra_otel.core.spans import SpanRecord
 from hydra_otel.core.stitch import Stitcher, Work
-from hydra_otel.errors import StateDirError
 from hydra_otel.metrics_http import MetricsSnapshot, gauge, serve_metrics, snapshot_from
 from hydra_otel.stats import Stats
 from hydra_otel.tasks.catchup import Catchup, CatchupSettings, Progress, run_catchup
@@ -118,7 +116,7 @@ class Service:
             },
         )
         try:
-            store = await _open_store(cfg)
+            store = await _open_store(cfg, self.stats)
             try:
                 async with trio.open_nursery() as lead:
                     self._lead = lead.cancel_scope
@@ -207,8 +205,10 @@ class Service:
         cfg = self.cfg.export
 
         async def commit(marks: Marks) -> None:
-            self.committed = await trio.to_thread.run_sync(store.merge, marks)
-            self.stats.checkpoints += 1
+            merged = await trio.to_thread.run_sync(store.merge, marks)
+            if not store.pending:  # a failed write is counted by the store and retried next time
+                self.committed = merged
+                self.stats.checkpoints += 1
 
         try:
             await run_exporter(
@@ -230,15 +230,14 @@ class Service:
                     await self.step_logs.aclose()
 
 
-async def _open_store(cfg: Config) -> StateStore:
-    """The progress store, checked before anything else starts (a bad state dir is fatal)."""
-    try:
-        return await trio.to_thread.run_sync(StateStore, cfg.state_dir)
-    except (OSError, sqlite3.Error) as exc:
-        raise StateDirError(
-            f"cannot use the state directory {cfg.state_dir}: {exc}; "
-            "set --state-dir / HYDRA_OTEL_STATE_DIR to a writable directory"
-        ) from exc
+async def _open_store(cfg: Config, stats: Stats) -> StateStore:
+    """The progress store, checked before anything else starts (an unusable one is fatal).
+
+    Raises:
+        StateDirError: the message says what is wrong and what to do (the CLI exits with code 2).
+    """
+    open_store = functools.partial(StateStore, cfg.state_dir, instance=cfg.stitch.instance, stats=stats)
+    return await trio.to_thread.run_sync(open_store)
 
 
 def render_config(cfg: Config) -> RenderConfig:
@@ -301,8 +300,14 @@ def make_step_logs(cfg: Config) -> StepLogs | None:
     return StepLogs(TailSettings(logs_dir=str(t.step_logs_dir), max_lines=t.step_log_lines), sink)
 
 
+#: Each starts a graceful stop; a second one stops at once. SIGHUP too: there is no configuration
+#: file to re-read and logs go to stderr (nothing to reopen), and its default action would kill the
+#: process without draining (a closed terminal, or a stray `systemctl kill -s HUP`).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 async def _watch_signals(service: Service) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
         async for signum in signals:
             log.info(
                 "signal received; draining" if not service.stopping else "second signal; exiting now",

@@ -26,6 +26,7 @@ class Stats:
     exporting_failed: bool = False  # the latest export attempt failed (health)
     queries: int = 0
     checkpoints: int = 0  # progress marks stored after the endpoint acknowledged what they cover
+    marks_store_failures: int = 0  # progress-mark writes that failed (a full disk); each retried later
 
     def snapshot(self) -> dict[str, object]:
         """A JSON-friendly copy of every counter."""
@@ -40,5 +41,6 @@ class Stats:
             "spans_dropped": self.spans_dropped,
             "export_failures": self.export_failures,
             "checkpoints": self.checkpoints,
+            "marks_store_failures": self.marks_store_failures,
             "queries": self.queries,
         }
