@@ -295,7 +295,8 @@ EVAL_ABANDON_AFTER = Setting(
     "(Hydra's evaluator has a one-hour alarm, plus the time to insert the builds).")
 MAX_OPEN_EVALS = Setting(
     flag="--max-open-evals", env=("HYDRA_OTEL_MAX_OPEN_EVALS",), default="10000", section="Hydra",
-    check=_int(1), doc="Bound on the evaluations awaiting their closing event.")
+    check=_int(1), doc="Bound on the evaluations awaiting their closing event; an `eval_started` beyond it is "
+    "not opened and is counted in `hydra_otel_notifications_rejected_total{reason=\"too_many_open\"}`.")
 ERROR_TEXT_LIMIT = Setting(
     flag="--error-text-limit", env=("HYDRA_OTEL_ERROR_TEXT_LIMIT",), default="4096", section="Hydra",
     check=_int(64, 1_000_000), doc="Hydra error text put on spans is cut to this many characters.")

@@ -208,6 +208,13 @@ def snapshot_from(
                 stats.missing_rows,
             ),
             labelled_counter(
+                f"{p}notifications_rejected_total",
+                "Evaluation notifications not acted on (eval_started not opened, superseded attempts not "
+                "reported), by reason.",
+                "reason",
+                stats.notifications_rejected,
+            ),
+            labelled_counter(
                 f"{p}resyncs_total",
                 "Catch-ups from Hydra's tables requested, by reason.",
                 "reason",

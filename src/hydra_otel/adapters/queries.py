@@ -62,6 +62,15 @@ FROM jobsets j
 WHERE j.id = ANY($1::int[])
 """
 
+EXISTING_JOBSETS_SQL = "SELECT id FROM jobsets WHERE id = ANY($1::int[])"
+
+
+async def existing_jobsets(db: Database, jobset_ids: Sequence[int]) -> set[int]:
+    """Those of ``jobset_ids`` that are rows of Hydra's ``jobsets`` table."""
+    if not jobset_ids:
+        return set()
+    return {r["id"] for r in await db.fetch(EXISTING_JOBSETS_SQL, sorted(set(jobset_ids)))}
+
 
 async def eval_facts(
     db: Database, eval_ids: Sequence[int], *, budget: int, max_links: int

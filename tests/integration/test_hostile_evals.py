@@ -1,0 +1,90 @@
+"""End to end: forged evaluation notifications and oversized builds stay bounded.
+
+Any role that can connect may NOTIFY, so a flood of made-up ``eval_started``
+payloads must not become a flood of "abandoned" spans, and a build with tens
+of thousands of steps must not become a trace a backend refuses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import asyncpg
+import trio
+from trio_asyncio import aio_as_trio
+
+from hydra_otel.core.stitch import SUPERSEDE_BURST
+from hydra_otel.sandbox.hydrasim import NewBuild
+from hydra_otel.sandbox.receiver import GrpcOtlpReceiver, ReceivedSpan, attributes_dict
+from tests.integration.harness import Hydra, StartDaemon
+
+T0 = 1_700_000_000
+CID = "4112.262815283.16494"
+FORGED = 20_000
+REAL_JOBSETS = 2  # trunk (1) and staging (2); the flood also names jobsets 3..50, which do not exist
+
+
+def abandoned(spans: list[ReceivedSpan]) -> list[ReceivedSpan]:
+    return [s for s in spans if attributes_dict(s.span.attributes).get("error.type") == "abandoned"]
+
+
+async def test_forged_start_flood_is_bounded(
+    aio_loop: asyncio.AbstractEventLoop,
+    hydra: Hydra,
+    hydra_db: str,
+    start_daemon: StartDaemon,
+    otlp_grpc: GrpcOtlpReceiver,
+    tmp_path: Path,
+) -> None:
+    """20,000 eval_started from a role with no grant: few abandoned spans, the real evaluation exports."""
+    service = await start_daemon(eval_abandon_after="2")
+    role = re.sub(r"[^a-z0-9_]", "_", f"mallory_{tmp_path.name.lower()[-20:]}")
+    await hydra.run(f"CREATE ROLE {role} LOGIN")
+    try:
+        mallory = await aio_as_trio(asyncpg.connect)(hydra_db.replace("postgres@", f"{role}@"))
+        try:
+            await aio_as_trio(mallory.execute)(
+                "SELECT count(pg_notify('eval_started', 'forged.' || i || E'\\t' || (i % 50 + 1))) "
+                f"FROM generate_series(1, {FORGED}) i"
+            )
+        finally:
+            await aio_as_trio(mallory.close)()
+        await hydra.run(*hydra.sim.evaluator_starts(1, CID, T0))
+        eval_id, _, sql = hydra.sim.eval_added(
+            1,
+            CID,
+            eval_start=T0,
+            timestamp=T0 + 100,
+            checkout_time=20,
+            eval_time=150,
+            new_builds=[NewBuild(job="a")],
+        )
+        await hydra.run(*sql)
+
+        def real_eval_and_expiry(spans: Sequence[ReceivedSpan]) -> bool:
+            names = {
+                s.span.name
+                for s in spans
+                if attributes_dict(s.span.attributes).get("hydra.eval.id") == eval_id
+            }
+            expired = any(
+                "abandon limit" in str(attributes_dict(s.span.attributes).get("hydra.eval.abandon_reason"))
+                for s in spans
+            )
+            return {"eval nixpkgs:trunk", "evaluator run"} <= names and expired
+
+        spans = await otlp_grpc.wait_for_spans(real_eval_and_expiry, timeout=60)
+        with trio.move_on_after(1):  # anything still in flight would only add to the count below
+            await otlp_grpc.wait_for_spans(len(spans) + 1)
+        spans = otlp_grpc.spans()
+    finally:
+        await hydra.run(f"DROP ROLE {role}")
+    assert service.stats.events["eval_started"] == FORGED + 1
+    # Per real jobset: the reported supersessions, and the last forged start expiring.
+    assert len(abandoned(spans)) <= REAL_JOBSETS * (SUPERSEDE_BURST + 1)
+    rejected = service.stats.notifications_rejected
+    assert rejected["unknown_jobset"] == FORGED * 48 // 50
+    assert sum(rejected.values()) >= FORGED - REAL_JOBSETS * (SUPERSEDE_BURST + 1)
