@@ -239,6 +239,11 @@ def snapshot_from(
                 stats.spans_deduplicated,
             ),
             counter(
+                f"{p}spans_over_budget_total",
+                "Step spans left out of a trace by the span budget (each build span says how many).",
+                stats.spans_over_budget,
+            ),
+            counter(
                 f"{p}export_failures_total",
                 "Failed export attempts (each is retried).",
                 stats.export_failures,

@@ -256,6 +256,7 @@ def render_config(cfg: Config) -> RenderConfig:
         error_text_limit=cfg.stitch.error_text_limit,
         max_builds_per_trace=cfg.stitch.max_builds_per_trace,
         max_links=cfg.stitch.max_links,
+        max_spans_per_trace=cfg.stitch.max_spans_per_trace,
     )
 
 

@@ -88,3 +88,58 @@ async def test_forged_start_flood_is_bounded(
     rejected = service.stats.notifications_rejected
     assert rejected["unknown_jobset"] == FORGED * 48 // 50
     assert sum(rejected.values()) >= FORGED - REAL_JOBSETS * (SUPERSEDE_BURST + 1)
+
+
+async def test_build_with_20000_steps_fits_tempo(
+    hydra: Hydra, start_daemon: StartDaemon, otlp_grpc: GrpcOtlpReceiver
+) -> None:
+    """A build with 20,000 steps: its trace, measured as received, stays under Tempo's 5 MB, and the
+    build span says how many steps were left out."""
+    service = await start_daemon()
+    eval_id, (build,), sql = hydra.sim.eval_added(
+        1,
+        CID,
+        eval_start=T0,
+        timestamp=T0 + 100,
+        checkout_time=20,
+        eval_time=150,
+        new_builds=[NewBuild(job="big")],
+    )
+    await hydra.run(*sql)
+    steps = 20_000
+    own = hydra.sim.drvpaths[build]
+    await hydra.run(
+        "INSERT INTO buildsteps (build, stepnr, type, drvpath, busy, status, starttime, stoptime, machine, system) "
+        f"SELECT {build}, i, 0, '/nix/store/' || lpad(i::text, 32, '0') || '-python3.12-some-package-' || i || "
+        f"'.drv', 0, 0, {T0} + 100 + i, {T0} + 101 + i, 'ssh://builder@big-builder-01.example.org', "
+        f"'x86_64-linux' FROM generate_series(1, {steps - 1}) i",
+        "INSERT INTO buildsteps (build, stepnr, type, drvpath, busy, status, starttime, stoptime, machine, system) "
+        f"VALUES ({build}, {steps}, 0, '{own}', 0, 0, {T0 + 100 + steps}, {T0 + 101 + steps}, '', 'x86_64-linux')",
+        hydra.sim.build_finished(build, start=T0 + 100 + steps, stop=T0 + 101 + steps),
+    )
+
+    def build_span(spans: Sequence[ReceivedSpan]) -> bool:
+        return any(s.span.name == "build big" for s in spans)
+
+    spans = await otlp_grpc.wait_for_spans(build_span, timeout=60)
+    (root,) = [s for s in spans if s.span.name == "build big"]
+    omitted = attributes_dict(root.span.attributes)["hydra.build.steps_omitted"]
+    assert isinstance(omitted, int)
+
+    def steps_of(spans: Sequence[ReceivedSpan]) -> list[ReceivedSpan]:
+        return [s for s in spans if attributes_dict(s.span.attributes).get("hydra.span.type") == "step"]
+
+    spans = await otlp_grpc.wait_for_spans(lambda got: len(steps_of(got)) >= steps - omitted, timeout=60)
+    trace = [s for s in spans if s.span.trace_id == root.span.trace_id]
+    size = sum(len(s.span.SerializeToString()) for s in trace)
+    assert size <= 5_000_000, f"{len(trace)} spans, {size} bytes"
+    assert len(steps_of(trace)) == steps - omitted
+    assert service.stats.spans_over_budget == omitted
+    assert {s.span.name for s in trace} >= {
+        "eval nixpkgs:trunk",
+        "checkout",
+        "evaluate",
+        "build big",
+        "queued",
+    }
+    assert eval_id > 0
