@@ -87,3 +87,24 @@ async def test_rejections_are_counted_and_logged_per_batch(caplog: pytest.LogCap
     lines = [r for r in caplog.records if r.getMessage() == "ignored evaluation notifications"]
     assert 1 <= len(lines) < 10
     assert sum(r.__dict__["count"] for r in lines) == 1_000
+
+
+async def test_preload_learns_every_jobset_at_once() -> None:
+    """After the preload, starts of existing jobsets need no lookup; a failed preload is not fatal."""
+    table = FakeTable({1, 2})
+
+    async def every() -> set[int]:
+        return set(table.rows)
+
+    known = KnownJobsets(table.lookup, every=every)
+    await known.preload()
+    assert await known.known({1, 2}) == {1, 2}
+    assert table.queries == []
+
+    async def down() -> set[int]:
+        raise DbUnavailable("down")
+
+    lazy = KnownJobsets(table.lookup, every=down)
+    await lazy.preload()
+    assert await lazy.known({1}) == {1}
+    assert table.queries == [[1]]

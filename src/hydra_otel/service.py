@@ -154,8 +154,11 @@ class Service:
                 pipeline.start_soon(
                     functools.partial(run_resolver, backoff=_backoff(10.0)), work_rx, span_tx, resolver
                 )
-                known = KnownJobsets(functools.partial(queries.existing_jobsets, db))
-                pipeline.start_soon(
+                known = KnownJobsets(
+                    functools.partial(queries.existing_jobsets, db),
+                    every=functools.partial(queries.all_jobsets, db),
+                )
+                await pipeline.start(
                     functools.partial(run_stitcher, stats=self.stats, jobsets=known),
                     ev_rx,
                     work_tx.clone(),

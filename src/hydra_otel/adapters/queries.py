@@ -63,6 +63,12 @@ WHERE j.id = ANY($1::int[])
 """
 
 EXISTING_JOBSETS_SQL = "SELECT id FROM jobsets WHERE id = ANY($1::int[])"
+ALL_JOBSETS_SQL = "SELECT id FROM jobsets"
+
+
+async def all_jobsets(db: Database) -> set[int]:
+    """Every jobset ID in Hydra's ``jobsets`` table."""
+    return {r["id"] for r in await db.fetch(ALL_JOBSETS_SQL)}
 
 
 async def existing_jobsets(db: Database, jobset_ids: Sequence[int]) -> set[int]:

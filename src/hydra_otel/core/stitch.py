@@ -168,6 +168,8 @@ class Stitcher:
         self._abandoned: dict[str, int] = {}
         self._rejected: dict[str, int] = {}
         self._pending: dict[str, Rejection] = {}  # by reason: bounded by the number of reasons
+        # The current feed()'s verdict on the event's jobset, read by _on_start: every handler in
+        # TRANSITIONS has the same signature, and only that one needs it.
         self._jobset_known = True
 
     def state(self, jobset_id: int, correlation_id: str) -> State:

@@ -55,14 +55,40 @@ class KnownJobsets:
     """
 
     def __init__(
-        self, lookup: JobsetLookup, *, negative_ttl: float = 60.0, max_negative: int = 10_000
+        self,
+        lookup: JobsetLookup,
+        *,
+        every: Callable[[], Awaitable[set[int]]] | None = None,
+        negative_ttl: float = 60.0,
+        max_negative: int = 10_000,
     ) -> None:
+        """Args:
+        lookup: which of the given IDs exist (one query).
+        every: every jobset ID, for :meth:`preload` (None: nothing to preload).
+        negative_ttl: seconds an ID not found is remembered as unknown.
+        max_negative: bound on IDs remembered as unknown.
+        """
         self._lookup = lookup
+        self._every = every
         self._known: set[int] = set()
         self._unknown: OrderedDict[int, float] = OrderedDict()
         self._ttl = negative_ttl
         self._max_negative = max_negative
         self._warn = RateLimitedLog(log)
+
+    async def preload(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109 - one bounded start-up step
+        """Learn every existing jobset at once, so the first start of each is not held up by a
+        lookup (during which the catch-up would not see its evaluation as open). Gives up quietly
+        after ``timeout`` seconds or when the database is unreachable: lookups then happen lazily."""
+        if self._every is None:
+            return
+        with trio.move_on_after(timeout):
+            try:
+                self._known |= await self._every()
+            except DbUnavailable as exc:
+                self._warn.warning(
+                    "db", "cannot read the jobsets yet; looking them up as they come", error=str(exc)
+                )
 
     async def known(self, jobset_ids: set[int]) -> set[int]:
         """The subset of ``jobset_ids`` that exist; at most one query."""
@@ -94,8 +120,11 @@ async def run_stitcher(
     *,
     stats: Stats | None = None,
     jobsets: KnownJobsets | None = None,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Consume ``events`` until it closes; closes ``outcomes`` when done.
+
+    Reports started once the jobsets are preloaded (or that gave up), before any event is read.
 
     Args:
         events: parsed notifications from the intake.
@@ -106,6 +135,9 @@ async def run_stitcher(
     """
     warn = RateLimitedLog(log)
     async with events, outcomes:
+        if jobsets is not None:
+            await jobsets.preload()
+        task_status.started()
         while True:
             deadline = stitcher.next_deadline()
             batch: list[Received] | None = None
