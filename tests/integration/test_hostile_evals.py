@@ -90,6 +90,34 @@ async def test_forged_start_flood_is_bounded(
     assert sum(rejected.values()) >= FORGED - REAL_JOBSETS * (SUPERSEDE_BURST + 1)
 
 
+async def test_added_before_started_is_not_abandoned(
+    hydra: Hydra, start_daemon: StartDaemon, otlp_grpc: GrpcOtlpReceiver
+) -> None:
+    """eval_added delivered before its eval_started (another connection, committed later): the
+    evaluation exports once, and the late start is counted instead of ending as "abandoned"."""
+    service = await start_daemon(eval_abandon_after="0.5")
+    eval_id, _, sql = hydra.sim.eval_added(
+        1,
+        CID,
+        eval_start=T0,
+        timestamp=T0 + 100,
+        checkout_time=20,
+        eval_time=150,
+        new_builds=[NewBuild(job="a")],
+    )
+    await hydra.run(*sql, *hydra.sim.evaluator_starts(1, CID, T0))
+    with trio.fail_after(10):
+        while service.stats.notifications_rejected["already_closed"] < 1:  # noqa: ASYNC110 - a counter of the live pipeline
+            await trio.sleep(0.01)
+    spans = await otlp_grpc.wait_for_spans(3)
+    # Past the abandon limit nothing more comes: on main, the start opened and was abandoned here.
+    with trio.move_on_after(1.5):
+        await otlp_grpc.wait_for_spans(len(spans) + 1, timeout=10)
+    assert {s.span.name for s in otlp_grpc.spans()} == {"eval nixpkgs:trunk", "checkout", "evaluate"}
+    assert abandoned(otlp_grpc.spans()) == []
+    assert eval_id > 0
+
+
 async def test_build_with_20000_steps_fits_tempo(
     hydra: Hydra, start_daemon: StartDaemon, otlp_grpc: GrpcOtlpReceiver
 ) -> None:
