@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 from urllib.parse import unquote, urlsplit
 
+from hydra_otel.core.budget import min_spans_per_trace
 from hydra_otel.dsn import DsnError, database_url, dbi_to_url, has_userinfo, redacted_dsn, url_secrets
 from hydra_otel.errors import ConfigError, quote_payload
 
@@ -76,6 +77,7 @@ class StitchConfig:
     error_text_limit: int
     max_builds_per_trace: int
     max_links: int
+    max_spans_per_trace: int
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -308,7 +310,8 @@ EVAL_ABANDON_AFTER = Setting(
     "(Hydra's evaluator has a one-hour alarm, plus the time to insert the builds).")
 MAX_OPEN_EVALS = Setting(
     flag="--max-open-evals", env=("HYDRA_OTEL_MAX_OPEN_EVALS",), default="10000", section="Hydra",
-    check=_int(1), doc="Bound on the evaluations awaiting their closing event.")
+    check=_int(1), doc="Bound on the evaluations awaiting their closing event; an `eval_started` beyond it is "
+    "not opened and is counted in `hydra_otel_notifications_rejected_total{reason=\"too_many_open\"}`.")
 ERROR_TEXT_LIMIT = Setting(
     flag="--error-text-limit", env=("HYDRA_OTEL_ERROR_TEXT_LIMIT",), default="4096", section="Hydra",
     check=_int(64, 1_000_000), doc="Hydra error text put on spans is cut to this many characters.")
@@ -317,6 +320,13 @@ MAX_BUILDS_PER_TRACE = Setting(
     check=_int(1, 100_000),
     doc="Builds an evaluation's trace holds (by build ID); later ones get traces of their own, linked both "
     "ways, so a nixpkgs-sized evaluation stays within Tempo's 5 MB and Jaeger's UI limits (docs/spans.md).")
+MAX_SPANS_PER_TRACE = Setting(
+    flag="--max-spans-per-trace", env=("HYDRA_OTEL_MAX_SPANS_PER_TRACE",), default="6000", section="Hydra",
+    check=_int(7, 10_000_000),
+    doc="Spans a trace holds, split evenly between the builds in it; a build finish with more steps than "
+    "its share keeps the first ones and its last, and its span says how many were left out "
+    "(`hydra.build.steps_omitted`). At least 3 times `--max-builds-per-trace`, plus 4. About 0.6 KB a span: the "
+    "default keeps a trace near 3.7 MB, under Tempo's 5 MB (docs/spans.md).")
 MAX_LINKS = Setting(
     flag="--max-links", env=("HYDRA_OTEL_MAX_LINKS",), default="32", section="Hydra",
     check=_int(0, 128),
@@ -446,7 +456,7 @@ QUEUE_SIZE = Setting(
 #: The declaration table, in documentation order.
 SETTINGS: tuple[Setting[Any], ...] = (
     DATABASE_URL, HYDRA_URL, INSTANCE, EVAL_ABANDON_AFTER, MAX_OPEN_EVALS, ERROR_TEXT_LIMIT,
-    MAX_BUILDS_PER_TRACE, MAX_LINKS,
+    MAX_BUILDS_PER_TRACE, MAX_SPANS_PER_TRACE, MAX_LINKS,
     OTLP_PROTOCOL, OTLP_ENDPOINT, OTLP_HEADERS, OTLP_TIMEOUT, OTLP_CERTIFICATE, OTLP_INSECURE,
     OTLP_COMPRESSION, EXPORT_BATCH_SIZE, EXPORT_MAX_REQUEST_BYTES, EXPORT_DELAY, EXPORT_MAX_BACKOFF, SERVICE_NAME,
     RESOURCE_ATTRIBUTES, STATE_DIR, LOG_LEVEL, SHUTDOWN_GRACE, CATCHUP_INTERVAL, CATCHUP_OVERLAP,
@@ -513,6 +523,7 @@ def load(argv_values: Mapping[str, str | None], environ: Mapping[str, str]) -> C
             error_text_limit=r.get(ERROR_TEXT_LIMIT),
             max_builds_per_trace=r.get(MAX_BUILDS_PER_TRACE),
             max_links=r.get(MAX_LINKS),
+            max_spans_per_trace=_span_budget(r),
         ),
         export=_export(r),
         state_dir=r.get(STATE_DIR),
@@ -543,6 +554,16 @@ def _secrets(config: Config, environ: Mapping[str, str]) -> tuple[str, ...]:
     if environ.get("PGPASSWORD"):
         found.append(environ["PGPASSWORD"])
     return tuple(sorted(set(found), key=len, reverse=True))
+
+
+def _span_budget(r: _Resolver) -> int:
+    spans, builds = r.get(MAX_SPANS_PER_TRACE), r.get(MAX_BUILDS_PER_TRACE)
+    if spans < min_spans_per_trace(builds):
+        r.problems.append(
+            f"{r.origins[MAX_SPANS_PER_TRACE.key]}: must be at least {min_spans_per_trace(builds)} "
+            f"(3 spans for each of the {builds} builds a trace may hold, plus 4), got {spans}"
+        )
+    return spans
 
 
 def _export(r: _Resolver) -> ExportConfig:

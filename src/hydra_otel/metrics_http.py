@@ -208,6 +208,13 @@ def snapshot_from(
                 stats.missing_rows,
             ),
             labelled_counter(
+                f"{p}notifications_rejected_total",
+                "Evaluation notifications not acted on (eval_started not opened, superseded attempts not "
+                "reported), by reason.",
+                "reason",
+                stats.notifications_rejected,
+            ),
+            labelled_counter(
                 f"{p}resyncs_total",
                 "Catch-ups from Hydra's tables requested, by reason.",
                 "reason",
@@ -230,6 +237,11 @@ def snapshot_from(
                 f"{p}spans_deduplicated_total",
                 "Exact repeats of recently exported spans, not exported again.",
                 stats.spans_deduplicated,
+            ),
+            counter(
+                f"{p}spans_over_budget_total",
+                "Step spans left out of a trace by the span budget (each build span says how many).",
+                stats.spans_over_budget,
             ),
             counter(
                 f"{p}export_failures_total",

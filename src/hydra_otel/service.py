@@ -31,6 +31,7 @@ import trio_asyncio
 from opentelemetry.sdk.resources import Resource
 
 import hydra_otel
+from hydra_otel.adapters import queries
 from hydra_otel.adapters.db import (
     ListenItem,
     ListenStatistics,
@@ -57,7 +58,7 @@ from hydra_otel.tasks.catchup import Catchup, CatchupSettings, Progress, run_cat
 from hydra_otel.tasks.exporter import run_exporter
 from hydra_otel.tasks.intake import hint_counter, run_intake
 from hydra_otel.tasks.resolver import RESOLVE_BATCH, Resolver, run_resolver
-from hydra_otel.tasks.stitcher import run_stitcher
+from hydra_otel.tasks.stitcher import KnownJobsets, run_stitcher
 
 log = logging.getLogger("hydra_otel.service")
 
@@ -151,7 +152,16 @@ class Service:
                 pipeline.start_soon(
                     functools.partial(run_resolver, backoff=_backoff(10.0)), work_rx, span_tx, resolver
                 )
-                pipeline.start_soon(run_stitcher, ev_rx, work_tx.clone(), stitcher)
+                known = KnownJobsets(
+                    functools.partial(queries.existing_jobsets, db),
+                    every=functools.partial(queries.all_jobsets, db),
+                )
+                await pipeline.start(
+                    functools.partial(run_stitcher, stats=self.stats, jobsets=known),
+                    ev_rx,
+                    work_tx.clone(),
+                    stitcher,
+                )
                 pipeline.start_soon(run_intake, raw_rx, ev_tx, self.stats, trig_tx)
                 # work_tx (the catch-up's) closes once the sources stop; the stitcher closes its clone.
                 async with work_tx, trio.open_nursery() as sources:
@@ -248,6 +258,7 @@ def render_config(cfg: Config) -> RenderConfig:
         error_text_limit=cfg.stitch.error_text_limit,
         max_builds_per_trace=cfg.stitch.max_builds_per_trace,
         max_links=cfg.stitch.max_links,
+        max_spans_per_trace=cfg.stitch.max_spans_per_trace,
     )
 
 
