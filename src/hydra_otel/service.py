@@ -155,6 +155,7 @@ class Service:
                 known = KnownJobsets(
                     functools.partial(queries.existing_jobsets, db),
                     every=functools.partial(queries.all_jobsets, db),
+                    closing=functools.partial(queries.closing_rows, db),
                 )
                 await pipeline.start(
                     functools.partial(run_stitcher, stats=self.stats, jobsets=known),

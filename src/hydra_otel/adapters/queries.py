@@ -15,6 +15,7 @@ from hydra_otel.adapters.db import Database
 from hydra_otel.core.builds import BuildFacts, StepFacts
 from hydra_otel.core.catchup import JobsetRow
 from hydra_otel.core.evals import EvalFacts, JobsetFacts
+from hydra_otel.core.stitch import JobsetCheck
 
 EVAL_FACTS_SQL = """
 SELECT e.id, e.jobset_id, j.project, j.name AS jobset, e.timestamp, e.checkouttime, e.evaltime,
@@ -76,6 +77,33 @@ async def existing_jobsets(db: Database, jobset_ids: Sequence[int]) -> set[int]:
     if not jobset_ids:
         return set()
     return {r["id"] for r in await db.fetch(EXISTING_JOBSETS_SQL, sorted(set(jobset_ids)))}
+
+
+CLOSING_JOBSETS_SQL = """
+SELECT id, lastcheckedtime, errortime,
+       coalesce(errormsg, '') <> '' AS has_error, coalesce(fetcherrormsg, '') <> '' AS has_fetch_error
+FROM jobsets WHERE id = ANY($1::int[])
+"""
+CLOSING_EVALS_SQL = "SELECT id, jobset_id FROM jobsetevals WHERE id = ANY($1::int[])"
+
+
+async def closing_rows(
+    db: Database, jobset_ids: Sequence[int], eval_ids: Sequence[int]
+) -> tuple[dict[int, JobsetCheck], dict[int, int]]:
+    """What vouches for ``eval_cached`` / ``eval_failed``: the jobsets' rows, and each JobsetEval's jobset."""
+    jobsets: dict[int, JobsetCheck] = {}
+    if jobset_ids:
+        for r in await db.fetch(CLOSING_JOBSETS_SQL, sorted(set(jobset_ids))):
+            jobsets[r["id"]] = JobsetCheck(
+                last_checked=r["lastcheckedtime"],
+                has_error=r["has_error"],
+                error_time=r["errortime"],
+                has_fetch_error=r["has_fetch_error"],
+            )
+    evals: dict[int, int] = {}
+    if eval_ids:
+        evals = {r["id"]: r["jobset_id"] for r in await db.fetch(CLOSING_EVALS_SQL, sorted(set(eval_ids)))}
+    return jobsets, evals
 
 
 async def eval_facts(

@@ -1,0 +1,169 @@
+"""The stitcher acts on eval_cached / eval_failed only when Hydra's rows vouch for them."""
+
+from __future__ import annotations
+
+import pytest
+
+from hydra_otel.core.evals import Attempt, AttemptKind
+from hydra_otel.core.events import EvalCached, EvalFailed, EvalStarted
+from hydra_otel.core.stitch import (
+    CHECK_ALREADY_REPORTED,
+    PREVIOUS_EVAL_OF_OTHER_JOBSET,
+    ROW_DISAGREES,
+    UNKNOWN_JOBSET,
+    UNKNOWN_PREVIOUS_EVAL,
+    UNVERIFIED_BURST,
+    UNVERIFIED_OVER_BUDGET,
+    UNVERIFIED_REFILL,
+    ClosingCheck,
+    JobsetCheck,
+    State,
+    Stitcher,
+    Unchecked,
+)
+
+CID = "4112.262815283.16494"
+T = 1_700_000_000
+
+FETCH_FAILED = JobsetCheck(last_checked=T, has_error=False, error_time=None, has_fetch_error=True)
+CHECK_FAILED = JobsetCheck(last_checked=T, has_error=True, error_time=T, has_fetch_error=False)
+CACHED = JobsetCheck(last_checked=T, has_error=False, error_time=T - 50, has_fetch_error=False)
+
+
+def make() -> Stitcher:
+    return Stitcher(abandon_after=100.0, max_open=10)
+
+
+def failed(cid: str = CID, jobset: int = 1) -> EvalFailed:
+    return EvalFailed(correlation_id=cid, jobset_id=jobset)
+
+
+def cached(cid: str = CID, jobset: int = 1, previous: int = 7) -> EvalCached:
+    return EvalCached(correlation_id=cid, jobset_id=jobset, previous_eval_id=previous)
+
+
+@pytest.mark.parametrize("row", [FETCH_FAILED, CHECK_FAILED], ids=["fetch", "check"])
+def test_failure_the_row_shows_is_reported(row: JobsetCheck) -> None:
+    """eval_failed closes its attempt when the jobset row records that failure."""
+    s = make()
+    s.feed(EvalStarted(correlation_id=CID, jobset_id=1), 1_000, 0.0)
+    (out,) = s.feed(failed(), 2_000, 1.0, check=ClosingCheck(jobset=row))
+    assert isinstance(out, Attempt)
+    assert (out.kind, out.started_ns) == (AttemptKind.FAILED, 1_000)
+    assert s.statistics().rejected == {}
+
+
+@pytest.mark.parametrize(
+    ("event", "check", "reason"),
+    [
+        (failed(), ClosingCheck(jobset=None), UNKNOWN_JOBSET),
+        (cached(), ClosingCheck(jobset=None, previous_eval_jobset=1), UNKNOWN_JOBSET),
+        (cached(), ClosingCheck(jobset=CACHED, previous_eval_jobset=None), UNKNOWN_PREVIOUS_EVAL),
+        (cached(), ClosingCheck(jobset=CACHED, previous_eval_jobset=2), PREVIOUS_EVAL_OF_OTHER_JOBSET),
+        (failed(), ClosingCheck(jobset=CACHED), ROW_DISAGREES),
+        # A successful evaluation with job errors: errormsg set at the evaluation's start, not the check.
+        (
+            failed(),
+            ClosingCheck(
+                jobset=JobsetCheck(last_checked=T, has_error=True, error_time=T - 60, has_fetch_error=False)
+            ),
+            ROW_DISAGREES,
+        ),
+        (
+            failed(),
+            ClosingCheck(
+                jobset=JobsetCheck(last_checked=None, has_error=True, error_time=T, has_fetch_error=True)
+            ),
+            ROW_DISAGREES,
+        ),
+        (cached(), ClosingCheck(jobset=FETCH_FAILED, previous_eval_jobset=1), ROW_DISAGREES),
+        (
+            cached(),
+            ClosingCheck(
+                jobset=JobsetCheck(
+                    last_checked=None, has_error=False, error_time=None, has_fetch_error=False
+                ),
+                previous_eval_jobset=1,
+            ),
+            ROW_DISAGREES,
+        ),
+    ],
+)
+def test_closing_the_rows_do_not_vouch_for_is_rejected(
+    event: EvalCached | EvalFailed, check: ClosingCheck, reason: str
+) -> None:
+    """A closing event the rows contradict gives nothing, is counted, and leaves an open attempt open."""
+    s = make()
+    s.feed(EvalStarted(correlation_id=CID, jobset_id=1), 1_000, 0.0)
+    assert s.feed(event, 2_000, 1.0, check=check) == []
+    assert s.statistics().rejected == {reason: 1}
+    assert s.state(1, CID) is State.OPEN
+    (rejection,) = s.take_rejections()
+    assert (rejection.reason, rejection.jobset_id) == (reason, 1)
+
+
+def test_one_check_is_reported_once() -> None:
+    """However many closing events name one check (same lastcheckedtime), one attempt is reported."""
+    s = make()
+    check = ClosingCheck(jobset=CHECK_FAILED, previous_eval_jobset=1)
+    out = [o for i in range(1_000) for o in s.feed(failed(f"forged.{i}"), 2_000, 1.0, check=check)]
+    out += [o for i in range(1_000) for o in s.feed(cached(f"more.{i}"), 2_000, 1.0, check=check)]
+    assert len(out) == 1
+    assert s.statistics().rejected == {CHECK_ALREADY_REPORTED: 1_999}
+
+
+def test_each_newer_check_is_reported() -> None:
+    """Successive checks of a jobset (a newer lastcheckedtime each) each report their attempt."""
+    s = make()
+    for i in range(5):
+        row = JobsetCheck(last_checked=T + i, has_error=False, error_time=None, has_fetch_error=False)
+        (out,) = s.feed(
+            cached(f"c.{i}"), 2_000, float(i), check=ClosingCheck(jobset=row, previous_eval_jobset=1)
+        )
+        assert isinstance(out, Attempt)
+    # An older check (rows read before a newer one was reported) is not reported again.
+    assert s.feed(failed("old"), 2_000, 9.0, check=ClosingCheck(jobset=FETCH_FAILED)) == []
+    assert s.statistics().rejected == {CHECK_ALREADY_REPORTED: 1}
+
+
+def test_checks_are_per_jobset() -> None:
+    """One jobset's reported check does not hide another jobset's check at the same second."""
+    s = make()
+    assert len(s.feed(failed(jobset=1), 2_000, 1.0, check=ClosingCheck(jobset=FETCH_FAILED))) == 1
+    assert len(s.feed(failed(jobset=2), 2_000, 1.0, check=ClosingCheck(jobset=FETCH_FAILED))) == 1
+
+
+def test_unreadable_rows_spend_a_global_budget() -> None:
+    """While rows cannot be read, closing events are trusted only within a global, refilling budget."""
+    s = make()
+    out = [
+        o
+        for i in range(1_000)
+        for o in s.feed(failed(f"f.{i}", jobset=i % 7 + 1), 2_000, 0.0, check=Unchecked.UNREADABLE)
+    ]
+    assert len(out) == UNVERIFIED_BURST
+    assert s.statistics().rejected == {UNVERIFIED_OVER_BUDGET: 1_000 - UNVERIFIED_BURST}
+    assert len(s.feed(failed("later"), 3_000, UNVERIFIED_REFILL, check=Unchecked.UNREADABLE)) == 1
+
+
+def test_trusted_closings_are_not_checked() -> None:
+    """A caller that checks nothing (the default) gets every closing event acted on, as before."""
+    s = make()
+    assert len([o for i in range(100) for o in s.feed(failed(f"f.{i}"), 2_000, 0.0)]) == 100
+    assert s.statistics().rejected == {}
+
+
+def test_paired_close_reports_a_check_an_orphan_claimed() -> None:
+    """A forged orphan that read the row first cannot hide the real, paired close of that check."""
+    s = make()
+    s.feed(EvalStarted(correlation_id=CID, jobset_id=1), 1_000, 0.0)
+    check = ClosingCheck(jobset=FETCH_FAILED)
+    assert len(s.feed(failed("forged"), 1_500, 0.5, check=check)) == 1
+    (real,) = s.feed(failed(CID), 2_000, 1.0, check=check)
+    assert isinstance(real, Attempt)
+    assert real.started_ns == 1_000
+    # Neither another orphan nor another paired close reports that check again.
+    s.feed(EvalStarted(correlation_id="again", jobset_id=1), 2_500, 1.5)
+    assert s.feed(failed("again"), 3_000, 2.0, check=check) == []
+    assert s.feed(failed("more"), 3_000, 2.0, check=check) == []
+    assert s.statistics().rejected == {CHECK_ALREADY_REPORTED: 2}
