@@ -241,6 +241,28 @@ def snapshot_from(
                 "Progress marks stored after the endpoint acknowledged what they cover.",
                 stats.checkpoints,
             ),
+            counter(
+                f"{p}notifications_undecodable_total",
+                "Notifications dropped because their channel or payload is not valid UTF-8.",
+                listen.undecodable,
+            ),
+            labelled_counter(
+                f"{p}permission_denied_total",
+                "Queries refused because hydra-otel's role lacks a grant (SQLSTATE 42501), by table.",
+                "table",
+                stats.permission_denied,
+            ),
+            Metric(
+                name=f"{p}permission_missing",
+                help="1 for each table hydra-otel may not read now (unhealthy until granted).",
+                kind=MetricKind.GAUGE,
+                samples=tuple(Sample(value=1, labels=(("table", t),)) for t in sorted(stats.denied_tables)),
+            ),
+            counter(
+                f"{p}task_restarts_total",
+                "Pipeline restarts after an unexpected error (each logged with its traceback).",
+                stats.task_restarts,
+            ),
             *extra_gauges,
         )
     )

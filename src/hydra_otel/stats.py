@@ -26,6 +26,10 @@ class Stats:
     exporting_failed: bool = False  # the latest export attempt failed (health)
     queries: int = 0
     checkpoints: int = 0  # progress marks stored after the endpoint acknowledged what they cover
+    permission_denied: Counter[str] = field(default_factory=Counter)  # queries refused (42501), by table
+    #: Tables hydra-otel may not read now, with the GRANT that fixes each (health: unhealthy while any).
+    denied_tables: dict[str, str] = field(default_factory=dict)
+    task_restarts: int = 0  # pipeline restarts after an unexpected error
 
     def snapshot(self) -> dict[str, object]:
         """A JSON-friendly copy of every counter."""
@@ -40,5 +44,7 @@ class Stats:
             "spans_dropped": self.spans_dropped,
             "export_failures": self.export_failures,
             "checkpoints": self.checkpoints,
+            "permission_denied": dict(self.permission_denied),
+            "task_restarts": self.task_restarts,
             "queries": self.queries,
         }
