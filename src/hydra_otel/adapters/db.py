@@ -203,10 +203,11 @@ class _UndecodableFilter(asyncio.Protocol):
     """Sits between the LISTEN connection's transport and asyncpg's protocol; drops undecodable notifications.
 
     asyncpg decodes a notification's channel and payload as strict UTF-8 inside its
-    protocol. On a database whose server encoding is SQL_ASCII, PostgreSQL passes any
-    bytes through, so any role can ``NOTIFY`` an invalid UTF-8 payload; asyncpg's
-    UnicodeDecodeError then leaves the protocol stuck mid-operation (every later query
-    fails, and the LISTEN connection with it). This filter walks the message framing
+    protocol. On a database whose server encoding is SQL_ASCII, any role can ``NOTIFY``
+    a payload that is not UTF-8, and the session (client encoding SQL_ASCII, see
+    ``_session``) passes its bytes through; asyncpg's UnicodeDecodeError would then
+    leave the protocol stuck mid-operation (every later query fails, and the LISTEN
+    connection with it). This filter walks the message framing
     (type byte, 4-byte length) and removes each NotificationResponse that is not UTF-8
     before asyncpg sees it, reporting it to ``on_undecodable``; everything else passes
     through unchanged, so the connection and the rest of the delivery survive.
@@ -313,8 +314,6 @@ class Database:
     def __init__(self, pool: asyncpg.Pool, stats: Stats | None = None) -> None:
         self._pool = pool
         self._stats = stats if stats is not None else Stats()
-        #: Statements refused for lack of a grant, with the table: the first success clears it.
-        self._denied: dict[str, str] = {}
 
     @property
     def queries(self) -> int:
@@ -340,9 +339,9 @@ class Database:
             if kind is DbErrorKind.CONFIG:
                 raise config_error(exc) from exc
             if kind is DbErrorKind.PERMISSION and isinstance(exc, asyncpg.PostgresError):
-                raise self._permission_denied(sql, exc) from exc
+                raise self._permission_denied(exc) from exc
             raise  # a bug in a query (syntax, types): let it surface
-        if self._denied:
+        if self._stats.denied_tables:
             self._granted(sql)
         return rows
 
@@ -351,20 +350,21 @@ class Database:
         rows = await self.fetch(sql, *args)
         return rows[0][0] if rows else None
 
-    def _permission_denied(self, sql: str, exc: asyncpg.PostgresError) -> PermissionDenied:
+    def _permission_denied(self, exc: asyncpg.PostgresError) -> PermissionDenied:
         denied = permission_error(exc, getattr(exc, "hydra_otel_role", None) or "<hydra-otel's role>")
         self._stats.permission_denied[denied.table] += 1
         if denied.table not in self._stats.denied_tables:
             log.error(str(denied), extra={"table": denied.table, "grant": denied.grant})
         self._stats.denied_tables[denied.table] = denied.grant
-        self._denied[sql] = denied.table
         return denied
 
     def _granted(self, sql: str) -> None:
-        table = self._denied.pop(sql, None)
-        if table is not None and table not in self._denied.values():
-            self._stats.denied_tables.pop(table, None)
-            log.info("permission granted: reading the table again", extra={"table": table})
+        """A query succeeded: every denied table it reads is readable again."""
+        for table in list(self._stats.denied_tables):
+            name = table.removeprefix("schema ")  # any success shows the schema is usable
+            if name != table or re.search(rf"\b{re.escape(name)}\b", sql):
+                del self._stats.denied_tables[table]
+                log.info("permission granted: reading the table again", extra={"table": table})
 
 
 async def _fetch_on_pool(pool: asyncpg.Pool, sql: str, args: Sequence[object]) -> list[asyncpg.Record]:
@@ -627,6 +627,12 @@ async def _session(
     flags = _Flags()
     try:
         _filter_undecodable(conn, stats)
+        if getattr(conn.get_settings(), "server_encoding", "") == "SQL_ASCII":
+            # Any role can NOTIFY bytes that are not UTF-8 into a SQL_ASCII database. With a UTF8
+            # client encoding the server checks what it sends and ends this session with a FATAL
+            # at the first such notification, losing the rest of the delivery; with SQL_ASCII on
+            # both sides it passes bytes through, and the filter drops the undecodable ones.
+            await aio_as_trio(conn.execute)("SET client_encoding TO 'SQL_ASCII'")
 
         def sink(channel: str, payload: str) -> None:
             # Runs in the trio thread from asyncpg's protocol; must never raise or block.
