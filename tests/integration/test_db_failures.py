@@ -177,7 +177,7 @@ async def test_injected_internal_client_error_is_retried_on_a_new_connection(
             raise asyncpg.InternalClientError(STATE_12)
         if self in broken:
             raise AssertionError("a connection that failed mid-operation was handed out again")
-        return await real_fetch(self, query, *args, **kwargs)  # type: ignore[arg-type]
+        return await real_fetch(self, query, *args, **kwargs)  # type: ignore[call-overload]
 
     monkeypatch.setattr(asyncpg.Connection, "fetch", fetch)
     daemon = await daemons.start(daemons.config(dsn=private_cluster.dsn("injected")))
