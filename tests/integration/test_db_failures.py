@@ -263,16 +263,21 @@ async def test_missing_grant_on_buildsteps_holds_builds_and_exports_evaluations(
         for b in builds:
             await play.finish(b)
         await wait_for_expected(otlp_grpc, evaluation_only.expected, daemon)
-        await poll("the missing grant seen", lambda: "buildsteps" in service.stats.denied_tables)
+        await poll("builds held", lambda: "holding work" in caplog.text)
         assert not service.healthy()
+        assert "buildsteps" in service.stats.denied_tables
         assert service.stats.permission_denied["buildsteps"] >= 1
         assert "GRANT SELECT ON buildsteps TO otel_reader;" in caplog.text
-        # The builds are held, and so are the progress marks behind them: catch-up scans (every
-        # second) store none while they are. Two scans' worth of nothing is the assertion here.
-        stored = service.stats.checkpoints
-        with trio.move_on_after(2.5):
-            await poll("a checkpoint stored past held work", lambda: service.stats.checkpoints > stored)
+        # The builds are held, and so are the progress marks behind them: the catch-up scans
+        # (every second) send checkpoints, and none is stored while the builds are held.
+        progress = service.progress
+        assert progress is not None
+        scans = progress.scans
+        await poll("a catch-up scan", lambda: progress.scans > scans)
+        stored, scans = service.stats.checkpoints, progress.scans
+        await poll("two more catch-up scans", lambda: progress.scans >= scans + 2)
         assert service.stats.checkpoints == stored
+        assert not service.healthy()
         assert play.expected.keys - {received_key(s) for s in otlp_grpc.spans()}  # builds held
 
         private_cluster.psql("grants", "GRANT SELECT ON buildsteps TO otel_reader")
@@ -283,6 +288,7 @@ async def test_missing_grant_on_buildsteps_holds_builds_and_exports_evaluations(
     finally:
         await aio_as_trio(hydra.conn.close)()
     assert service.stats.task_restarts == 0
+    assert caplog.text.count("permission denied for table buildsteps") == 1  # once per episode
     assert_exactly(otlp_grpc.spans(), play.expected, identical_repeats=True)
 
 

@@ -359,10 +359,10 @@ class Database:
         return denied
 
     def _granted(self, sql: str) -> None:
-        """A query succeeded: every denied table it reads is readable again."""
+        """A query succeeded: every denied table it reads (FROM or JOIN, not a mere mention) is readable again."""
         for table in list(self._stats.denied_tables):
             name = table.removeprefix("schema ")  # any success shows the schema is usable
-            if name != table or re.search(rf"\b{re.escape(name)}\b", sql):
+            if name != table or re.search(rf"(?i)\b(?:FROM|JOIN)\s+{re.escape(name)}\b", sql):
                 del self._stats.denied_tables[table]
                 log.info("permission granted: reading the table again", extra={"table": table})
 
