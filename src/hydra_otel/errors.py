@@ -51,6 +51,17 @@ class ConfigError(HydraOtelError):
         super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in self.problems))
 
 
+class DbSettingsError(ConfigError):
+    """The database connection settings are invalid (``sslmode=bogus``): retrying cannot help.
+
+    One problem, and its message is that one line (tools quote the first line of an error).
+    """
+
+    def __init__(self, problem: str) -> None:
+        super().__init__([problem])
+        self.args = (problem,)
+
+
 class StateDirError(HydraOtelError):
     """The state directory cannot be created or written; the message says which setting to change."""
 

@@ -40,7 +40,7 @@ from trio_asyncio import aio_as_trio
 
 from hydra_otel.core.backoff import Backoff
 from hydra_otel.errors import (
-    ConfigError,
+    DbSettingsError,
     DbUnavailable,
     LeadershipLost,
     PermissionDenied,
@@ -126,13 +126,11 @@ def classify(exc: BaseException) -> DbErrorKind:
     return DbErrorKind.OTHER
 
 
-def config_error(exc: BaseException) -> ConfigError:
-    """The ConfigError for a CONFIG-kind driver error: says where the bad setting may come from."""
-    return ConfigError(
-        [
-            f"the database connection settings are invalid: {exc} "
-            "(check the database URL's parameters and PG* environment variables such as PGSSLMODE)"
-        ]
+def config_error(exc: BaseException) -> DbSettingsError:
+    """The error for a CONFIG-kind driver error: says where the bad setting may come from."""
+    return DbSettingsError(
+        f"the database connection settings are invalid: {exc} "
+        "(check the database URL's parameters and PG* environment variables such as PGSSLMODE)"
     )
 
 
