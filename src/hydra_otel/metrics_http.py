@@ -208,6 +208,13 @@ def snapshot_from(
                 stats.missing_rows,
             ),
             labelled_counter(
+                f"{p}notifications_rejected_total",
+                "Evaluation notifications not acted on (eval_started not opened, superseded attempts not "
+                "reported), by reason.",
+                "reason",
+                stats.notifications_rejected,
+            ),
+            labelled_counter(
                 f"{p}resyncs_total",
                 "Catch-ups from Hydra's tables requested, by reason.",
                 "reason",
@@ -232,6 +239,11 @@ def snapshot_from(
                 stats.spans_deduplicated,
             ),
             counter(
+                f"{p}spans_over_budget_total",
+                "Step spans left out of a trace by the span budget (each build span says how many).",
+                stats.spans_over_budget,
+            ),
+            counter(
                 f"{p}export_failures_total",
                 "Failed export attempts (each is retried).",
                 stats.export_failures,
@@ -240,6 +252,11 @@ def snapshot_from(
                 f"{p}checkpoints_total",
                 "Progress marks stored after the endpoint acknowledged what they cover.",
                 stats.checkpoints,
+            ),
+            counter(
+                f"{p}marks_store_failures_total",
+                "Progress-mark writes that failed (a full disk, say); exporting goes on and each is retried.",
+                stats.marks_store_failures,
             ),
             counter(
                 f"{p}notifications_undecodable_total",

@@ -13,7 +13,7 @@
              └─ run_listener  LISTEN -> raw        (one dedicated connection)
 
 Sinks start before sources, and the listener reports ``started()`` only once
-LISTEN is active. On SIGINT/SIGTERM the sources stop; closing their send
+LISTEN is active. On SIGINT/SIGTERM/SIGHUP the sources stop; closing their send
 channels ends each stage in turn, so whatever is in flight is resolved and
 exported. A second signal cancels everything at once.
 
@@ -31,7 +31,6 @@ from __future__ import annotations
 import functools
 import logging
 import signal
-import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -40,6 +39,7 @@ import trio_asyncio
 from opentelemetry.sdk.resources import Resource
 
 import hydra_otel
+from hydra_otel.adapters import queries
 from hydra_otel.adapters.db import (
     ListenItem,
     ListenStatistics,
@@ -67,7 +67,7 @@ from hydra_otel.tasks.catchup import Catchup, CatchupSettings, Progress, run_cat
 from hydra_otel.tasks.exporter import run_exporter
 from hydra_otel.tasks.intake import hint_counter, run_intake
 from hydra_otel.tasks.resolver import RESOLVE_BATCH, Resolver, run_resolver
-from hydra_otel.tasks.stitcher import run_stitcher
+from hydra_otel.tasks.stitcher import KnownJobsets, run_stitcher
 
 log = logging.getLogger("hydra_otel.service")
 
@@ -128,7 +128,7 @@ class Service:
             },
         )
         try:
-            store = await _open_store(cfg)
+            store = await _open_store(cfg, self.stats)
             try:
                 async with trio.open_nursery() as lead:
                     self._lead = lead.cancel_scope
@@ -202,7 +202,16 @@ class Service:
             pipeline.start_soon(
                 functools.partial(run_resolver, backoff=_backoff(10.0)), work_rx, span_tx, resolver
             )
-            pipeline.start_soon(run_stitcher, ev_rx, work_tx.clone(), stitcher)
+            known = KnownJobsets(
+                functools.partial(queries.existing_jobsets, db),
+                every=functools.partial(queries.all_jobsets, db),
+            )
+            await pipeline.start(
+                functools.partial(run_stitcher, stats=self.stats, jobsets=known),
+                ev_rx,
+                work_tx.clone(),
+                stitcher,
+            )
             pipeline.start_soon(run_intake, raw_rx, ev_tx, self.stats, trig_tx)
             # work_tx (the catch-up's) closes once the sources stop; the stitcher closes its clone.
             async with work_tx, trio.open_nursery() as sources:
@@ -230,9 +239,9 @@ class Service:
 
     def metrics_snapshot(self) -> MetricsSnapshot:
         """Every counter for ``/metrics``."""
-        return snapshot_from(
-            self.stats, self.listen, [gauge("hydra_otel_ready", "1 while healthy.", int(self.healthy()))]
-        )
+        extra = self.step_logs.stats.metrics() if self.step_logs is not None else []
+        extra.append(gauge("hydra_otel_ready", "1 while healthy.", int(self.healthy())))
+        return snapshot_from(self.stats, self.listen, extra)
 
     def catchup_settings(self) -> CatchupSettings:
         """Catch-up timing from the configuration."""
@@ -262,8 +271,10 @@ class Service:
         cfg = self.cfg.export
 
         async def commit(marks: Marks) -> None:
-            self.committed = await trio.to_thread.run_sync(store.merge, marks)
-            self.stats.checkpoints += 1
+            merged = await trio.to_thread.run_sync(store.merge, marks)
+            if not store.pending:  # a failed write is counted by the store and retried next time
+                self.committed = merged
+                self.stats.checkpoints += 1
 
         await run_exporter(
             span_rx,
@@ -290,15 +301,14 @@ def _fatal(exc: BaseException) -> bool:
     return isinstance(exc, _FATAL)
 
 
-async def _open_store(cfg: Config) -> StateStore:
-    """The progress store, checked before anything else starts (a bad state dir is fatal)."""
-    try:
-        return await trio.to_thread.run_sync(StateStore, cfg.state_dir)
-    except (OSError, sqlite3.Error) as exc:
-        raise StateDirError(
-            f"cannot use the state directory {cfg.state_dir}: {exc}; "
-            "set --state-dir / HYDRA_OTEL_STATE_DIR to a writable directory"
-        ) from exc
+async def _open_store(cfg: Config, stats: Stats) -> StateStore:
+    """The progress store, checked before anything else starts (an unusable one is fatal).
+
+    Raises:
+        StateDirError: the message says what is wrong and what to do (the CLI exits with code 2).
+    """
+    open_store = functools.partial(StateStore, cfg.state_dir, instance=cfg.stitch.instance, stats=stats)
+    return await trio.to_thread.run_sync(open_store)
 
 
 def render_config(cfg: Config) -> RenderConfig:
@@ -309,6 +319,7 @@ def render_config(cfg: Config) -> RenderConfig:
         error_text_limit=cfg.stitch.error_text_limit,
         max_builds_per_trace=cfg.stitch.max_builds_per_trace,
         max_links=cfg.stitch.max_links,
+        max_spans_per_trace=cfg.stitch.max_spans_per_trace,
     )
 
 
@@ -361,8 +372,14 @@ def make_step_logs(cfg: Config) -> StepLogs | None:
     return StepLogs(TailSettings(logs_dir=str(t.step_logs_dir), max_lines=t.step_log_lines), sink)
 
 
+#: Each starts a graceful stop; a second one stops at once. SIGHUP too: there is no configuration
+#: file to re-read and logs go to stderr (nothing to reopen), and its default action would kill the
+#: process without draining (a closed terminal, or a stray `systemctl kill -s HUP`).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 async def _watch_signals(service: Service) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
         async for signum in signals:
             log.info(
                 "signal received; draining" if not service.stopping else "second signal; exiting now",

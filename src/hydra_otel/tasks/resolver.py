@@ -23,6 +23,7 @@ from hydra_otel.adapters import queries
 from hydra_otel.adapters.db import Database
 from hydra_otel.adapters.steplogs import StepLogs
 from hydra_otel.core.backoff import Backoff
+from hydra_otel.core.budget import steps_omitted
 from hydra_otel.core.builds import (
     BuildFacts,
     Cause,
@@ -32,6 +33,7 @@ from hydra_otel.core.builds import (
     build_spans,
     propagated_from,
     step_attempt,
+    step_in_budget,
     step_span,
 )
 from hydra_otel.core.catchup import Checkpoint, Marks
@@ -115,6 +117,7 @@ class Resolver:
         records += await self._finished(finished)
         fresh = [r for r in records if self.recent.fresh(r)]
         self.stats.spans_deduplicated += len(records) - len(fresh)
+        self.stats.spans_over_budget += sum(steps_omitted(r) for r in fresh)
         if self.step_logs is not None:  # after the duplicate filter, so each tail is read once
             paths = {
                 (w.build_id, w.step_nr): w.log_path
@@ -184,6 +187,8 @@ class Resolver:
                 continue
             if step.status is None:  # not finished after all (restarted?): it comes with its build
                 continue
+            if not step_in_budget(self.cfg, b, rows, step):
+                continue  # beyond the build's share of its trace; counted when the build finishes
             out.append(step_span(self.cfg, b, step, step_attempt(b, rows, step.stepnr)))
         return out
 
