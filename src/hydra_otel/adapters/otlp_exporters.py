@@ -9,13 +9,28 @@ transient errors and reconnection. Each subclass adds one method,
 into the exporter's private API, so the package is pinned to its minor version
 (pyproject.toml) and tests/integration/test_otlp_encoded.py sends through both
 against real receivers; docs/decisions/0004-direct-otlp-encoding.md has the why.
+
+``export_encoded`` says more than the SDK's ``export``: a :class:`Sent` tells
+an acknowledged request from one that failed (try again later) and from one
+the endpoint refused for good because of its data (gRPC ``INVALID_ARGUMENT``,
+HTTP 400 and 413: the OTLP specification's "bad data", which no retry can
+fix). The caller splits a refused request to find the span at fault
+(adapters/otlp.py). Other non-retryable answers (authentication, a wrong path,
+``UNIMPLEMENTED``) are not the data's fault and count as failures: the batch is
+held until the configuration is fixed.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from http import HTTPStatus
 
+import grpc
+from opentelemetry.exporter.otlp.common._exporter_metrics import ExporterMetricsT, ExportResult
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as _SdkGrpcExporter
 from opentelemetry.exporter.otlp.proto.http._common import _is_request_too_large
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as _SdkHttpExporter
@@ -27,9 +42,62 @@ from hydra_otel.core.otlp_wire import Encoded
 
 log = logging.getLogger("hydra_otel.export")
 
+#: Answers that refuse the request's data for good: splitting the request isolates the span at fault.
+REFUSING_GRPC_CODES = frozenset({grpc.StatusCode.INVALID_ARGUMENT})
+REFUSING_HTTP_STATUSES = frozenset({HTTPStatus.BAD_REQUEST, HTTPStatus.REQUEST_ENTITY_TOO_LARGE})
+
+
+@dataclass(frozen=True, slots=True)
+class Sent:
+    """What became of one request.
+
+    Args:
+        ok: the endpoint acknowledged it.
+        refused: the endpoint refused its data for good (never retry it as it is).
+        reason: why it failed or was refused, for a log line.
+    """
+
+    ok: bool
+    refused: bool = False
+    reason: str = ""
+
+
+SENT = Sent(ok=True)
+
+
+class _LastError:
+    """Wraps the SDK exporter's self-metrics to keep, per thread, the error of the latest export.
+
+    The gRPC exporter returns only FAILURE; the status code it gave up on is set on the metrics
+    context's result, which is where this reads it.
+    """
+
+    def __init__(self, inner: ExporterMetricsT) -> None:
+        self._inner = inner
+        self._local = threading.local()
+
+    @contextmanager
+    def export_operation(self, num_items: int) -> Iterator[ExportResult]:
+        self._local.error = None
+        with self._inner.export_operation(num_items) as result:
+            try:
+                yield result
+            finally:
+                self._local.error = result.error
+
+    def error(self) -> BaseException | None:
+        """The error the latest export on this thread ended with, if any."""
+        error: BaseException | None = getattr(self._local, "error", None)
+        return error
+
 
 class GrpcSpanExporter(_SdkGrpcExporter):
     """The SDK's gRPC span exporter, plus :meth:`export_encoded`."""
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]  # the SDK's own keyword arguments
+        self._last_error = _LastError(self._metrics)
+        self._metrics = self._last_error
 
     def _translate_data(self, data: Sequence[ReadableSpan] | Encoded) -> ExportTraceServiceRequest:
         request: ExportTraceServiceRequest
@@ -43,19 +111,27 @@ class GrpcSpanExporter(_SdkGrpcExporter):
     def _count_data(self, data: Sequence[ReadableSpan] | Encoded) -> int:
         return data.spans if isinstance(data, Encoded) else len(data)
 
-    def export_encoded(self, batch: Encoded) -> bool:
-        """Send ``batch`` with the SDK's retries and deadline; True when the endpoint took it."""
+    def export_encoded(self, batch: Encoded) -> Sent:
+        """Send ``batch`` with the SDK's retries and deadline."""
         result = self._export(batch)  # type: ignore[arg-type]  # _translate_data above accepts Encoded
-        return result is SpanExportResult.SUCCESS
+        if result is SpanExportResult.SUCCESS:
+            return SENT
+        error = self._last_error.error()
+        if not isinstance(error, grpc.RpcError):
+            return Sent(
+                ok=False, reason="not sent (the exporter is shut down)" if self._shutdown else "failed"
+            )
+        code, details = error.code(), error.details()
+        return Sent(ok=False, refused=code in REFUSING_GRPC_CODES, reason=f"{code.name}: {details}")
 
 
 class HttpSpanExporter(_SdkHttpExporter):
     """The SDK's HTTP/protobuf span exporter, plus :meth:`export_encoded`."""
 
-    def export_encoded(self, batch: Encoded) -> bool:
-        """Send ``batch`` as the SDK's ``export`` does after its encoding step; True when taken."""
+    def export_encoded(self, batch: Encoded) -> Sent:
+        """Send ``batch`` as the SDK's ``export`` does after its encoding step."""
         if self._shutdown:
-            return False
+            return Sent(ok=False, reason="not sent (the exporter is shut down)")
         with self._metrics.export_operation(batch.spans) as result:
             if _is_request_too_large(batch.payload, self._max_request_size):
                 # Unreachable: requests are split at --export-max-request-bytes, at most 32 MiB,
@@ -64,9 +140,16 @@ class HttpSpanExporter(_SdkHttpExporter):
                     "OTLP/HTTP request larger than the exporter's size limit; lower --export-max-request-bytes",
                     extra={"bytes": len(batch.payload), "spans": batch.spans},
                 )
-                return False
+                return Sent(ok=False, reason="request larger than the exporter's size limit")
             sent = self._client.export(batch.payload)
             if not sent.success:
                 result.error = sent.error
-                return False
-        return True
+                status = sent.status_code
+                if status is None:
+                    return Sent(ok=False, reason=str(sent.error or "failed"))
+                return Sent(
+                    ok=False,
+                    refused=status in REFUSING_HTTP_STATUSES,
+                    reason=f"HTTP {status} {sent.reason or ''}",
+                )
+        return SENT

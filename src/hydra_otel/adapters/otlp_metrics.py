@@ -29,7 +29,7 @@ from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, V
 from opentelemetry.sdk.resources import Resource
 
 import hydra_otel
-from hydra_otel.adapters.otlp import ExporterSettings, SpanSink, grpc_options
+from hydra_otel.adapters.otlp import Delivery, ExporterSettings, SpanSink, grpc_options
 from hydra_otel.core.metrics import (
     DURATION_BUCKETS,
     INSTRUMENTS,
@@ -244,12 +244,15 @@ class MeteredSpanSink:
         """The span -> observation state (for statistics)."""
         return self._deriver
 
-    async def export(self, batch: Sequence[SpanRecord]) -> bool:
-        """Export ``batch``; once acknowledged, record its observations. True on success."""
-        ok = await self._inner.export(batch)
-        if ok and self._metrics.enabled:
+    async def export(self, batch: Sequence[SpanRecord]) -> Delivery:
+        """Export ``batch``; once it is done, record its observations.
+
+        Spans the endpoint refused are observed too: the builds they describe did run.
+        """
+        delivery = await self._inner.export(batch)
+        if delivery.done and self._metrics.enabled:
             self._metrics.record(self._deriver.observe(batch))
-        return ok
+        return delivery
 
     def shutdown(self) -> None:
         """Shut the inner sink down; the metrics sink is shut down separately (it exports, so it is async)."""

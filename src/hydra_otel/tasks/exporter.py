@@ -7,6 +7,12 @@ backpressure reaches the listener, so memory stays bounded during an outage.
 When the input closes (shutdown) the last batch is flushed; whatever the
 caller's deadline cuts off is counted as dropped (and, since its checkpoint was
 never stored, exported again by the next start's catch-up).
+
+A span the endpoint refuses for good (the sink isolates it: adapters/otlp.py)
+is dropped with one error line and counted in ``spans_refused``; the rest of
+its batch is exported and the checkpoint after it advances, so one poison span
+cannot hold up every later evaluation. Spans sent with repaired values
+(core/sanitize.py) are counted in ``spans_repaired``.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
-from hydra_otel.adapters.otlp import SpanSink
+from hydra_otel.adapters.otlp import Delivery, SpanSink
 from hydra_otel.core.backoff import Backoff
 from hydra_otel.core.catchup import Checkpoint, Marks
 from hydra_otel.core.spans import SpanRecord
@@ -103,18 +109,42 @@ def _count_dropped(stats: Stats, dropped: int) -> None:
 
 async def _export_until_done(sink: SpanSink, batch: list[SpanRecord], stats: Stats, backoff: Backoff) -> None:
     failing = False
-    while not await sink.export(batch):
+    refused = 0
+    while not (delivery := await sink.export(batch)).done:
+        refused += _count(stats, delivery)
         stats.export_failures += 1
         stats.exporting_failed = True
         delay = backoff.next_delay()
         if not failing:
             log.warning(
-                "OTLP export failed; retrying with backoff", extra={"spans": len(batch), "retry_in_s": delay}
+                "OTLP export failed; retrying with backoff",
+                extra={"spans": len(batch), "retry_in_s": delay, "reason": delivery.reason},
             )
             failing = True
         await trio.sleep(delay)
+    refused += _count(stats, delivery)
     if failing:
         log.info("OTLP export recovered", extra={"spans": len(batch)})
     backoff.reset()
-    stats.exporting_failed = False
-    stats.spans_exported += len(batch)
+    # Healthy once the endpoint takes spans again: a batch refused whole says it may take none.
+    stats.exporting_failed = refused == len(batch) > 0
+    stats.spans_exported += len(batch) - refused
+
+
+def _count(stats: Stats, delivery: Delivery) -> int:
+    """Count what one export call repaired and refused (one error line per refused span)."""
+    stats.spans_repaired += delivery.repaired
+    stats.spans_refused += len(delivery.refused)
+    for record, reason in delivery.refused:
+        log.error(
+            "the OTLP endpoint refused a span for good; dropped it and exporting the rest",
+            extra={
+                "span": record.name[:100],
+                "trace_id": f"{record.trace_id:032x}"
+                if 0 <= record.trace_id < 1 << 128
+                else str(record.trace_id),
+                "span_id": f"{record.span_id:016x}" if 0 <= record.span_id < 1 << 64 else str(record.span_id),
+                "reason": reason,
+            },
+        )
+    return len(delivery.refused)
