@@ -23,14 +23,11 @@ held until the configuration is fixed.
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 
 import grpc
-from opentelemetry.exporter.otlp.common._exporter_metrics import ExporterMetricsT, ExportResult
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as _SdkGrpcExporter
 from opentelemetry.exporter.otlp.proto.http._common import _is_request_too_large
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as _SdkHttpExporter
@@ -38,6 +35,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExportResult
 
+from hydra_otel.adapters.export_log import ExportWatch, watch
 from hydra_otel.core.otlp_wire import Encoded
 
 log = logging.getLogger("hydra_otel.export")
@@ -65,39 +63,8 @@ class Sent:
 SENT = Sent(ok=True)
 
 
-class _LastError:
-    """Wraps the SDK exporter's self-metrics to keep, per thread, the error of the latest export.
-
-    The gRPC exporter returns only FAILURE; the status code it gave up on is set on the metrics
-    context's result, which is where this reads it.
-    """
-
-    def __init__(self, inner: ExporterMetricsT) -> None:
-        self._inner = inner
-        self._local = threading.local()
-
-    @contextmanager
-    def export_operation(self, num_items: int) -> Iterator[ExportResult]:
-        self._local.error = None
-        with self._inner.export_operation(num_items) as result:
-            try:
-                yield result
-            finally:
-                self._local.error = result.error
-
-    def error(self) -> BaseException | None:
-        """The error the latest export on this thread ended with, if any."""
-        error: BaseException | None = getattr(self._local, "error", None)
-        return error
-
-
 class GrpcSpanExporter(_SdkGrpcExporter):
     """The SDK's gRPC span exporter, plus :meth:`export_encoded`."""
-
-    def __init__(self, **kwargs: object) -> None:
-        super().__init__(**kwargs)  # type: ignore[arg-type]  # the SDK's own keyword arguments
-        self._last_error = _LastError(self._metrics)
-        self._metrics = self._last_error
 
     def _translate_data(self, data: Sequence[ReadableSpan] | Encoded) -> ExportTraceServiceRequest:
         request: ExportTraceServiceRequest
@@ -113,10 +80,12 @@ class GrpcSpanExporter(_SdkGrpcExporter):
 
     def export_encoded(self, batch: Encoded) -> Sent:
         """Send ``batch`` with the SDK's retries and deadline."""
+        # The status code the exporter gave up on is only on its self-metrics' result.
+        metrics = self._metrics if isinstance(self._metrics, ExportWatch) else watch(self, "traces")
         result = self._export(batch)  # type: ignore[arg-type]  # _translate_data above accepts Encoded
         if result is SpanExportResult.SUCCESS:
             return SENT
-        error = self._last_error.error()
+        error = None if metrics is None else metrics.error()
         if not isinstance(error, grpc.RpcError):
             return Sent(
                 ok=False, reason="not sent (the exporter is shut down)" if self._shutdown else "failed"
@@ -130,6 +99,8 @@ class HttpSpanExporter(_SdkHttpExporter):
 
     def export_encoded(self, batch: Encoded) -> Sent:
         """Send ``batch`` as the SDK's ``export`` does after its encoding step."""
+        if not isinstance(self._metrics, ExportWatch):
+            watch(self, "traces")  # its retry lines give way to the exporter task's
         if self._shutdown:
             return Sent(ok=False, reason="not sent (the exporter is shut down)")
         with self._metrics.export_operation(batch.spans) as result:

@@ -29,6 +29,7 @@ from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, V
 from opentelemetry.sdk.resources import Resource
 
 import hydra_otel
+from hydra_otel.adapters.export_log import watch
 from hydra_otel.adapters.otlp import Delivery, ExporterSettings, SpanSink, grpc_options
 from hydra_otel.core.metrics import (
     DURATION_BUCKETS,
@@ -89,17 +90,20 @@ def make_metric_exporter(s: ExporterSettings, endpoint: str | None = None) -> Me
             timeout=s.timeout_s,
             compression=grpc.Compression.Gzip if o.gzip else None,
         )
+        watch(exporter, "metrics")  # one line per outage (adapters/export_log.py)
         return exporter
     from opentelemetry.exporter.otlp.proto.http import Compression
     from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HttpExporter
 
-    return HttpExporter(
+    http_exporter = HttpExporter(
         endpoint=url,
         certificate_file=s.certificate,
         headers=dict(s.headers),
         timeout=s.timeout_s,
         compression=Compression.Gzip if s.compression == "gzip" else Compression.NoCompression,
     )
+    watch(http_exporter, "metrics")
+    return http_exporter
 
 
 def histogram_views(boundaries: Sequence[float] = DURATION_BUCKETS) -> list[View]:

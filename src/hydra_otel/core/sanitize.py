@@ -15,7 +15,7 @@ would stop. So every value that reaches the encoder is checked here first:
   a ``hydra.data_issue`` attribute listing what was changed, so the backend shows
   the span *and* says that its data was bad.
 
-The rules, one per kind of value (docs/operations.md, "Hostile values"):
+The rules, one per kind of value (docs/operations.md, "OTLP export failures"):
 
 | value | accepted | repair |
 | --- | --- | --- |
