@@ -57,6 +57,8 @@ HOSTILE: list[tuple[str, dict[str, Any], str]] = [
     ("negative span ID", {"span_id": -7}, "span ID -7 out of range"),
     ("zero span ID", {"span_id": 0}, "span ID 0 out of range"),
     ("huge trace ID", {"trace_id": 1 << 200}, "trace ID"),
+    ("huger than str() takes", {"span_id": 1 << 20_000, "start_ns": -(1 << 20_000)}, "span ID 0x1000"),
+    ("huger int attribute", {"attributes": (("n", 1 << 20_000),)}, "integer beyond int64"),
     ("zero parent", {"parent_span_id": 0}, "parent span ID 0: sent as a root span"),
     ("parent beyond uint64", {"parent_span_id": 1 << 64}, "parent span ID"),
     ("int beyond int64", {"attributes": (("hydra.build.id", 1 << 63),)}, "integer beyond int64 sent as text"),

@@ -71,7 +71,7 @@ INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 _ID128, _ID64 = 1 << 128, 1 << 64
 #: The data-issue text is short: a list of what was repaired, not a copy of the bad data.
 _ISSUE_LIMIT = 1000
-_QUOTE_LIMIT = 40
+_QUOTE_LIMIT = 80  # truncate() keeps 40 characters of it
 #: Bytes a key-value pair's tags and lengths add to its text, counted against the span's budget.
 _FRAMING = 16
 #: What the span's text may take: its limit less room for IDs, times, tags and the issue itself.
@@ -124,11 +124,11 @@ class _Repair:
             if INT64_MIN <= value <= INT64_MAX:
                 return value
             self.note(f"attribute {key}: integer beyond int64 sent as text")
-            return self.text(str(value), VALUE_LIMIT, f"attribute {key}")
+            return self.text(_int_text(value), VALUE_LIMIT, f"attribute {key}")
         if isinstance(value, str):
             return self.text(value, VALUE_LIMIT, f"attribute {key}")
         self.note(f"attribute {key}: a {type(value).__name__} value sent as text")
-        return self.text(repr(value), VALUE_LIMIT, f"attribute {key}")
+        return self.text(_show(value), VALUE_LIMIT, f"attribute {key}")
 
     def attributes(self, attributes: Iterable[tuple[object, object]], what: str) -> Attributes:
         out: list[tuple[str, AttrValue]] = []
@@ -137,7 +137,7 @@ class _Repair:
             if len(out) >= ATTRIBUTE_COUNT_LIMIT or self.budget <= 0:
                 omitted += 1
                 continue
-            k = self.text(key if isinstance(key, str) else repr(key), KEY_LIMIT, f"{what} key")
+            k = self.text(key if isinstance(key, str) else _show(key), KEY_LIMIT, f"{what} key")
             out.append((k, self.value(_quote(k), value)))
         if omitted:
             self.note(f"{omitted} {what}s omitted (more than {ATTRIBUTE_COUNT_LIMIT}, or the span too large)")
@@ -147,9 +147,9 @@ class _Repair:
         if _is_int(t) and valid_time(t):
             return t
         if not _is_int(t):
-            problem = f"{what} missing ({_quote(repr(t))})"
+            problem = f"{what} missing ({_quote(_show(t))})"
         else:
-            problem = f"{what} {t} {'before 1970' if t < TIME_MIN_NS else 'after 2100'}"
+            problem = f"{what} {_quote(_int_text(t))} {'before 1970' if t < TIME_MIN_NS else 'after 2100'}"
         if _is_int(fallback) and valid_time(fallback):
             self.note(f"{problem}: set to {fallback_name}")
             return fallback
@@ -160,7 +160,7 @@ class _Repair:
         if _is_int(value) and 0 < value < bound:
             return value
         fixed = (value % bound if _is_int(value) else 0) or 1
-        self.note(f"{what} {_quote(repr(value))} out of range: replaced by {fixed:x}")
+        self.note(f"{what} {_quote(_show(value))} out of range: replaced by {fixed:x}")
         return fixed
 
 
@@ -253,7 +253,7 @@ def _links(fix: _Repair, links: tuple[SpanLink, ...]) -> tuple[SpanLink, ...]:
 def _member(fix: _Repair, value: object, default: E, what: str) -> E:
     if isinstance(value, type(default)):
         return value
-    fix.note(f"{what} {_quote(repr(value))} unknown: set to {default.value}")
+    fix.note(f"{what} {_quote(_show(value))} unknown: set to {default.value}")
     return default
 
 
@@ -268,6 +268,18 @@ def _with_issues(attributes: Attributes, issues: list[str]) -> Attributes:
     if len(kept) >= ATTRIBUTE_COUNT_LIMIT:  # room for the issue: it matters more than the last attribute
         kept = kept[: ATTRIBUTE_COUNT_LIMIT - 1]
     return (*kept, (DATA_ISSUE, text))
+
+
+def _int_text(n: int) -> str:
+    """``n`` in decimal, or in hex past the digits Python converts to decimal (``int_max_str_digits``)."""
+    if n.bit_length() <= 12_000:
+        return str(n)
+    return f"{'-' if n < 0 else ''}0x{abs(n):x}"
+
+
+def _show(value: object) -> str:
+    """``repr(value)``, safe for integers of any size."""
+    return _int_text(value) if _is_int(value) else repr(value)
 
 
 def _quote(text: str) -> str:

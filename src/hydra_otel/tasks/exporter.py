@@ -148,3 +148,10 @@ def _count(stats: Stats, delivery: Delivery) -> int:
             },
         )
     return len(delivery.refused)
+
+
+def _hex(value: object, digits: int) -> str:
+    """An ID as trace UIs show it; the record is the one refused, so its ID may be anything."""
+    if isinstance(value, int) and 0 <= value < 1 << (4 * digits):
+        return f"{value:0{digits}x}"
+    return "invalid"
