@@ -167,6 +167,8 @@ async def test_a_refused_span_is_counted_logged_once_and_the_checkpoint_advances
     ]
     assert errors[0].__dict__["span_id"] == f"{2:016x}"
     assert errors[0].__dict__["reason"] == "INVALID_ARGUMENT: bad"
+    repairs = [r for r in caplog.records if r.getMessage().startswith("spans with impossible values")]
+    assert [r.__dict__["spans"] for r in repairs] == [1]
 
 
 async def test_a_batch_refused_whole_leaves_the_exporter_unhealthy(

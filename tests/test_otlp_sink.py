@@ -96,7 +96,9 @@ async def test_repaired_spans_are_reported_once() -> None:
     exporter = FlakyExporter(fail=frozenset({1}))
     sink = OtlpSink(exporter, RESOURCE)
     batch = [make_span(span_id=1, start_ns=-1), make_span(span_id=2)]
-    assert (await sink.export(batch)).repaired == 1
+    first = await sink.export(batch)
+    assert first.repaired == 1
+    assert first.repair_example.startswith("build hello: start time -1 before 1970")
     assert (await sink.export(batch)).repaired == 0  # the resumed batch is not encoded again
 
 

@@ -85,6 +85,7 @@ HOSTILE: list[tuple[str, dict[str, Any], str]] = [
     ),
     ("link with ID 0", {"links": (SpanLink(trace_id=0, span_id=5),)}, "link trace ID 0"),
     ("unknown kind", {"kind": "consumer"}, "kind 'consumer' unknown"),
+    ("malformed attribute", {"attributes": (("k",), ("ok", 1))}, "1 attributes omitted (malformed"),
 ]
 
 
@@ -155,6 +156,11 @@ def test_the_resource_is_cleaned_too() -> None:
     request = ExportTraceServiceRequest.FromString(enc.request([make_span()]))
     resource = attributes_dict(request.resource_spans[0].resource.attributes)
     assert resource == {"service.name": "a\ufffd", "n": str(1 << 64)}
+
+
+def test_a_record_that_is_not_one_still_encodes() -> None:
+    _, (span,) = encode(make_span(attributes=None, events=5))  # repair() itself fails on these
+    assert span.name == "unencodable span"
 
 
 def test_the_stub_is_the_last_resort(monkeypatch: pytest.MonkeyPatch) -> None:

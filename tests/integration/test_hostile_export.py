@@ -50,7 +50,7 @@ async def build(hydra: Hydra, build_id: int, start: int, stop: int) -> None:
 
 
 async def test_impossible_step_times_do_not_stop_the_daemon(
-    hydra: Hydra, start_daemon: StartDaemon, otlp_grpc: GrpcOtlpReceiver
+    hydra: Hydra, start_daemon: StartDaemon, otlp_grpc: GrpcOtlpReceiver, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Builds with steps before 1970 or stopping before they start, then a good evaluation after them."""
     service = await start_daemon()
@@ -67,6 +67,8 @@ async def test_impossible_step_times_do_not_stop_the_daemon(
     assert "start time -5000000000 before 1970" in str(issues["step bad"])
     assert issues["step good"] is None
     assert service.stats.spans_repaired == 1
+    (line,) = [r for r in caplog.records if r.getMessage().startswith("spans with impossible values")]
+    assert line.__dict__["example"].startswith("step bad: start time -5000000000 before 1970")
 
     _, (later,) = await eval_with_builds(hydra, "1.2", ["later"], at=T0 + 100)
     await build(hydra, later, start=T0 + 120, stop=T0 + 130)

@@ -151,12 +151,14 @@ class Delivery:
         refused: spans the endpoint refused for good during this call, each with the reason;
             they were dropped.
         repaired: spans encoded, during this call, from a copy with impossible values repaired.
+        repair_example: one of them, as ``"<name>: <its hydra.data_issue>"``.
         reason: why the call did not finish.
     """
 
     done: bool
     refused: tuple[tuple[SpanRecord, str], ...] = ()
     repaired: int = 0
+    repair_example: str = ""
     reason: str = ""
 
 
@@ -254,12 +256,13 @@ class OtlpSink:
     def _send(self, batch: Sequence[SpanRecord]) -> Delivery:
         # Encoding happens here, in the worker thread, so a batch never holds up the Trio thread for
         # more than the interpreter's switch interval.
-        repaired = 0
+        repaired, example = 0, ""
         if self._unfinished is not None and self._unfinished[0] is batch:
             pending = self._unfinished[1]
         else:
             pending = self._parts(batch)
             repaired = sum(p.request.repaired for p in pending)
+            example = next((p.request.example for p in pending if p.request.example), "")
         self._unfinished = None
         refused: list[tuple[SpanRecord, str]] = []
         while pending:
@@ -267,7 +270,13 @@ class OtlpSink:
             sent = self._exporter.export_encoded(part.request)
             if not sent.ok and not sent.refused:
                 self._unfinished = (batch, pending)
-                return Delivery(done=False, refused=tuple(refused), repaired=repaired, reason=sent.reason)
+                return Delivery(
+                    done=False,
+                    refused=tuple(refused),
+                    repaired=repaired,
+                    repair_example=example,
+                    reason=sent.reason,
+                )
             del pending[0]
             if sent.refused:
                 if len(part.records) == 1:
@@ -275,7 +284,7 @@ class OtlpSink:
                 else:
                     half = len(part.records) // 2
                     pending[:0] = self._parts(part.records[:half]) + self._parts(part.records[half:])
-        return Delivery(done=True, refused=tuple(refused), repaired=repaired)
+        return Delivery(done=True, refused=tuple(refused), repaired=repaired, repair_example=example)
 
     def shutdown(self) -> None:
         """Shut the exporter down (returns quickly; interrupts retry sleeps)."""

@@ -71,6 +71,8 @@ class Encoded:
     payload: bytes
     spans: int
     repaired: int = 0
+    #: One repaired span of the request, as ``"<name>: <its data issue>"``, for a log line.
+    example: str = ""
 
 
 class _UnfitError(Exception):
@@ -135,8 +137,9 @@ class SpanEncoder:
 
     def __init__(self, resource: Attributes, scope_name: str, scope_version: str) -> None:
         self._cache: dict[tuple[bytes, str], dict[tuple[type, AttrValue], bytes] | None] = {}
-        #: Spans encoded from a repaired copy, since this encoder was made.
+        #: Spans encoded from a repaired copy, since this encoder was made, and the latest of them.
         self.repaired = 0
+        self.last_repair = ""
         # ResourceSpans.resource (1) = Resource{attributes (1)}
         resource = sanitize.clean_attributes(resource)
         self._resource = _field(b"\x0a", self._attributes(b"\x0a", resource))
@@ -164,18 +167,20 @@ class SpanEncoder:
         fields: list[bytes] = []
         size = self._overhead
         span = self.span
-        repaired = 0
+        repaired, example = 0, ""
         for r in records:
             before = self.repaired
             encoded = _field(b"\x12", span(r))  # ScopeSpans.spans (2)
             if fields and size + len(encoded) > max_bytes:
-                out.append(Encoded(self._wrap(fields), len(fields), repaired))
-                fields, size, repaired = [], self._overhead, 0
+                out.append(Encoded(self._wrap(fields), len(fields), repaired, example))
+                fields, size, repaired, example = [], self._overhead, 0, ""
             fields.append(encoded)
             size += len(encoded)
-            repaired += self.repaired - before
+            if self.repaired != before:
+                repaired += 1
+                example = example or self.last_repair
         if fields:
-            out.append(Encoded(self._wrap(fields), len(fields), repaired))
+            out.append(Encoded(self._wrap(fields), len(fields), repaired, example))
         return out
 
     def _wrap(self, span_fields: list[bytes]) -> bytes:
@@ -194,11 +199,14 @@ class SpanEncoder:
         except _UNFIT:
             pass
         self.repaired += 1
-        fixed = sanitize.repair(r)
         try:
-            return self._span(fixed)
+            fixed = sanitize.repair(r)
+            body = self._span(fixed)
         except _UNFIT:  # a gap in repair(): still send the span's identity rather than stop
-            return self._span(sanitize.stub(fixed))
+            fixed = sanitize.stub(r)
+            body = self._span(fixed)
+        self.last_repair = f"{fixed.name[:100]}: {fixed.attrs().get(sanitize.DATA_ISSUE, '')}"
+        return body
 
     def _span(self, r: SpanRecord) -> bytes:
         # What the wire format would take but OTLP forbids: to_bytes() and pack() refuse the rest

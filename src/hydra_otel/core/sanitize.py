@@ -85,6 +85,10 @@ def valid_time(t: int) -> bool:
     return TIME_MIN_NS <= t < TIME_MAX_NS
 
 
+def _is_pair(item: object) -> TypeGuard[tuple[object, object]]:
+    return isinstance(item, tuple) and len(item) == 2
+
+
 def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -133,14 +137,17 @@ class _Repair:
     def attributes(self, attributes: Iterable[tuple[object, object]], what: str) -> Attributes:
         out: list[tuple[str, AttrValue]] = []
         omitted = 0
-        for key, value in attributes:
-            if len(out) >= ATTRIBUTE_COUNT_LIMIT or self.budget <= 0:
+        for item in attributes:
+            if len(out) >= ATTRIBUTE_COUNT_LIMIT or self.budget <= 0 or not _is_pair(item):
                 omitted += 1
                 continue
+            key, value = item
             k = self.text(key if isinstance(key, str) else _show(key), KEY_LIMIT, f"{what} key")
             out.append((k, self.value(_quote(k), value)))
         if omitted:
-            self.note(f"{omitted} {what}s omitted (more than {ATTRIBUTE_COUNT_LIMIT}, or the span too large)")
+            self.note(
+                f"{omitted} {what}s omitted (malformed, more than {ATTRIBUTE_COUNT_LIMIT}, or too large)"
+            )
         return tuple(out)
 
     def time(self, t: object, what: str, fallback: object, fallback_name: str) -> int:
@@ -206,10 +213,11 @@ def repair(r: SpanRecord) -> SpanRecord:
 
 
 def stub(r: SpanRecord) -> SpanRecord:
-    """The last resort for a record :func:`repair` left unencodable: its identity and times only."""
+    """The last resort for a record :func:`repair` could not make encodable: its IDs only."""
+    trace_id, span_id = getattr(r, "trace_id", None), getattr(r, "span_id", None)
     return SpanRecord(
-        trace_id=r.trace_id if _is_int(r.trace_id) and 0 < r.trace_id < _ID128 else 1,
-        span_id=r.span_id if _is_int(r.span_id) and 0 < r.span_id < _ID64 else 1,
+        trace_id=trace_id if _is_int(trace_id) and 0 < trace_id < _ID128 else 1,
+        span_id=span_id if _is_int(span_id) and 0 < span_id < _ID64 else 1,
         parent_span_id=None,
         name="unencodable span",
         kind=Kind.INTERNAL,

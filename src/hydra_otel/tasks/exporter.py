@@ -27,6 +27,7 @@ from hydra_otel.adapters.otlp import Delivery, SpanSink
 from hydra_otel.core.backoff import Backoff
 from hydra_otel.core.catchup import Checkpoint, Marks
 from hydra_otel.core.spans import SpanRecord
+from hydra_otel.log import RateLimitedLog
 from hydra_otel.stats import Stats
 
 log = logging.getLogger("hydra_otel.exporter")
@@ -54,6 +55,7 @@ async def run_exporter(
     # list that overfilled the batch leaves its remainder behind, and that must not wait for
     # the next arrival (which may be the next catch-up checkpoint, 30 s later).
     oldest = math.inf
+    warn = RateLimitedLog(log)  # repaired spans come from bad rows: 10 lines a minute at most
     async with spans:
         try:
             closed = False
@@ -77,7 +79,7 @@ async def run_exporter(
                 # A checkpoint, the end, or the age limit flushes everything; a full batch only itself.
                 flush_all = checkpoint is not None or closed or len(batch) < batch_size
                 while len(batch) >= batch_size or (flush_all and batch):
-                    await _export_until_done(sink, batch[:batch_size], stats, backoff)
+                    await _export_until_done(sink, batch[:batch_size], stats, backoff, warn)
                     del batch[:batch_size]
                 if checkpoint is not None:
                     await commit(checkpoint.marks)
@@ -107,11 +109,13 @@ def _count_dropped(stats: Stats, dropped: int) -> None:
         )
 
 
-async def _export_until_done(sink: SpanSink, batch: list[SpanRecord], stats: Stats, backoff: Backoff) -> None:
+async def _export_until_done(
+    sink: SpanSink, batch: list[SpanRecord], stats: Stats, backoff: Backoff, warn: RateLimitedLog
+) -> None:
     failing = False
     refused = 0
     while not (delivery := await sink.export(batch)).done:
-        refused += _count(stats, delivery)
+        refused += _count(stats, delivery, warn)
         stats.export_failures += 1
         stats.exporting_failed = True
         delay = backoff.next_delay()
@@ -122,7 +126,7 @@ async def _export_until_done(sink: SpanSink, batch: list[SpanRecord], stats: Sta
             )
             failing = True
         await trio.sleep(delay)
-    refused += _count(stats, delivery)
+    refused += _count(stats, delivery, warn)
     if failing:
         log.info("OTLP export recovered", extra={"spans": len(batch)})
     backoff.reset()
@@ -131,9 +135,17 @@ async def _export_until_done(sink: SpanSink, batch: list[SpanRecord], stats: Sta
     stats.spans_exported += len(batch) - refused
 
 
-def _count(stats: Stats, delivery: Delivery) -> int:
+def _count(stats: Stats, delivery: Delivery, warn: RateLimitedLog) -> int:
     """Count what one export call repaired and refused (one error line per refused span)."""
-    stats.spans_repaired += delivery.repaired
+    if delivery.repaired:
+        stats.spans_repaired += delivery.repaired
+        warn.warning(
+            "repaired",
+            "spans with impossible values (bad rows) sent with them clamped or omitted; "
+            "their hydra.data_issue attribute says what was changed",
+            spans=delivery.repaired,
+            example=delivery.repair_example,
+        )
     stats.spans_refused += len(delivery.refused)
     for record, reason in delivery.refused:
         log.error(
