@@ -54,8 +54,11 @@ async def test_impossible_step_times_do_not_stop_the_daemon(
 ) -> None:
     """Builds with steps before 1970 or stopping before they start, then a good evaluation after them."""
     service = await start_daemon()
-    _, (bad, backwards, good) = await eval_with_builds(hydra, "1.1", ["bad", "backwards", "good"])
+    _, (bad, extremes, backwards, good) = await eval_with_builds(
+        hydra, "1.1", ["bad", "extremes", "backwards", "good"]
+    )
     await build(hydra, bad, start=-5, stop=-1)  # before 1970
+    await build(hydra, extremes, start=-(2**31), stop=2**31 - 1)  # the ends of Hydra's int4 columns
     await build(hydra, backwards, start=T0 + 50, stop=T0 + 20)  # stops before it starts
     await build(hydra, good, start=T0 + 20, stop=T0 + 30)
     spans = await otlp_grpc.wait_for_spans(
@@ -65,10 +68,12 @@ async def test_impossible_step_times_do_not_stop_the_daemon(
         assert 0 <= span.span.start_time_unix_nano <= span.span.end_time_unix_nano
     issues = {s.span.name: attributes_dict(s.span.attributes).get(DATA_ISSUE) for s in spans}
     assert "start time -5000000000 before 1970" in str(issues["step bad"])
+    assert "start time -2147483648000000000 before 1970: set to the end time" in str(issues["step extremes"])
     assert issues["step good"] is None
-    assert service.stats.spans_repaired == 1
-    (line,) = [r for r in caplog.records if r.getMessage().startswith("spans with impossible values")]
-    assert line.__dict__["example"].startswith("step bad: start time -5000000000 before 1970")
+    assert service.stats.spans_repaired == 2
+    lines = [r for r in caplog.records if r.getMessage().startswith("spans with impossible values")]
+    assert sum(r.__dict__["spans"] for r in lines) == 2
+    assert "before 1970" in lines[0].__dict__["example"]
 
     _, (later,) = await eval_with_builds(hydra, "1.2", ["later"], at=T0 + 100)
     await build(hydra, later, start=T0 + 120, stop=T0 + 130)
