@@ -85,7 +85,7 @@ def _run(cfg: config.Config) -> int:
         if lost is not None and other is None:
             logger.error("lost the instance lock; exiting so the service manager restarts this as a standby")
             return 3
-        state, other = group.split(StateDirError)
+        state, other = group.split((StateDirError, ConfigError))
         if state is not None and other is None:
             logger.error(str(first_leaf(state)))
             return 2

@@ -234,6 +234,16 @@ def snapshot_from(
                 stats.spans_dropped,
             ),
             counter(
+                f"{p}spans_refused_total",
+                "Spans the OTLP endpoint refused for good (bad data); each dropped alone.",
+                stats.spans_refused,
+            ),
+            counter(
+                f"{p}spans_repaired_total",
+                "Spans sent with impossible values clamped or omitted (see hydra.data_issue).",
+                stats.spans_repaired,
+            ),
+            counter(
                 f"{p}spans_deduplicated_total",
                 "Exact repeats of recently exported spans, not exported again.",
                 stats.spans_deduplicated,
@@ -257,6 +267,28 @@ def snapshot_from(
                 f"{p}marks_store_failures_total",
                 "Progress-mark writes that failed (a full disk, say); exporting goes on and each is retried.",
                 stats.marks_store_failures,
+            ),
+            counter(
+                f"{p}notifications_undecodable_total",
+                "Notifications dropped because their channel or payload is not valid UTF-8.",
+                listen.undecodable,
+            ),
+            labelled_counter(
+                f"{p}permission_denied_total",
+                "Queries refused because hydra-otel's role lacks a grant (SQLSTATE 42501), by table.",
+                "table",
+                stats.permission_denied,
+            ),
+            Metric(
+                name=f"{p}permission_missing",
+                help="1 for each table hydra-otel may not read now (unhealthy until granted).",
+                kind=MetricKind.GAUGE,
+                samples=tuple(Sample(value=1, labels=(("table", t),)) for t in sorted(stats.denied_tables)),
+            ),
+            counter(
+                f"{p}task_restarts_total",
+                "Pipeline restarts after an unexpected error (each logged with its traceback).",
+                stats.task_restarts,
             ),
             *extra_gauges,
         )

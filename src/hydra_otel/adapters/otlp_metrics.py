@@ -29,7 +29,8 @@ from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, V
 from opentelemetry.sdk.resources import Resource
 
 import hydra_otel
-from hydra_otel.adapters.otlp import ExporterSettings, SpanSink, grpc_options
+from hydra_otel.adapters.export_log import watch
+from hydra_otel.adapters.otlp import Delivery, ExporterSettings, SpanSink, grpc_options
 from hydra_otel.core.metrics import (
     DURATION_BUCKETS,
     INSTRUMENTS,
@@ -89,17 +90,20 @@ def make_metric_exporter(s: ExporterSettings, endpoint: str | None = None) -> Me
             timeout=s.timeout_s,
             compression=grpc.Compression.Gzip if o.gzip else None,
         )
+        watch(exporter, "metrics")  # one line per outage (adapters/export_log.py)
         return exporter
     from opentelemetry.exporter.otlp.proto.http import Compression
     from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HttpExporter
 
-    return HttpExporter(
+    http_exporter = HttpExporter(
         endpoint=url,
         certificate_file=s.certificate,
         headers=dict(s.headers),
         timeout=s.timeout_s,
         compression=Compression.Gzip if s.compression == "gzip" else Compression.NoCompression,
     )
+    watch(http_exporter, "metrics")
+    return http_exporter
 
 
 def histogram_views(boundaries: Sequence[float] = DURATION_BUCKETS) -> list[View]:
@@ -244,12 +248,15 @@ class MeteredSpanSink:
         """The span -> observation state (for statistics)."""
         return self._deriver
 
-    async def export(self, batch: Sequence[SpanRecord]) -> bool:
-        """Export ``batch``; once acknowledged, record its observations. True on success."""
-        ok = await self._inner.export(batch)
-        if ok and self._metrics.enabled:
+    async def export(self, batch: Sequence[SpanRecord]) -> Delivery:
+        """Export ``batch``; once it is done, record its observations.
+
+        Spans the endpoint refused are observed too: the builds they describe did run.
+        """
+        delivery = await self._inner.export(batch)
+        if delivery.done and self._metrics.enabled:
             self._metrics.record(self._deriver.observe(batch))
-        return ok
+        return delivery
 
     def shutdown(self) -> None:
         """Shut the inner sink down; the metrics sink is shut down separately (it exports, so it is async)."""

@@ -35,7 +35,7 @@ from hydra_otel.core.events import (
     StepFinished,
 )
 from hydra_otel.core.stitch import ClosingCheck, JobsetCheck, Stitcher, Unchecked, Work
-from hydra_otel.errors import DbUnavailable
+from hydra_otel.errors import DbUnavailable, PermissionDenied
 from hydra_otel.log import RateLimitedLog
 from hydra_otel.stats import Stats
 from hydra_otel.tasks.channels import receive_some, send_all
@@ -97,7 +97,7 @@ class KnownJobsets:
         with trio.move_on_after(timeout):
             try:
                 self._known |= await self._every()
-            except DbUnavailable as exc:
+            except (DbUnavailable, PermissionDenied) as exc:  # a missing grant is logged by the db
                 self._warn.warning(
                     "db", "cannot read the jobsets yet; looking them up as they come", error=str(exc)
                 )
@@ -111,7 +111,7 @@ class KnownJobsets:
         if ask:
             try:
                 found = await self._lookup(ask)
-            except DbUnavailable as exc:
+            except (DbUnavailable, PermissionDenied) as exc:  # a missing grant is logged by the db
                 self._warn.warning(
                     "db", "cannot check jobsets of eval_started; accepting them", error=str(exc)
                 )
@@ -132,7 +132,7 @@ class KnownJobsets:
         previous = sorted({e.previous_eval_id for e in events if isinstance(e, EvalCached)})
         try:
             rows, evals = await self._closing(sorted({e.jobset_id for e in events}), previous)
-        except DbUnavailable as exc:
+        except (DbUnavailable, PermissionDenied) as exc:  # a missing grant is logged by the db
             self._warn.warning(
                 "db", "cannot check eval_cached/eval_failed against the jobsets", error=str(exc)
             )
