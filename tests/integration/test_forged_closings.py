@@ -1,4 +1,4 @@
-"""End to end: forged eval_cached / eval_failed floods stay bounded; real ones still export.
+"""End to end: forged eval_cached / eval_failed / eval_added floods stay bounded; real ones still export.
 
 Any role may NOTIFY. Before the stitcher checked closing events against the
 ``jobsets`` and ``jobsetevals`` rows, each forged payload naming an existing
@@ -17,6 +17,7 @@ import trio
 from trio_asyncio import aio_as_trio
 
 from hydra_otel.core import ids
+from hydra_otel.core.stitch import SUPERSEDE_BURST
 from hydra_otel.sandbox.hydrasim import NewBuild
 from hydra_otel.sandbox.receiver import GrpcOtlpReceiver, ReceivedSpan, attributes_dict
 from tests.integration.harness import Hydra, StartDaemon
@@ -24,6 +25,7 @@ from tests.integration.harness import Hydra, StartDaemon
 T0 = 1_700_000_000
 FORGED = 5_000  # per channel and per wave; two waves, around the real evaluations
 JOBSETS = 50  # the flood names jobsets 1..50; only 1 (trunk) and 2 (staging) exist
+PAIRS = 2_000  # forged eval_started + eval_added pairs
 CHECKS = 5  # lastcheckedtime values the jobsets' rows show during the floods (2 old, 3 real)
 
 
@@ -120,3 +122,58 @@ async def test_forged_closing_flood_is_bounded(
     assert sum(rejected.values()) == 4 * FORGED - len(forged)
     assert {"row_disagrees", "check_already_reported"} <= set(rejected)
     assert old < new
+
+
+async def test_forged_pairs_add_no_evaluator_runs(
+    aio_loop: asyncio.AbstractEventLoop,
+    hydra: Hydra,
+    hydra_db: str,
+    start_daemon: StartDaemon,
+    otlp_grpc: GrpcOtlpReceiver,
+    tmp_path: Path,
+) -> None:
+    """eval_started + eval_added pairs naming real evaluations: no evaluator run span beyond the real one."""
+    sim = hydra.sim
+    other, _, sql = sim.eval_added(2, "old.2", eval_start=T0, timestamp=T0 + 10, checkout_time=1, eval_time=5)
+    await hydra.run(*sql)
+    service = await start_daemon()
+    real, _, sql = sim.eval_added(
+        1, "real.1", eval_start=T0 + 100, timestamp=T0 + 110, checkout_time=1, eval_time=5
+    )
+    await hydra.run(*sim.evaluator_starts(1, "real.1", T0 + 100), *sql)
+
+    def runs(spans: Sequence[ReceivedSpan]) -> list[ReceivedSpan]:
+        return [s for s in spans if s.span.name == "evaluator run"]
+
+    await otlp_grpc.wait_for_spans(lambda got: len(runs(got)) == 1, timeout=30)
+    role = re.sub(r"[^a-z0-9_]", "_", f"mallory_{tmp_path.name.lower()[-20:]}")
+    await hydra.run(f"CREATE ROLE {role} LOGIN")
+    try:
+        mallory = await aio_as_trio(asyncpg.connect)(hydra_db.replace("postgres@", f"{role}@"))
+        try:  # each pair in order: start, then eval_added naming trunk's evaluation or staging's
+            await aio_as_trio(mallory.execute)(
+                "SELECT count(pg_notify(c, p)) FROM (SELECT i, "
+                "CASE WHEN i % 2 = 0 THEN 'eval_started' ELSE 'eval_added' END AS c, "
+                "'pair.' || (i / 2) || E'\\t1' || CASE WHEN i % 2 = 0 THEN '' "
+                f"ELSE E'\\t' || CASE WHEN i % 4 = 1 THEN {other} ELSE {real} END END AS p "
+                f"FROM generate_series(0, {2 * PAIRS - 1}) i ORDER BY i) t"
+            )
+        finally:
+            await aio_as_trio(mallory.close)()
+        with trio.move_on_after(30):  # every pair received and judged (asserted below)
+            while service.stats.events["eval_added"] < PAIRS + 1:  # noqa: ASYNC110 - live counters
+                await trio.sleep(0.05)
+            rejected = service.stats.notifications_rejected
+            while rejected["run_already_reported"] + rejected["eval_of_other_jobset"] < PAIRS:  # noqa: ASYNC110
+                await trio.sleep(0.05)
+        with trio.move_on_after(1):  # anything still in flight would only add to the count below
+            await otlp_grpc.wait_for_spans(len(otlp_grpc.spans()) + 1)
+    finally:
+        await hydra.run(f"DROP ROLE {role}")
+    spans = otlp_grpc.spans()
+    assert len(runs(spans)) == 1
+    rejected = service.stats.notifications_rejected
+    assert rejected["run_already_reported"] == PAIRS // 2
+    assert rejected["eval_of_other_jobset"] == PAIRS // 2
+    # Starts left open by the rejected pairs supersede one another: a few reported abandoned.
+    assert len(attempts(spans, "pair.")) <= SUPERSEDE_BURST

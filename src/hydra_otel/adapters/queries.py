@@ -90,7 +90,7 @@ CLOSING_EVALS_SQL = "SELECT id, jobset_id FROM jobsetevals WHERE id = ANY($1::in
 async def closing_rows(
     db: Database, jobset_ids: Sequence[int], eval_ids: Sequence[int]
 ) -> tuple[dict[int, JobsetCheck], dict[int, int]]:
-    """What vouches for ``eval_cached`` / ``eval_failed``: the jobsets' rows, and each JobsetEval's jobset."""
+    """What vouches for evaluation notifications: the jobsets' rows, and each JobsetEval's jobset."""
     jobsets: dict[int, JobsetCheck] = {}
     if jobset_ids:
         for r in await db.fetch(CLOSING_JOBSETS_SQL, sorted(set(jobset_ids))):

@@ -56,8 +56,14 @@ attempt span. Hydra sends them in the transaction that updates the jobset's row
   Hydra's commit can see the new row first; a close that pairs with its open attempt may
   therefore report a check once more after an orphan close did (at most twice per check).
 
-When the rows cannot be read (database unreachable), closing events are trusted within a
-global budget (``UNVERIFIED_BURST``, one more every ``UNVERIFIED_REFILL`` seconds).
+``eval_added`` is resolved against its JobsetEval row later, but paired with an open attempt
+it adds one thing only the notifications know: an "evaluator run" span. So a JobsetEval of
+another jobset is rejected, and per jobset an evaluator run is reported only for a JobsetEval
+newer than the last one reported (Hydra writes each JobsetEval once, with increasing IDs);
+otherwise the attempt closes without its start, which renders nothing new.
+
+When the rows cannot be read (database unreachable), closing events and pairings are trusted
+within a global budget (``UNVERIFIED_BURST``, one more every ``UNVERIFIED_REFILL`` seconds).
 
 Everything not opened or not reported is counted by reason
 (:attr:`StitchStatistics.rejected`) and handed to the caller once through
@@ -112,8 +118,17 @@ PREVIOUS_EVAL_OF_OTHER_JOBSET = "previous_eval_of_other_jobset"
 ROW_DISAGREES = "row_disagrees"
 #: The jobset row's check was already reported by an earlier closing event.
 CHECK_ALREADY_REPORTED = "check_already_reported"
+#: ``eval_added`` naming a JobsetEval of another jobset.
+EVAL_OF_OTHER_JOBSET = "eval_of_other_jobset"
+#: ``eval_added`` paired with an open attempt, for a JobsetEval whose evaluator run was already
+#: reported (or, rows unreadable, beyond the budget): the attempt is closed without a run span.
+RUN_ALREADY_REPORTED = "run_already_reported"
 #: The rows could not be read and the budget for unverified closing events is spent.
 UNVERIFIED_OVER_BUDGET = "unverified_over_budget"
+
+#: Seconds a jobset whose attempt outcome was handed on still counts as followed live (the
+#: resolver records the check it rendered well within this).
+IN_FLIGHT_GRACE = 30.0
 
 #: Closing events accepted unverified (rows unreadable) in a burst, all jobsets together ...
 UNVERIFIED_BURST = 10
@@ -180,8 +195,9 @@ class ClosingCheck:
 
     #: The jobset's row, None if there is none.
     jobset: JobsetCheck | None
-    #: For ``eval_cached``: the jobset ID of the named JobsetEval, None if it does not exist.
-    previous_eval_jobset: int | None = None
+    #: The jobset ID of the JobsetEval the event names (``eval_cached``: the previous one;
+    #: ``eval_added``: the new one), None if it does not exist.
+    eval_jobset: int | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -246,6 +262,11 @@ class Stitcher:
         # jobset -> (lastcheckedtime of the last check reported, whether by a close that paired with
         # its start); only jobsets with a row get here.
         self._reported_checks: dict[int, tuple[int, bool]] = {}
+        # jobset -> the stitcher's clock when an attempt outcome of it was handed on (oldest first).
+        self._in_flight: dict[int, float] = {}
+        self._now = float("-inf")  # the latest monotonic time fed
+        # jobset -> the highest JobsetEval ID an evaluator run was reported for (real jobsets only).
+        self._runs_reported: dict[int, int] = {}
         self._opened = self._closed_count = self._orphans = self._duplicates = 0
         self._abandoned: dict[str, int] = {}
         self._rejected: dict[str, int] = {}
@@ -277,27 +298,47 @@ class Stitcher:
         ``eval_failed``, or why there is none; see the module docstring.
         """
         self._forget_closed(now)
+        self._now = max(self._now, now)
         self._jobset_known = jobset_known
         if isinstance(event, EvalCached | EvalFailed):
             reason = self._closing_verdict(event, check, now)
             if reason is not None:
                 return self._reject(reason, event.jobset_id, event.correlation_id)
+        elif isinstance(event, EvalAdded):
+            reason = self._added_verdict(event, check, now)
+            if reason == RUN_ALREADY_REPORTED:  # closes the attempt, without its live start
+                self._pop((event.jobset_id, event.correlation_id))
+                self._reject(reason, event.jobset_id, event.correlation_id)
+                return self._handed_on(self._on_orphan_close(event, at_ns, now))
+            if reason is not None:
+                return self._reject(reason, event.jobset_id, event.correlation_id)
         handler = TRANSITIONS[(self.state(event.jobset_id, event.correlation_id), type(event))]
-        return handler(self, event, at_ns, now)
+        return self._handed_on(handler(self, event, at_ns, now))
 
     def open_jobsets(self) -> frozenset[int]:
-        """Jobsets with an attempt that is still open."""
-        return frozenset(self._by_jobset)
+        """Jobsets the live path is still following: an attempt is open, or an attempt's outcome
+        was handed on less than ``IN_FLIGHT_GRACE`` seconds (of the stitcher's clock) ago.
+
+        The catch-up skips these jobsets' checks. Without the grace period, a scan between the
+        stitcher closing an attempt and the resolver recording its check would report the same
+        failure again, as a second trace."""
+        while self._in_flight:
+            jobset, at = next(iter(self._in_flight.items()))
+            if at + IN_FLIGHT_GRACE > self._now and len(self._in_flight) <= self._max_open:
+                break
+            del self._in_flight[jobset]
+        return frozenset(self._by_jobset) | frozenset(self._in_flight)
 
     def expire(self, now: float, now_ns: int) -> list[Outcome]:
         """Abandon every open attempt whose deadline is at or before ``now``."""
+        self._now = max(self._now, now)
         out: list[Outcome] = []
         while self._open:
             key, rec = next(iter(self._open.items()))
             if rec.deadline > now:
                 break
             out.append(self._abandon(self._pop(key), now_ns, EXPIRED))
-        return out
+        return self._handed_on(out)
 
     def next_deadline(self) -> float | None:
         """The monotonic time of the earliest deadline, or None when nothing is open."""
@@ -375,9 +416,9 @@ class Stitcher:
         if row is None:
             return UNKNOWN_JOBSET
         if isinstance(event, EvalCached):
-            if check.previous_eval_jobset is None:
+            if check.eval_jobset is None:
                 return UNKNOWN_PREVIOUS_EVAL
-            if check.previous_eval_jobset != event.jobset_id:
+            if check.eval_jobset != event.jobset_id:
                 return PREVIOUS_EVAL_OF_OTHER_JOBSET
             consistent = row.shows_cached()
         else:
@@ -391,6 +432,22 @@ class Stitcher:
         self._reported_checks[event.jobset_id] = (row.last_checked, paired)
         return None
 
+    def _added_verdict(self, event: EvalAdded, check: ClosingCheck | Unchecked, now: float) -> str | None:
+        """Why an ``eval_added`` is not acted on (or not paired with its start), or None."""
+        if isinstance(check, ClosingCheck) and check.eval_jobset not in (None, event.jobset_id):
+            return EVAL_OF_OTHER_JOBSET
+        if self.state(event.jobset_id, event.correlation_id) is not State.OPEN or check is Unchecked.TRUSTED:
+            return None
+        # Pairs with an open attempt: an "evaluator run" span. Hydra's evaluator writes each
+        # JobsetEval once, and a jobset's evaluations get increasing IDs: one run per evaluation.
+        if event.eval_id <= self._runs_reported.get(event.jobset_id, 0):
+            return RUN_ALREADY_REPORTED
+        if check is Unchecked.UNREADABLE:
+            return None if self._take_unverified(now) else RUN_ALREADY_REPORTED
+        if check.eval_jobset is not None:  # a made-up ID must not hold back the jobset's real ones
+            self._runs_reported[event.jobset_id] = event.eval_id
+        return None
+
     def _take_unverified(self, now: float) -> bool:
         tokens, since = self._unverified or (float(UNVERIFIED_BURST), now)
         tokens = min(float(UNVERIFIED_BURST), tokens + max(0.0, now - since) / UNVERIFIED_REFILL)
@@ -399,6 +456,14 @@ class Stitcher:
         return ok
 
     # Bookkeeping.
+
+    def _handed_on(self, out: list[Outcome]) -> list[Outcome]:
+        """Remember the jobsets of attempt outcomes for :meth:`open_jobsets`; returns ``out``."""
+        for o in out:
+            if isinstance(o, Attempt):
+                self._in_flight.pop(o.jobset_id, None)
+                self._in_flight[o.jobset_id] = self._now
+        return out
 
     def _pop(self, key: AttemptKey) -> _Open:
         rec = self._open.pop(key)

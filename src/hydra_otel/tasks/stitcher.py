@@ -9,9 +9,10 @@ left open: they are live evaluations, not abandoned ones.
 ``eval_started`` payloads come from any role that can connect, so before a
 start is fed the task asks :class:`KnownJobsets` whether its jobset is a row
 of Hydra's ``jobsets`` table. ``eval_cached`` and ``eval_failed`` are not
-trusted either: for each batch the task reads, in one query per table, the
-jobset rows and JobsetEvals they name (:class:`~hydra_otel.core.stitch.ClosingCheck`),
-and the stitcher acts only on those the rows vouch for. What the stitcher rejects is counted in
+trusted either, nor ``eval_added``'s pairing with a start: for each batch the
+task reads, in one query per table, the jobset rows and JobsetEvals they name
+(:class:`~hydra_otel.core.stitch.ClosingCheck`), and the stitcher acts only on
+what the rows vouch for. What the stitcher rejects is counted in
 ``Stats.notifications_rejected`` and logged, rate-limited per reason.
 """
 
@@ -48,8 +49,10 @@ JobsetLookup = Callable[[Sequence[int]], Awaitable[set[int]]]
 ClosingLookup = Callable[
     [Sequence[int], Sequence[int]], Awaitable[tuple[dict[int, JobsetCheck], dict[int, int]]]
 ]
+#: The evaluation notifications checked against the tables.
+Closing = EvalAdded | EvalCached | EvalFailed
 #: Per closing event, what the rows said (or why nothing was read).
-Checker = Callable[[EvalCached | EvalFailed], ClosingCheck | Unchecked]
+Checker = Callable[[Closing], ClosingCheck | Unchecked]
 
 
 class KnownJobsets:
@@ -124,25 +127,30 @@ class KnownJobsets:
                 self._unknown.popitem(last=False)
         return {j for j in jobset_ids if j in self._known}
 
-    async def closing_checks(self, events: Sequence[EvalCached | EvalFailed]) -> Checker:
+    async def closing_checks(self, events: Sequence[Closing]) -> Checker:
         """Read, fresh (the rows change with every check), what vouches for ``events``; one query
         per table. While the database is unreachable every event is :attr:`Unchecked.UNREADABLE`."""
         if self._closing is None or not events:
             return _trusted
-        previous = sorted({e.previous_eval_id for e in events if isinstance(e, EvalCached)})
+        jobset_ids = sorted({e.jobset_id for e in events if not isinstance(e, EvalAdded)})
+        eval_ids = sorted({_named_eval(e) for e in events if not isinstance(e, EvalFailed)})
         try:
-            rows, evals = await self._closing(sorted({e.jobset_id for e in events}), previous)
+            rows, evals = await self._closing(jobset_ids, eval_ids)
         except (DbUnavailable, PermissionDenied) as exc:  # a missing grant is logged by the db
             self._warn.warning(
-                "db", "cannot check eval_cached/eval_failed against the jobsets", error=str(exc)
+                "db", "cannot check evaluation notifications against the tables", error=str(exc)
             )
             return lambda _: Unchecked.UNREADABLE
 
-        def check(event: EvalCached | EvalFailed) -> ClosingCheck:
-            prev = evals.get(event.previous_eval_id) if isinstance(event, EvalCached) else None
-            return ClosingCheck(jobset=rows.get(event.jobset_id), previous_eval_jobset=prev)
+        def check(event: Closing) -> ClosingCheck:
+            named = None if isinstance(event, EvalFailed) else evals.get(_named_eval(event))
+            return ClosingCheck(jobset=rows.get(event.jobset_id), eval_jobset=named)
 
         return check
+
+
+def _named_eval(event: EvalAdded | EvalCached) -> int:
+    return event.eval_id if isinstance(event, EvalAdded) else event.previous_eval_id
 
 
 async def run_stitcher(
@@ -163,8 +171,8 @@ async def run_stitcher(
         outcomes: stitched work for the resolver.
         stitcher: the pure state machine.
         stats: where rejections are counted (``notifications_rejected``), if anywhere.
-        jobsets: the checks of ``eval_started``, ``eval_cached`` and ``eval_failed`` against
-            Hydra's tables; None trusts every event.
+        jobsets: the checks of ``eval_*`` notifications against Hydra's tables; None trusts
+            every event.
     """
     warn = RateLimitedLog(log)
     async with events, outcomes:
@@ -193,7 +201,7 @@ async def run_stitcher(
 async def _feed_batch(stitcher: Stitcher, batch: list[Received], jobsets: KnownJobsets | None) -> list[Work]:
     """Feed one batch, with one lookup per kind of check for the whole batch."""
     starts = {r.event.jobset_id for r in batch if isinstance(r.event, EvalStarted)}
-    closings = [r.event for r in batch if isinstance(r.event, EvalCached | EvalFailed)]
+    closings = [r.event for r in batch if isinstance(r.event, EvalAdded | EvalCached | EvalFailed)]
     known = starts
     check: Checker = _trusted
     if jobsets is not None:
@@ -211,12 +219,14 @@ async def _feed_batch(stitcher: Stitcher, batch: list[Received], jobsets: KnownJ
             received.at_ns,
             trio.current_time(),
             jobset_known=event.jobset_id in known,
-            check=check(event) if isinstance(event, EvalCached | EvalFailed) else Unchecked.TRUSTED,
+            check=check(event)
+            if isinstance(event, EvalAdded | EvalCached | EvalFailed)
+            else Unchecked.TRUSTED,
         )
     return out
 
 
-def _trusted(_: EvalCached | EvalFailed) -> Unchecked:
+def _trusted(_: Closing) -> Unchecked:
     return Unchecked.TRUSTED
 
 
