@@ -97,6 +97,10 @@ def test_closing_the_rows_do_not_vouch_for_is_rejected(
 ) -> None:
     """A closing event the rows contradict gives nothing, is counted, and leaves an open attempt open."""
     s = make()
+    if reason == ROW_DISAGREES and check.jobset is not None and check.jobset.last_checked is not None:
+        # The first read of a row is believed once: a later check may have overwritten it.
+        primer = failed("primer") if isinstance(event, EvalFailed) else cached("primer")
+        assert len(s.feed(primer, 1_500, 0.5, check=check)) == 1
     s.feed(EvalStarted(correlation_id=CID, jobset_id=1), 1_000, 0.0)
     assert s.feed(event, 2_000, 1.0, check=check) == []
     assert s.statistics().rejected == {reason: 1}
@@ -231,3 +235,18 @@ def test_jobset_of_a_handed_on_attempt_counts_as_followed_for_a_while() -> None:
     assert s.open_jobsets() == {2}
     s.expire(1_000.0 + IN_FLIGHT_GRACE, 5_000)
     assert s.open_jobsets() == frozenset()
+
+
+def test_a_row_that_moved_on_is_believed_once_per_change() -> None:
+    """A failure whose row a later successful check overwrote before it was read still reports,
+    once per change of the row, and does not take the check it read from its own notification."""
+    s = make()
+    success = JobsetCheck(last_checked=T + 100, has_error=False, error_time=T + 90, has_fetch_error=False)
+    assert len(s.feed(failed("real"), 2_000, 1.0, check=ClosingCheck(jobset=success))) == 1
+    assert s.feed(failed("forged"), 2_000, 1.0, check=ClosingCheck(jobset=success)) == []
+    assert s.statistics().rejected == {ROW_DISAGREES: 1}
+    # The check read belongs to the successful evaluation's own cached notification, say.
+    assert len(s.feed(cached("next"), 2_500, 1.5, check=ClosingCheck(jobset=success, eval_jobset=1))) == 1
+    moved = JobsetCheck(last_checked=T + 200, has_error=False, error_time=T + 190, has_fetch_error=False)
+    assert len(s.feed(failed("again"), 3_000, 2.0, check=ClosingCheck(jobset=moved))) == 1
+    assert s.feed(failed("again.2"), 3_000, 2.0, check=ClosingCheck(jobset=moved)) == []

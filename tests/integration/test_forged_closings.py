@@ -59,7 +59,7 @@ async def test_forged_closing_flood_is_bounded(
     otlp_grpc: GrpcOtlpReceiver,
     tmp_path: Path,
 ) -> None:
-    """20,000 forged closing events: at most one attempt span per check Hydra made, real attempts export."""
+    """20,000 forged closing events: at most two attempt spans per check Hydra made, real attempts export."""
     sim = hydra.sim
     # Hydra's history before the daemon starts: trunk evaluated (eval IDs 1..), staging's fetch failed.
     old, _, sql = sim.eval_added(
@@ -111,9 +111,10 @@ async def test_forged_closing_flood_is_bounded(
         await hydra.run(f"DROP ROLE {role}")
     spans = otlp_grpc.spans()
     forged = attempts(spans, "forged.")
-    # An orphan may report each check of the jobsets (old and new) once, before the real close:
-    # the rows are read when the stitcher gets to it, after Hydra may have committed the next check.
-    assert len(forged) <= CHECKS, sorted(
+    # Per change of a jobset's row, at most two orphans: one agreeing with the row (rows are read
+    # when the stitcher gets to a notification, maybe after Hydra committed the next check) and one
+    # that the row may have overwritten (spans.md, "Stitching evaluations").
+    assert len(forged) <= 2 * CHECKS, sorted(
         str(attributes_dict(s.span.attributes)["hydra.eval.correlation_id"]) for s in forged
     )
     assert {s.span.name for s in attempts(spans, "real.")} == {"eval nixpkgs:trunk", "eval nixpkgs:staging"}

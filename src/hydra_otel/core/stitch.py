@@ -48,13 +48,20 @@ attempt span. Hydra sends them in the transaction that updates the jobset's row
 (:class:`ClosingCheck`) and the stitcher acts on the notification only if:
 
 * the jobset exists; for ``eval_cached``, the named JobsetEval exists and is the jobset's;
-* the jobset row shows that outcome (a failure as above, or no fetch error for a cached one);
-* its ``lastcheckedtime`` is newer than the last check an attempt of the jobset was reported
-  for: one evaluation per jobset runs at a time and each ends with one row update, so a
-  check is reported once, however many notifications name it. Rows are read when the
+* the jobset row shows that outcome (a failure as above, or no fetch error for a cached one)
+  for a check (``lastcheckedtime``) newer than the last one an attempt of the jobset was
+  reported for: one evaluation per jobset runs at a time and each ends with one row update,
+  so a check is reported once, however many notifications name it. Rows are read when the
   stitcher gets to a notification, not when it was sent, so a forged one sent just before
   Hydra's commit can see the new row first; a close that pairs with its open attempt may
-  therefore report a check once more after an orphan close did (at most twice per check).
+  therefore report a check once more after an orphan close did;
+* or the row does not show that outcome but changed since the stitcher last read it for a
+  closing event (the first read of a jobset counts as a change): a later check that
+  committed before this notification was handled may have overwritten the outcome it
+  names. That is believed once per change, without claiming the check read.
+
+So each change of a jobset's row lets at most three closing events through, however many
+notifications name the jobset.
 
 ``eval_added`` is resolved against its JobsetEval row later, but paired with an open attempt
 it adds one thing only the notifications know: an "evaluator run" span. So a JobsetEval of
@@ -265,6 +272,8 @@ class Stitcher:
         # jobset -> the stitcher's clock when an attempt outcome of it was handed on (oldest first).
         self._in_flight: dict[int, float] = {}
         self._now = float("-inf")  # the latest monotonic time fed
+        # jobset -> the newest lastcheckedtime read for a closing event (real jobsets only).
+        self._seen_checks: dict[int, int] = {}
         # jobset -> the highest JobsetEval ID an evaluator run was reported for (real jobsets only).
         self._runs_reported: dict[int, int] = {}
         self._opened = self._closed_count = self._orphans = self._duplicates = 0
@@ -423,8 +432,15 @@ class Stitcher:
             consistent = row.shows_cached()
         else:
             consistent = row.shows_failure()
-        if not consistent or row.last_checked is None:
+        if row.last_checked is None:
             return ROW_DISAGREES
+        seen = self._seen_checks.get(event.jobset_id)
+        self._seen_checks[event.jobset_id] = max(row.last_checked, seen or row.last_checked)
+        if not consistent:
+            # The row may have moved on: a later check of the jobset committed before this
+            # notification was handled overwrote the outcome it names. Believe that once per
+            # change of the row seen here; the check read is not this event's to claim.
+            return None if seen is None or row.last_checked > seen else ROW_DISAGREES
         paired = self.state(event.jobset_id, event.correlation_id) is State.OPEN
         reported, by_paired = self._reported_checks.get(event.jobset_id, (-(2**63), False))
         if row.last_checked < reported or (row.last_checked == reported and (by_paired or not paired)):
