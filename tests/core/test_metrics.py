@@ -30,13 +30,14 @@ from hydra_otel.core.metrics import (
     PIPELINE_RUN_DURATION,
     PIPELINE_RUN_ERRORS,
     STEP_DURATION,
+    SYSTEM_ERRORS,
     MetricDeriver,
     Observation,
     Role,
     observation,
     span_role,
 )
-from hydra_otel.core.spans import SpanRecord
+from hydra_otel.core.spans import SpanRecord, Status
 from tests.factories import make_build
 
 CFG = RenderConfig(instance="hydra", hydra_url="https://hydra.example.org", error_text_limit=100)
@@ -329,6 +330,7 @@ def test_no_high_cardinality_attributes() -> None:
     spans: list[SpanRecord] = [
         *eval_spans(EVAL, CFG),
         *build_spans(CFG, failed, [step(1, status=1, start=T0 + 80, stop=T0 + 300, errormsg="boom")]),
+        *build_spans(CFG, dataclasses.replace(BUILD, build_id=101, status=3), []),
         attempt_span(
             Attempt(
                 kind=AttemptKind.FAILED, jobset_id=3, correlation_id="9.9", started_ns=T0 * S, ended_ns=T0 * S
@@ -362,3 +364,32 @@ def test_buckets_span_seconds_to_hours() -> None:
     assert DURATION_BUCKETS[0] == 1.0
     assert DURATION_BUCKETS[-1] == 8 * 3600.0
     assert all(a < b for a, b in itertools.pairwise(DURATION_BUCKETS))
+
+
+def test_aborted_build_and_dead_evaluator_are_system_errors() -> None:
+    """Failures of Hydra itself count in cicd.system.errors by component, not as pipeline errors."""
+    dead = Attempt(
+        kind=AttemptKind.ABANDONED,
+        jobset_id=3,
+        correlation_id="9.9",
+        started_ns=T0 * S,
+        ended_ns=(T0 + 9) * S,
+    )
+    died = dataclasses.replace(JOBSET, error_msg="evaluation failed with exit code 137", error_time=T0 + 5)
+    spans = [*build_spans(CFG, dataclasses.replace(BUILD, status=3), STEPS), attempt_span(dead, died, CFG)]
+    obs = MetricDeriver().observe(spans)
+    assert by_name(obs, PIPELINE_RUN_ERRORS) == []
+    assert by_name(obs, SYSTEM_ERRORS) == [
+        {"cicd.system.component": "hydra-queue-runner", "error.type": "aborted", "value": 1},
+        {"cicd.system.component": "hydra-evaluator", "error.type": "evaluator_died", "value": 1},
+    ]
+
+
+@pytest.mark.parametrize("status", list(range(14)))
+def test_error_counters_agree_with_span_status(status: int) -> None:
+    """A build counts one error (pipeline or system) exactly when its span status is ERROR."""
+    spans = build_spans(CFG, dataclasses.replace(BUILD, status=status), STEPS)
+    obs = MetricDeriver().observe(spans)
+    errors = len(by_name(obs, PIPELINE_RUN_ERRORS)) + len(by_name(obs, SYSTEM_ERRORS))
+    assert errors == (1 if spans[0].status is Status.ERROR else 0)
+    assert (sc.ERROR_TYPE in spans[0].attrs()) == (errors == 1)

@@ -6,15 +6,23 @@ has a *role*, read from its attributes (:func:`span_role`):
 
 * **pipeline run**: an evaluation root (a SERVER span without parent that has
   ``cicd.pipeline.name``): one ``cicd.pipeline.run.duration`` sample, and one
-  ``cicd.pipeline.run.errors`` increment when it failed;
-* **build**: one ``hydra.build.duration`` sample, and one
-  ``cicd.pipeline.run.errors`` increment when the build failed (a compile or
-  test failure is an error of the pipeline run, as the convention says);
+  error increment when it failed;
+* **build**: one ``hydra.build.duration`` sample, and one error increment when
+  the build failed (a compile or test failure is an error of the pipeline run,
+  as the convention says);
 * **queued**: one ``hydra.build.queue_wait`` sample;
 * **step**: one ``hydra.step.duration`` sample (propagated failures are
   records, not runs, and are left out).
 
 Spans with no role (``checkout``, ``evaluate``, ``evaluator run``) give nothing.
+
+*Errors.* A pipeline-run or build span counts one error exactly when its span
+status is ERROR (result ``failure``, ``error`` or ``timeout``, see
+core/status.py), so a span-metrics error count over those spans equals the sum
+of the two error counters. Failures of Hydra itself (an evaluator that died, an
+aborted build: :data:`~hydra_otel.core.status.SYSTEM_ERROR_COMPONENTS`) go to
+``cicd.system.errors``, by component; every other one to
+``cicd.pipeline.run.errors``. Cancelled and obsolete builds count in neither.
 
 *Cardinality.* Every instrument declares the only attribute keys it may carry
 (:attr:`Instrument.attributes`) and observations are built through that list,
@@ -47,6 +55,7 @@ from typing import Final
 
 from hydra_otel.core import semconv as sc
 from hydra_otel.core.spans import Attributes, AttrValue, Kind, SpanRecord
+from hydra_otel.core.status import ERROR_RESULTS, SYSTEM_ERROR_COMPONENTS
 
 #: Histogram bucket boundaries in seconds: from a second (substitutions, cached evaluations) to eight
 #: hours (a large build or a full nixpkgs evaluation with its inserts).
@@ -67,21 +76,20 @@ DURATION_BUCKETS: Final = (
     28800.0,
 )
 
-# Semantic-convention keys not (yet) in core/semconv.py.
-CICD_PIPELINE_RUN_STATE = "cicd.pipeline.run.state"
-#: ``cicd.pipeline.run.state`` value: an evaluation's root span covers checkout and evaluation.
-RUN_STATE_EXECUTING = "executing"
+CICD_PIPELINE_RUN_STATE = sc.CICD_PIPELINE_RUN_STATE
+RUN_STATE_EXECUTING = sc.STATE_EXECUTING
 #: ``error.type`` when a failed span names none (the conventions' fallback value).
 ERROR_TYPE_OTHER = "_OTHER"
 
 PIPELINE_RUN_DURATION = "cicd.pipeline.run.duration"
 PIPELINE_RUN_ERRORS = "cicd.pipeline.run.errors"
+SYSTEM_ERRORS = "cicd.system.errors"
 BUILD_DURATION = "hydra.build.duration"
 BUILD_QUEUE_WAIT = "hydra.build.queue_wait"
 STEP_DURATION = "hydra.step.duration"
 
-#: Results that count as errors of a pipeline run (cancelled and obsolete builds do not).
-_ERROR_RESULTS = frozenset({sc.RESULT_FAILURE, sc.RESULT_ERROR, sc.RESULT_TIMEOUT})
+#: Results that count as errors (cancelled and obsolete builds do not).
+_ERROR_RESULTS = ERROR_RESULTS
 
 
 class InstrumentKind(enum.Enum):
@@ -126,6 +134,13 @@ INSTRUMENTS: Final[Mapping[str, Instrument]] = {
             unit="{error}",
             description="Failed evaluations and failed builds, by jobset and error type.",
             attributes=(sc.CICD_PIPELINE_NAME, sc.ERROR_TYPE),
+        ),
+        Instrument(
+            name=SYSTEM_ERRORS,
+            kind=InstrumentKind.COUNTER,
+            unit="{error}",
+            description="Failures of Hydra itself (evaluator deaths, aborted builds), by component and error type.",
+            attributes=(sc.CICD_SYSTEM_COMPONENT, sc.ERROR_TYPE),
         ),
         Instrument(
             name=BUILD_DURATION,
@@ -330,5 +345,8 @@ def _build(record: SpanRecord, attrs: Mapping[str, AttrValue]) -> list[Observati
 
 
 def _error(attrs: Mapping[str, AttrValue]) -> Observation:
-    values = {**attrs, sc.ERROR_TYPE: attrs.get(sc.ERROR_TYPE, ERROR_TYPE_OTHER)}
-    return observation(PIPELINE_RUN_ERRORS, 1, values)
+    error_type = attrs.get(sc.ERROR_TYPE, ERROR_TYPE_OTHER)
+    component = SYSTEM_ERROR_COMPONENTS.get(str(error_type))
+    if component is not None:
+        return observation(SYSTEM_ERRORS, 1, {sc.CICD_SYSTEM_COMPONENT: component, sc.ERROR_TYPE: error_type})
+    return observation(PIPELINE_RUN_ERRORS, 1, {**attrs, sc.ERROR_TYPE: error_type})
