@@ -40,7 +40,7 @@ let
     $$;
     GRANT CONNECT ON DATABASE ${dbName} TO ${dbRole};
     GRANT USAGE ON SCHEMA public TO ${dbRole};
-    GRANT SELECT ON schemaversion, projects, jobsets, jobsetevals, jobsetevalmembers,
+    GRANT SELECT ON schemaversion, projects, jobsets, jobsetevals, jobsetevalmembers, jobsetevalinputs,
                     evaluationerrors, builds, buildsteps TO ${dbRole};
   '';
 

@@ -425,6 +425,7 @@ def test_schema_results_hints() -> None:
         "table jobsetevals": (False, f"jobsetevals.evaluationerror_id missing: {old}"),
         "table evaluationerrors": (False, f"evaluationerrors missing: {old}"),
         "table jobsetevalmembers": (True, ""),
+        "table jobsetevalinputs": (True, ""),
         "table builds": (False, f"builds.closuresize missing: {other}"),
         "table buildsteps": (False, f"buildsteps.timesbuilt missing: added in Hydra schema 52; {old}"),
     }
@@ -457,6 +458,7 @@ ALIASES = {
     "j": "jobsets",
     "m": "jobsetevalmembers",
     "jm": "jobsetevalmembers",
+    "i": "jobsetevalinputs",
     "er": "evaluationerrors",
 }
 

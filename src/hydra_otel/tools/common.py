@@ -26,6 +26,7 @@ HYDRA_COLUMNS: Final[Mapping[str, tuple[str, ...]]] = {
     ),
     "evaluationerrors": ("id", "errormsg", "errortime"),
     "jobsetevalmembers": ("eval", "build", "isnew"),
+    "jobsetevalinputs": ("eval", "name", "altnr", "type", "uri", "revision"),
     "builds": (
         "id", "finished", "timestamp", "jobset_id", "job", "nixname", "drvpath", "system", "priority",
         "globalpriority", "starttime", "stoptime", "iscachedbuild", "buildstatus", "size", "closuresize",
