@@ -164,7 +164,7 @@ in
       example = {
         HYDRA_OTEL_MAX_BUILDS_PER_TRACE = "1000";
         OTEL_EXPORTER_OTLP_COMPRESSION = "gzip";
-        OTEL_RESOURCE_ATTRIBUTES = "deployment.environment=production";
+        OTEL_RESOURCE_ATTRIBUTES = "deployment.environment.name=production";
       };
       description = ''
         Further environment variables of the service (docs/configuration.md). They override the

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import logging
 import signal
+import socket
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -271,8 +272,20 @@ def export_settings(cfg: Config) -> ExporterSettings:
 
 
 def otel_resource(cfg: Config) -> Resource:
-    """The resource every exported span, metric and log record carries."""
-    return Resource({**dict(cfg.export.resource), "service.version": hydra_otel.__version__})
+    """The resource every exported span, metric and log record carries.
+
+    ``service.instance.id`` defaults to ``<instance>@<host name>``: HA instances share the instance
+    name (and so the trace IDs) but not the host, and the exporting one must be told apart.
+    ``OTEL_RESOURCE_ATTRIBUTES`` can set it.
+    """
+    instance_id = f"{cfg.stitch.instance}@{socket.gethostname()}"
+    return Resource(
+        {
+            "service.instance.id": instance_id,
+            **dict(cfg.export.resource),
+            "service.version": hydra_otel.__version__,
+        }
+    )
 
 
 def make_sink(cfg: Config) -> OtlpSink:

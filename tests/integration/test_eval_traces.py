@@ -7,6 +7,7 @@ in-process OTLP receiver; the tests assert on what the receiver got.
 
 from __future__ import annotations
 
+import socket
 import time
 
 import pytest
@@ -86,7 +87,8 @@ async def test_added_evaluation_trace(
     assert attrs["hydra.jobset.id"] == 1
     assert attributes_dict(run.span.attributes)["hydra.eval.correlation_id"] == CID
     assert root.resource["service.name"] == "hydra-otel"
-    assert root.resource["deployment.environment"] == "test"
+    assert root.resource["deployment.environment.name"] == "test"
+    assert root.resource["service.instance.id"] == f"hydra@{socket.gethostname()}"
 
 
 async def test_eval_with_no_new_builds(
