@@ -59,6 +59,7 @@ from hydra_otel.stats import Stats
 from hydra_otel.tasks.catchup import Catchup, CatchupSettings, Progress, run_catchup
 from hydra_otel.tasks.exporter import run_exporter
 from hydra_otel.tasks.intake import hint_counter, run_intake
+from hydra_otel.tasks.live_metrics import run_live_metrics
 from hydra_otel.tasks.resolver import RESOLVE_BATCH, Resolver, run_resolver
 from hydra_otel.tasks.stitcher import run_stitcher
 
@@ -165,6 +166,9 @@ class Service:
                     self.progress = await sources.start(
                         run_catchup, catchup, store, trig_rx, self.catchup_settings(), resolver.live_jobsets
                     )
+                    if self.metrics is not None and self.metrics.enabled:
+                        interval = cfg.telemetry.metrics_interval
+                        await sources.start(run_live_metrics, db, self.metrics, interval)
                     self.ready.set()
                     log.info("ready")
         finally:

@@ -27,13 +27,16 @@ from hydra_otel.core.metrics import (
     BUILD_QUEUE_WAIT,
     DURATION_BUCKETS,
     INSTRUMENTS,
+    PIPELINE_RUN_ACTIVE,
     PIPELINE_RUN_DURATION,
     PIPELINE_RUN_ERRORS,
     STEP_DURATION,
     SYSTEM_ERRORS,
+    WORKER_COUNT,
     MetricDeriver,
     Observation,
     Role,
+    live_observations,
     observation,
     span_role,
 )
@@ -339,7 +342,7 @@ def test_no_high_cardinality_attributes() -> None:
             CFG,
         ),
     ]
-    obs = MetricDeriver().observe(spans)
+    obs = MetricDeriver().observe(spans) + live_observations(["nixpkgs:trunk"], 2, set())
     assert {o.name for o in obs} == set(INSTRUMENTS)
     for o in obs:
         keys = {k for k, _ in o.attributes}
@@ -393,3 +396,24 @@ def test_error_counters_agree_with_span_status(status: int) -> None:
     errors = len(by_name(obs, PIPELINE_RUN_ERRORS)) + len(by_name(obs, SYSTEM_ERRORS))
     assert errors == (1 if spans[0].status is Status.ERROR else 0)
     assert (sc.ERROR_TYPE in spans[0].attrs()) == (errors == 1)
+
+
+def test_live_observations_count_runs_and_report_stopped_ones_as_zero() -> None:
+    """Active runs per pipeline; a pipeline seen before and now idle is 0; busy workers as one point."""
+    known: set[str] = set()
+    first = live_observations(["nixpkgs:trunk", "nixpkgs:staging"], 3, known)
+    assert [(o.name, dict(o.attributes), o.value) for o in first] == [
+        (
+            PIPELINE_RUN_ACTIVE,
+            {"cicd.pipeline.name": "nixpkgs:staging", "cicd.pipeline.run.state": "executing"},
+            1,
+        ),
+        (
+            PIPELINE_RUN_ACTIVE,
+            {"cicd.pipeline.name": "nixpkgs:trunk", "cicd.pipeline.run.state": "executing"},
+            1,
+        ),
+        (WORKER_COUNT, {"cicd.worker.state": "busy"}, 3),
+    ]
+    later = live_observations([], 0, known)
+    assert [o.value for o in later] == [0, 0, 0]

@@ -7,21 +7,22 @@ traces and the metrics of one workload are compared.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
 import trio
 
 from hydra_otel.adapters.otlp_metrics import MeteredSpanSink, MetricsSink, make_metric_exporter
-from hydra_otel.core.metrics import PIPELINE_RUN_ERRORS, SYSTEM_ERRORS
+from hydra_otel.core.metrics import PIPELINE_RUN_ACTIVE, PIPELINE_RUN_ERRORS, SYSTEM_ERRORS, WORKER_COUNT
 from hydra_otel.sandbox.hydrasim import NewBuild
 from hydra_otel.sandbox.receiver import GrpcOtlpReceiver, ReceivedSpan, attributes_dict
 from hydra_otel.service import Service, export_settings, make_sink, otel_resource
 from tests.integration.harness import Hydra, StartDaemon, daemon_config, stop
-from tests.otlp_more import GrpcMetricsLogsReceiver, point_attributes, sum_points
+from tests.otlp_more import GrpcMetricsLogsReceiver, ReceivedMetric, point_attributes, sum_points
 
 T0 = 1_700_000_000
 STATUS_UNSET, STATUS_OK, STATUS_ERROR = 0, 1, 2
@@ -36,25 +37,42 @@ def metrics_receiver() -> Iterator[GrpcMetricsLogsReceiver]:
         yield r
 
 
+StartMetered = Callable[[], Awaitable[MetricsSink]]
+
+
 @pytest.fixture
-async def metered_daemon(
+async def start_metered(
+    aio_loop: asyncio.AbstractEventLoop,
     hydra_db: str,
     otlp_grpc: GrpcOtlpReceiver,
     metrics_receiver: GrpcMetricsLogsReceiver,
     tmp_path: Path,
     nursery: trio.Nursery,
-) -> AsyncIterator[tuple[Service, MetricsSink]]:
-    """The daemon with its metrics pipeline wired as ``run`` wires it, exporting only on flush."""
-    cfg = daemon_config(hydra_db, f"http://{otlp_grpc.endpoint}", tmp_path)
-    metrics_settings = export_settings(cfg)
-    exporter = make_metric_exporter(metrics_settings, f"http://{metrics_receiver.endpoint}")
-    metrics = MetricsSink(exporter, otel_resource(cfg), interval_s=math.inf)
-    service = Service(cfg=cfg, sink=MeteredSpanSink(make_sink(cfg), metrics), metrics=metrics)
-    nursery.start_soon(service.run)
-    with trio.fail_after(15):
-        await service.ready.wait()
-    yield service, metrics
-    await stop(service)
+) -> AsyncIterator[StartMetered]:
+    """Start the daemon with its metrics pipeline wired as ``run`` wires it, exporting only on flush."""
+    services: list[Service] = []
+
+    async def start() -> MetricsSink:
+        cfg = daemon_config(hydra_db, f"http://{otlp_grpc.endpoint}", tmp_path)
+        exporter = make_metric_exporter(export_settings(cfg), f"http://{metrics_receiver.endpoint}")
+        metrics = MetricsSink(exporter, otel_resource(cfg), interval_s=math.inf)
+        service = Service(cfg=cfg, sink=MeteredSpanSink(make_sink(cfg), metrics), metrics=metrics)
+        nursery.start_soon(service.run)
+        with trio.fail_after(15):
+            await service.ready.wait()
+        services.append(service)
+        return metrics
+
+    yield start
+    for service in services:
+        await stop(service)
+
+
+async def flushed(metrics: MetricsSink, receiver: GrpcMetricsLogsReceiver) -> list[ReceivedMetric]:
+    with trio.fail_after(20):
+        assert await metrics.force_flush()
+        await receiver.wait_until(lambda: bool(receiver.metrics()))
+    return receiver.metrics()
 
 
 def by_job(spans: list[ReceivedSpan]) -> dict[str, ReceivedSpan]:
@@ -67,13 +85,13 @@ def by_job(spans: list[ReceivedSpan]) -> dict[str, ReceivedSpan]:
 
 async def test_results_status_and_error_metric_agree(
     hydra: Hydra,
-    metered_daemon: tuple[Service, MetricsSink],
+    start_metered: StartMetered,
     otlp_grpc: GrpcOtlpReceiver,
     metrics_receiver: GrpcMetricsLogsReceiver,
 ) -> None:
     """Cancelled and obsolete (skipped) builds: UNSET, cancellation/skip, no error.type; the error
     counters count exactly the ERROR spans (failed build as a pipeline error, aborted as a system one)."""
-    _, metrics = metered_daemon
+    metrics = await start_metered()
     jobs = ["ok", "cancelled", "obsolete", "failed", "aborted"]
     _, ids, sql = hydra.sim.eval_added(
         1, "1.1", eval_start=T0, timestamp=T0 + 10, checkout_time=5, eval_time=12,
@@ -96,10 +114,7 @@ async def test_results_status_and_error_metric_agree(
         attrs = attributes_dict(builds[job].span.attributes)
         assert (builds[job].span.status.code, attrs["cicd.pipeline.task.run.result"]) == (code, result), job
         assert attrs.get("error.type") == error_type, job
-    with trio.fail_after(20):
-        assert await metrics.force_flush()
-        await metrics_receiver.wait_until(lambda: bool(metrics_receiver.metrics()))
-    got = metrics_receiver.metrics()
+    got = await flushed(metrics, metrics_receiver)
     pipeline = {point_attributes(p)["error.type"]: p.as_int for p in sum_points(got, PIPELINE_RUN_ERRORS)}
     system = {point_attributes(p)["error.type"]: p.as_int for p in sum_points(got, SYSTEM_ERRORS)}
     assert (pipeline, system) == ({"build_failed": 1}, {"aborted": 1})
@@ -184,3 +199,27 @@ async def test_unreadable_inputs_still_export_the_evaluation(
     attrs = attributes_dict(root.span.attributes)
     assert "vcs.ref.head.revision" not in attrs
     assert not [e for e in root.span.events if e.name == "hydra.eval.input"]
+
+
+async def test_live_runs_and_busy_workers(
+    hydra: Hydra, start_metered: StartMetered, metrics_receiver: GrpcMetricsLogsReceiver
+) -> None:
+    """cicd.pipeline.run.active from jobsets.starttime, cicd.worker.count from busy steps' machines."""
+    _, (b1, b2, b3), sql = hydra.sim.eval_added(
+        2, "2.1", eval_start=T0, timestamp=T0 + 10, checkout_time=5, eval_time=8,
+        new_builds=[NewBuild(job=j, nixname=j) for j in ("a", "b", "c")],
+    )  # fmt: skip
+    await hydra.run(*sql)
+    await hydra.run(*hydra.sim.evaluator_starts(1, "1.1", T0 + 20))  # sets jobsets.starttime
+    await hydra.run(
+        hydra.sim.step_started(b1, 1, now=T0 + 30, machine="ssh://builder-1"),
+        hydra.sim.step_started(b2, 1, now=T0 + 30, machine="ssh://builder-1"),
+        hydra.sim.step_started(b3, 1, now=T0 + 30, machine="ssh://builder-2"),
+    )
+    got = await flushed(await start_metered(), metrics_receiver)
+    active = {
+        str(point_attributes(p)["cicd.pipeline.name"]): p.as_int for p in sum_points(got, PIPELINE_RUN_ACTIVE)
+    }
+    assert active == {"nixpkgs:trunk": 1}
+    (workers,) = sum_points(got, WORKER_COUNT)
+    assert (point_attributes(workers), workers.as_int) == ({"cicd.worker.state": "busy"}, 2)

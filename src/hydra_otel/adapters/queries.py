@@ -385,3 +385,16 @@ async def catchup_start(db: Database, now_minus: int = 0) -> tuple[int, int]:
     """(highest eval ID recorded before ``now_minus`` seconds ago, database clock in Unix seconds)."""
     rows = await db.fetch(CATCHUP_START_SQL, now_minus)
     return rows[0]["eval_id"], rows[0]["now"]
+
+
+# What runs now, as Hydra itself shows it: hydra-evaluator sets jobsets.starttime while it evaluates
+# a jobset (and clears it after); busy steps name their machine (partial index on busy != 0).
+ACTIVE_EVALS_SQL = "SELECT j.project, j.name FROM jobsets j WHERE j.starttime IS NOT NULL"
+BUSY_MACHINES_SQL = "SELECT count(DISTINCT s.machine) FROM buildsteps s WHERE s.busy != 0"
+
+
+async def live_state(db: Database) -> tuple[list[str], int]:
+    """(``project:jobset`` of each running evaluation, distinct machines with a busy step)."""
+    rows = await db.fetch(ACTIVE_EVALS_SQL)
+    busy = await db.fetchval(BUSY_MACHINES_SQL)
+    return [f"{r['project']}:{r['name']}" for r in rows], int(busy or 0)

@@ -23,6 +23,7 @@ EXCEPTION_MESSAGE = "exception.message"
 
 CICD_PIPELINE_RUN_STATE = "cicd.pipeline.run.state"
 CICD_SYSTEM_COMPONENT = "cicd.system.component"
+CICD_WORKER_STATE = "cicd.worker.state"
 VCS_REF_HEAD_REVISION = "vcs.ref.head.revision"
 VCS_REPOSITORY_URL_FULL = "vcs.repository.url.full"
 #: Resource attributes (set once per process, see docs/configuration.md).
@@ -34,6 +35,8 @@ DEPLOYMENT_ENVIRONMENT_NAME = "deployment.environment.name"
 ACTION_BUILD = "BUILD"
 #: cicd.pipeline.run.state: an evaluation's root span covers checkout and evaluation.
 STATE_EXECUTING = "executing"
+#: cicd.worker.state: a build machine running at least one step.
+STATE_BUSY = "busy"
 #: cicd.system.component values: the Hydra program that failed.
 COMPONENT_EVALUATOR = "hydra-evaluator"
 COMPONENT_QUEUE_RUNNER = "hydra-queue-runner"

@@ -33,7 +33,7 @@ HYDRA_COLUMNS: Final[Mapping[str, tuple[str, ...]]] = {
         "releasename",
     ),
     "buildsteps": (
-        "build", "stepnr", "type", "drvpath", "status", "errormsg", "starttime", "stoptime", "machine",
+        "build", "stepnr", "type", "drvpath", "busy", "status", "errormsg", "starttime", "stoptime", "machine",
         "system", "propagatedfrom", "overhead", "timesbuilt", "isnondeterministic", "resolveddrvpath",
     ),
 }  # fmt: skip
