@@ -385,7 +385,8 @@ async def test_check_privileges_and_state_dir(
     async with db.open_connection(hydra_db) as conn:
         await conn.execute(
             f"CREATE ROLE {role} LOGIN; GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}; "
-            f"REVOKE SELECT ON builds, buildsteps FROM {role}; GRANT SELECT (id, finished) ON builds TO {role};"
+            f"REVOKE SELECT ON builds, buildsteps, jobsetevalinputs FROM {role}; "
+            f"GRANT SELECT (id, finished) ON builds TO {role};"
         )
         try:
             blocker = tmp_path / "file"
@@ -398,7 +399,8 @@ async def test_check_privileges_and_state_dir(
     assert status == 1
     failed = [line for line in out.splitlines() if line.startswith("FAIL")]
     assert failed == [
-        "FAIL SELECT privilege: not readable: builds, buildsteps (GRANT SELECT ON them TO the daemon's role)",
+        "FAIL SELECT privilege: not readable: builds, buildsteps, jobsetevalinputs "
+        "(GRANT SELECT ON them TO the daemon's role)",
         f"FAIL state directory {blocker / 'state'}: Not a directory: {blocker / 'state'}",
     ]
     assert "ok   table builds" in out.splitlines(), "a missing privilege is not reported as a missing column"
