@@ -35,7 +35,7 @@ mkdir -p "$cache/bin"
 # build NAME PACKAGE: go build PACKAGE in tests/peers/NAME unless the keyed binary exists.
 build() {
     local name="$1" package="$2" dir="$here/$1" key binary
-    key="$( (echo "$go_version"; cat "$dir/go.mod" "$dir/go.sum" "$dir"/*.go 2>/dev/null) |
+    key="$(cd "$dir" && { echo "$go_version"; cat go.mod go.sum $(find . -maxdepth 1 -name '*.go' | sort); } |
         sha256sum | cut -c1-16)"
     binary="$cache/bin/$name-$key"
     if [ ! -x "$binary" ]; then
