@@ -14,6 +14,9 @@ from tests.integration.workload import Player
 from tests.peers.peers import Collector, Jaeger
 from tests.peers.test_jaeger_e2e import assert_exactly_once, hexkey, in_jaeger
 
+#: What the collector logs when an export failed and will be retried (exporterhelper).
+RETRY = "Exporting failed. Will retry the request after interval."
+
 
 async def phase(player: Player, jobset_id: int = 1) -> None:
     """An evaluation whose three builds finish, one of them failing."""
@@ -57,8 +60,11 @@ async def test_jaeger_stopped_behind_the_collector(
     await in_jaeger(jaeger, expected(player))
     await trio.to_thread.run_sync(jaeger.peer.stop)
     await phase(player, 2)
-    await trio.sleep(2)  # let the collector's first export to the stopped Jaeger fail
+    with trio.fail_after(30):  # the collector's export to the stopped Jaeger fails and is retried
+        while RETRY not in await trio.Path(collector.peer.log_path).read_text():  # noqa: ASYNC110 - polls a log file
+            await trio.sleep(0.2)
     await trio.to_thread.run_sync(jaeger.peer.start)
     await phase(player)
-    traces = await in_jaeger(jaeger, expected(player), timeout=120)
+    traces = await in_jaeger(jaeger, expected(player), timeout=90)
     assert_exactly_once(traces, expected(player))
+    assert "Dropping data" not in collector.peer.log(tail=10_000)

@@ -9,6 +9,7 @@ internal api/traces for the search by service and tag that Jaeger's UI does.
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 import urllib.parse
@@ -23,7 +24,8 @@ from hydra_otel.core import ids
 from hydra_otel.sandbox.receiver import GrpcOtlpReceiver, attributes_dict
 from tests.integration.harness import Hydra, StartDaemon
 from tests.integration.workload import INSTANCE, Player, SpanKey, now, span_key
-from tests.peers.peers import Collector, Jaeger, http_json
+from tests.peers.peers import SHIPPED_CONFIG, Collector, Jaeger, http_json
+from tests.test_collector_config import parse_yaml, section
 
 SPAN_KIND_INTERNAL, SPAN_KIND_SERVER = 1, 2
 STATUS_OK, STATUS_ERROR = 1, 2
@@ -266,3 +268,21 @@ async def test_workload_in_jaeger(
         found = json.loads(result.stdout)
         held = {s["spanId"] for s in await trio.to_thread.run_sync(jaeger.trace, found["trace_id"])}
         assert found["span_id"] in held
+
+    # The span metrics carry the dimensions otel-collector.yaml configures (and docs/collector.md
+    # lists), one label each; the connector flushes every 15 s.
+    config = parse_yaml(SHIPPED_CONFIG.read_text(encoding="utf-8"))
+    spanmetrics = section(config, "connectors", "spanmetrics")
+    assert isinstance(spanmetrics["dimensions"], list)
+    dimensions = {section(d)["name"].replace(".", "_") for d in spanmetrics["dimensions"]}
+    with trio.fail_after(40):
+        while 'hydra_span_type="attempt"' not in (text := await trio.to_thread.run_sync(collector.metrics)):  # noqa: ASYNC110 - polls another process
+            await trio.sleep(0.5)
+    calls = [line for line in text.splitlines() if line.startswith("hydra_traces_span_metrics_calls_total{")]
+    labels = {name for line in calls for name in re.findall(r'([a-z_]+)="', line)}
+    assert dimensions <= labels, calls
+    assert labels - dimensions == {
+        *("service_name", "span_kind", "status_code"),  # the connector's defaults less span.name
+        "collector_instance_id",  # added by the connector
+        *("job", "otel_scope_name", "otel_scope_version", "otel_scope_schema_url"),  # by the exporter
+    }, labels
