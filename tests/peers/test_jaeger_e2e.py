@@ -274,7 +274,7 @@ async def test_workload_in_jaeger(
     config = parse_yaml(SHIPPED_CONFIG.read_text(encoding="utf-8"))
     spanmetrics = section(config, "connectors", "spanmetrics")
     assert isinstance(spanmetrics["dimensions"], list)
-    dimensions = {section(d)["name"].replace(".", "_") for d in spanmetrics["dimensions"]}
+    dimensions = {str(section(d)["name"]).replace(".", "_") for d in spanmetrics["dimensions"]}
     with trio.fail_after(40):
         while 'hydra_span_type="attempt"' not in (text := await trio.to_thread.run_sync(collector.metrics)):  # noqa: ASYNC110 - polls another process
             await trio.sleep(0.5)
