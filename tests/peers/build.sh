@@ -15,7 +15,8 @@ here="$(cd "$(dirname "$0")" && pwd)"
 cache="${HYDRA_OTEL_PEERS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/hydra-otel-peers}"
 
 if ! command -v go >/dev/null 2>&1; then
-    for candidate in /usr/local/go/bin /usr/lib/go/bin; do
+    # Where the official tarball and Debian's package put it, when not on PATH.
+    for candidate in ${HYDRA_OTEL_PEERS_GO_DIRS-/usr/local/go/bin /usr/lib/go/bin}; do
         [ -x "$candidate/go" ] && PATH="$candidate:$PATH" && break
     done
 fi
