@@ -166,6 +166,9 @@ async def test_traces_metrics_and_logs_go_through(
     types = {m[1] for line in calls if (m := re.search(r'hydra_span_type="([^"]+)"', line))}
     assert types == {"evaluation", "checkout", "evaluate", "build", "queued", "step"}, calls
     assert not any("span_name=" in line for line in calls)
+    # hydra-otel's own metrics keep their names (docs/collector.md).
+    for name in ("cicd_pipeline_run_duration_seconds_count", "hydra_build_duration_seconds_count"):
+        assert re.search(rf"^{name}{{.*}} \d", text, re.M), name
 
 
 def test_health_check_answers(collector: Collector) -> None:
