@@ -177,7 +177,7 @@ async def test_workload_in_jaeger(
         ]
         resource = attrs(s["resource"])
         assert resource["service.name"] == "hydra-otel"
-        assert resource["deployment.environment"] == "test"
+        assert resource["deployment.environment.name"] == "test"
 
     # The tree, kinds and status of evaluation A: a failed attempt, its successful retry, a failure
     # and the dependent that failed because of it.
@@ -284,5 +284,6 @@ async def test_workload_in_jaeger(
     assert labels - dimensions == {
         *("service_name", "span_kind", "status_code"),  # the connector's defaults less span.name
         "collector_instance_id",  # added by the connector
-        *("job", "otel_scope_name", "otel_scope_version", "otel_scope_schema_url"),  # by the exporter
+        # by the exporter; `job` and `instance` from service.name and service.instance.id
+        *("job", "instance", "otel_scope_name", "otel_scope_version", "otel_scope_schema_url"),
     }, labels
