@@ -7,6 +7,7 @@ in-process OTLP receiver; the tests assert on what the receiver got.
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Sequence
 
@@ -62,7 +63,7 @@ async def test_added_evaluation_trace(
     eval_id = await add_eval(hydra)
     spans = named(await otlp_grpc.wait_for_spans(4))
     root, checkout, evaluate, run = (
-        spans[n] for n in ("eval nixpkgs:trunk", "checkout", "evaluate", "evaluator run")
+        spans[n] for n in ("BUILD nixpkgs:trunk", "checkout", "evaluate", "evaluator run")
     )
     key = ids.eval_trace("hydra", eval_id)
     assert {s.span.trace_id for s in spans.values()} == {tid(ids.trace_id(key))}
@@ -87,7 +88,8 @@ async def test_added_evaluation_trace(
     assert attrs["hydra.jobset.id"] == 1
     assert attributes_dict(run.span.attributes)["hydra.eval.correlation_id"] == CID
     assert root.resource["service.name"] == "hydra-otel"
-    assert root.resource["deployment.environment"] == "test"
+    assert root.resource["deployment.environment.name"] == "test"
+    assert root.resource["service.instance.id"] == f"hydra@{socket.gethostname()}"
 
 
 async def test_eval_with_no_new_builds(
@@ -100,7 +102,7 @@ async def test_eval_with_no_new_builds(
         1, CID, eval_start=T0, timestamp=T0 + 5, checkout_time=1, eval_time=6
     )
     await hydra.run(*sql)
-    root = named(await otlp_grpc.wait_for_spans(4))["eval nixpkgs:trunk"]
+    root = named(await otlp_grpc.wait_for_spans(4))["BUILD nixpkgs:trunk"]
     attrs = attributes_dict(root.span.attributes)
     assert attrs["hydra.eval.has_new_builds"] is False
     assert "hydra.eval.builds" not in attrs
@@ -153,7 +155,7 @@ async def test_failed_evaluation(
     else:
         await hydra.run(hydra.sim.eval_check_failed(2, CID, T0 + 9, error))
     (span,) = await otlp_grpc.wait_for_spans(1)
-    assert span.span.name == "eval nixpkgs:staging"
+    assert span.span.name == "BUILD nixpkgs:staging"
     assert span.span.status.code == STATUS_ERROR
     assert span.span.status.message == error.split("\n")[0]
     attrs = attributes_dict(span.span.attributes)
@@ -176,7 +178,7 @@ async def test_orphan_closing_event(
     await hydra.run(hydra.sim.eval_fetch_failed(2, "99.1", T0 + 60, "boom"))
     spans = await otlp_grpc.wait_for_spans(4)
     names = sorted(s.span.name for s in spans)
-    assert names == ["checkout", "eval nixpkgs:staging", "eval nixpkgs:trunk", "evaluate"]
+    assert names == ["BUILD nixpkgs:staging", "BUILD nixpkgs:trunk", "checkout", "evaluate"]
 
 
 async def test_orphan_attempt_starts_at_jobset_starttime(
@@ -233,7 +235,7 @@ async def test_http_protobuf_and_both_schemas(
     await hydra.run(*hydra.sim.evaluator_starts(1, CID, T0))
     await add_eval(hydra)
     spans = named(await otlp_http.wait_for_spans(4))
-    assert set(spans) == {"eval nixpkgs:trunk", "checkout", "evaluate", "evaluator run"}
+    assert set(spans) == {"BUILD nixpkgs:trunk", "checkout", "evaluate", "evaluator run"}
 
 
 async def test_bad_input_is_counted_and_survived(
@@ -268,7 +270,7 @@ async def test_rebuilt_spans_are_byte_identical(
     await start_daemon()
     await hydra.run(f"SELECT pg_notify('eval_added', E'{CID}\\t1\\t{eval_id}');")  # a replay: no eval_started
     after = {s.span.name: s.span.SerializeToString() for s in await otlp_grpc.wait_for_spans(3)}
-    assert set(after) == {"eval nixpkgs:trunk", "checkout", "evaluate"}
+    assert set(after) == {"BUILD nixpkgs:trunk", "checkout", "evaluate"}
     for name, encoded in after.items():
         assert encoded == before[name], name
 
@@ -288,6 +290,6 @@ async def test_graceful_stop_flushes(
     key = ids.attempt_trace("hydra", 1, CID)
     # The previous evaluation may come too: each start re-reads the last evaluations.
     assert [s.span.name for s in otlp_grpc.spans() if s.span.trace_id == tid(ids.trace_id(key))] == [
-        "eval nixpkgs:trunk"
+        "BUILD nixpkgs:trunk"
     ]
     assert service.stats.spans_exported == len(otlp_grpc.spans())

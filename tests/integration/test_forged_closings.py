@@ -117,7 +117,7 @@ async def test_forged_closing_flood_is_bounded(
     assert len(forged) <= 2 * CHECKS, sorted(
         str(attributes_dict(s.span.attributes)["hydra.eval.correlation_id"]) for s in forged
     )
-    assert {s.span.name for s in attempts(spans, "real.")} == {"eval nixpkgs:trunk", "eval nixpkgs:staging"}
+    assert {s.span.name for s in attempts(spans, "real.")} == {"BUILD nixpkgs:trunk", "BUILD nixpkgs:staging"}
     rejected = service.stats.notifications_rejected
     assert rejected["unknown_jobset"] == 4 * FORGED * (JOBSETS - 2) // JOBSETS
     assert sum(rejected.values()) == 4 * FORGED - len(forged)

@@ -96,7 +96,7 @@ async def test_a_refused_span_is_dropped_alone(
     _, build_ids = await eval_with_builds(hydra, "2.1", ["one", "poison", "two"])
     for i, build_id in enumerate(build_ids):
         await build(hydra, build_id, start=T0 + 20 + i, stop=T0 + 30 + i)
-    await receiver.wait_for_spans(lambda got: {"build one", "build two", "eval nixpkgs:trunk"} <= names(got))
+    await receiver.wait_for_spans(lambda got: {"build one", "build two", "BUILD nixpkgs:trunk"} <= names(got))
 
     # A later evaluation is not held up behind the refused span.
     _, (later,) = await eval_with_builds(hydra, "2.2", ["later"], at=T0 + 100)

@@ -18,11 +18,12 @@ sink so that exactly the batches the endpoint acknowledged are measured.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 import trio
-from opentelemetry.metrics import Counter, Histogram
+from opentelemetry.metrics import CallbackOptions, Counter, Histogram
+from opentelemetry.metrics import Observation as OtelObservation
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricExporter, PeriodicExportingMetricReader
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
@@ -141,6 +142,9 @@ class MetricsSink:
         self._provider: MeterProvider | None = None
         self._histograms: dict[str, Histogram] = {}
         self._counters: dict[str, Counter] = {}
+        # Latest values of the observed instruments, replaced whole by set_live (an atomic rebind)
+        # and read by the SDK's collection thread.
+        self._live: dict[str, list[Observation]] = {}
         # Without a periodic thread (interval inf) the SDK's shutdown does not export: flush first.
         self._flush_on_shutdown = math.isinf(interval_s)
         #: Observations recorded, for statistics.
@@ -160,6 +164,10 @@ class MetricsSink:
             if i.kind is InstrumentKind.HISTOGRAM:
                 self._histograms[i.name] = meter.create_histogram(
                     i.name, unit=i.unit, description=i.description
+                )
+            elif i.kind is InstrumentKind.OBSERVED_UP_DOWN_COUNTER:
+                meter.create_observable_up_down_counter(
+                    i.name, callbacks=[self._callback(i.name)], unit=i.unit, description=i.description
                 )
             else:
                 self._counters[i.name] = meter.create_counter(i.name, unit=i.unit, description=i.description)
@@ -184,6 +192,20 @@ class MetricsSink:
             else:
                 self._counters[o.name].add(o.value, attributes)
             self.recorded += 1
+
+    def set_live(self, observations: Iterable[Observation]) -> None:
+        """Replace the current values of the observed instruments (``cicd.pipeline.run.active``,
+        ``cicd.worker.count``); the next collection reports them. Safe from any thread."""
+        live: dict[str, list[Observation]] = {}
+        for o in observations:
+            live.setdefault(o.name, []).append(o)
+        self._live = live
+
+    def _callback(self, name: str) -> Callable[[CallbackOptions], Iterable[OtelObservation]]:
+        def observe(_options: CallbackOptions) -> Iterable[OtelObservation]:
+            return [OtelObservation(o.value, dict(o.attributes)) for o in self._live.get(name, ())]
+
+        return observe
 
     async def force_flush(self, timeout_s: float = 10.0) -> bool:
         """Collect and export now, in a worker thread; True on success (or when off)."""
