@@ -12,6 +12,7 @@ import logging
 from collections.abc import Sequence
 
 import pytest
+import trio
 
 from hydra_otel.sandbox.hydrasim import NewBuild
 from hydra_otel.sandbox.receiver import GrpcOtlpReceiver, HttpOtlpReceiver, ReceivedSpan, attributes_dict
@@ -70,6 +71,11 @@ async def test_impossible_step_times_do_not_stop_the_daemon(
     assert "start time -5000000000 before 1970" in str(issues["step bad"])
     assert "start time -2147483648000000000 before 1970: set to the end time" in str(issues["step extremes"])
     assert issues["step good"] is None
+    # The counter and its log line follow the endpoint's answer, which can come after the receiver
+    # has stored the spans.
+    with trio.fail_after(10):
+        while service.stats.spans_repaired < 2:  # noqa: ASYNC110 - a counter, with no event to wait on
+            await trio.sleep(0.01)
     assert service.stats.spans_repaired == 2
     lines = [r for r in caplog.records if r.getMessage().startswith("spans with impossible values")]
     assert sum(r.__dict__["spans"] for r in lines) == 2
