@@ -78,6 +78,8 @@ class ExporterSettings:
     headers: Mapping[str, str]
     timeout_s: float
     certificate: str | None = None
+    client_key: str | None = None
+    client_certificate: str | None = None
     insecure: bool | None = None
     compression: str | None = None
 
@@ -91,6 +93,8 @@ def make_exporter(s: ExporterSettings) -> GrpcSpanExporter | HttpSpanExporter:
     return HttpSpanExporter(
         endpoint=s.endpoint,
         certificate_file=s.certificate,
+        client_key_file=s.client_key,
+        client_certificate_file=s.client_certificate,
         headers=dict(s.headers),
         timeout=s.timeout_s,
         compression=Compression.Gzip if s.compression == "gzip" else Compression.NoCompression,
@@ -101,7 +105,7 @@ def make_exporter(s: ExporterSettings) -> GrpcSpanExporter | HttpSpanExporter:
 class GrpcOptions:
     """gRPC channel options derived from :class:`ExporterSettings` (same rules as for traces)."""
 
-    insecure: bool | None
+    insecure: bool
     credentials: object | None  # grpc.ChannelCredentials; grpc ships no type hints
     gzip: bool
 
@@ -109,22 +113,39 @@ class GrpcOptions:
 def grpc_options(s: ExporterSettings) -> GrpcOptions:
     """TLS and compression for a gRPC exporter of any signal.
 
+    The OTel spec's rule: an ``http://`` endpoint is plaintext and an ``https://`` one TLS;
+    ``insecure`` decides only for an endpoint without a scheme (``host:port``), and is False when
+    unset. TLS credentials are always built here, with the CA file and the client key pair when
+    given: left to the SDK, they would come from its own reading of the environment.
+
     Args:
         s: the exporter settings.
 
     Returns:
-        ``insecure`` from the settings or, without a certificate, from the endpoint's scheme.
+        ``insecure``, and the channel credentials when it is False.
+
+    Raises:
+        OSError: a certificate or key file cannot be read.
     """
     import grpc
 
+    scheme = s.endpoint.partition("://")[0] if "://" in s.endpoint else ""
+    insecure = scheme == "http" if scheme else bool(s.insecure)
     credentials = None
-    if s.certificate:
-        with open(s.certificate, "rb") as f:
-            credentials = grpc.ssl_channel_credentials(f.read())
-    insecure = s.insecure
-    if insecure is None and credentials is None:
-        insecure = s.endpoint.startswith("http://")
+    if not insecure:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=_read(s.certificate),
+            private_key=_read(s.client_key),
+            certificate_chain=_read(s.client_certificate),
+        )
     return GrpcOptions(insecure=insecure, credentials=credentials, gzip=s.compression == "gzip")
+
+
+def _read(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def _grpc_exporter(s: ExporterSettings) -> GrpcSpanExporter:

@@ -420,8 +420,8 @@ def make_log_exporter(s: ExporterSettings, endpoint: str | None = None) -> LogRe
     """The official OTLP log exporter for ``s`` (``/v1/logs`` with HTTP).
 
     Args:
-        s: the traces exporter settings (protocol, headers, TLS, timeout, compression).
-        endpoint: overrides the endpoint derived from the traces'.
+        s: the logs exporter settings (protocol, headers, TLS, timeout, compression).
+        endpoint: the logs endpoint as configured; else derived with ``signal_endpoint``.
 
     Returns:
         A gRPC or HTTP/protobuf log exporter.
@@ -446,6 +446,8 @@ def make_log_exporter(s: ExporterSettings, endpoint: str | None = None) -> LogRe
     return HttpExporter(
         endpoint=url,
         certificate_file=s.certificate,
+        client_key_file=s.client_key,
+        client_certificate_file=s.client_certificate,
         headers=dict(s.headers),
         timeout=s.timeout_s,
         compression=HttpCompression.Gzip if s.compression == "gzip" else HttpCompression.NoCompression,
