@@ -910,6 +910,69 @@ def _render(s: Setting[Any]) -> str:
     return f"### `{s.flag or s.env[0]}`\n\n{s.doc}\n\n| | |\n|---|---|\n{table}\n"
 
 
+#: What an OTLP option's variables add to "honoured", by option name.
+_OPTION_NOTES = {
+    "PROTOCOL": "`grpc` or `http/protobuf`; `http/json` is refused at start-up.",
+    "ENDPOINT": "",
+    "HEADERS": "Values never appear in logs.",
+    "TIMEOUT": "Milliseconds.",
+    "CERTIFICATE": "",
+    "CLIENT_KEY": "Mutual TLS, gRPC and HTTP; refused at start-up without the client certificate.",
+    "CLIENT_CERTIFICATE": "Mutual TLS, gRPC and HTTP; refused at start-up without the client key.",
+    "INSECURE": "gRPC only, for an endpoint without a scheme (`host:port`); an `http://` or `https://` "
+    "scheme decides, as the specification says.",
+    "COMPRESSION": "`gzip` or `none`; anything else is refused at start-up.",
+}
+
+
+def otel_variables() -> tuple[tuple[str, str], ...]:
+    """Every ``OTEL_*`` variable of the OTel specification's OTLP exporter and SDK pages hydra-otel reads.
+
+    Returns:
+        (variable, what hydra-otel does with it) pairs, for docs/configuration.md; tests/test_otel_vars.py
+        checks each against :func:`load`.
+    """
+    rows: list[tuple[str, str]] = []
+    for s in OTLP_OPTIONS:
+        name, note = option_name(s), _OPTION_NOTES[option_name(s)]
+        base = "A base URL: with http/protobuf `/v1/<signal>` is appended. " if name == "ENDPOINT" else ""
+        as_is = "Used as it is. " if name == "ENDPOINT" else ""
+        rows.append((f"{_OTLP}{name}", f"Honoured for every signal without its own variable. {base}{note}"))
+        flag = f" (`{s.flag}` wins over it)" if s.flag else ""
+        rows.append((f"{_OTLP}TRACES_{name}", f"Honoured for traces{flag}. {as_is}{note}"))
+        rows.extend(
+            (f"{_OTLP}{signal.upper()}_{name}", f"Honoured for {signal}. {as_is}{note}")
+            for signal in (Signal.METRICS, Signal.LOGS)
+        )
+    rows += [
+        ("OTEL_SDK_DISABLED", "`true` is refused at start-up (see `OTEL_SDK_DISABLED` above)."),
+        ("OTEL_TRACES_EXPORTER", "`otlp` is honoured; anything else is refused at start-up."),
+        (
+            "OTEL_METRICS_EXPORTER",
+            "`otlp` and `none` are honoured (see above); anything else is refused at start-up.",
+        ),
+        (
+            "OTEL_LOGS_EXPORTER",
+            "`otlp` and `none` are honoured (see above); anything else is refused at start-up.",
+        ),
+        ("OTEL_SERVICE_NAME", "Honoured."),
+        ("OTEL_RESOURCE_ATTRIBUTES", "Honoured."),
+    ]
+    return tuple((variable, text.strip()) for variable, text in rows)
+
+
+_OTEL_PROSE = """## OpenTelemetry variables
+
+Each variable of the OpenTelemetry specification's OTLP exporter page, and the SDK ones that apply
+to an exporter, with what hydra-otel does with it. Metrics and logs take each option from their own
+variable, else the general one, else they do what traces do (docs/metrics-and-logs.md). A value
+that is refused stops hydra-otel at start-up with exit code 2 and a message naming the variable.
+
+| Variable | What hydra-otel does |
+|---|---|
+"""
+
+
 def render_reference() -> str:
     """Render docs/configuration.md from the declaration table.
 
@@ -920,6 +983,7 @@ def render_reference() -> str:
     for section in SECTIONS:
         parts.append(f"## {section}\n")
         parts.extend(_render(s) for s in SETTINGS if s.section == section)
+    parts.append(_OTEL_PROSE + "".join(f"| `{v}` | {text} |\n" for v, text in otel_variables()))
     return "\n".join(parts)
 
 
