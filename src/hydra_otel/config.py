@@ -739,13 +739,22 @@ def _signal_url(r: _Resolver, setting: Setting[Any], protocol: OtlpProtocol, sig
 
 
 def _signal(r: _Resolver, signal: Signal, traces: OtlpTarget) -> OtlpTarget:
-    """A signal's target: its own variable, then the general one, then what traces use."""
+    """A signal's target: each option from its own variable, then the general one, then as below.
+
+    A signal with no endpoint variable of its own or general goes to the traces' collector and
+    takes the rest of what traces use too (flags and ``TRACES`` variables). One with an endpoint
+    of its own takes only the flags (hydra-otel's own settings) and else the defaults: the traces'
+    headers, certificates and key never go to another server.
+    """
     options = SIGNAL_OPTIONS[signal]
     own = [r.get(s) for s in options]
-    fallback = [getattr(traces, _FIELDS[option_name(s)]) for s in options]
-    fallback[7] = r.get(OTLP_INSECURE)  # as traces set it, not the TLS mode of their endpoint
+    same_collector = own[1] is None
+    fallback = [
+        r.get(t) if same_collector or r.origins[t.key] == t.flag else t.check.parse(t.default)
+        for t in OTLP_OPTIONS
+    ]
     values = [v if v is not None else f for v, f in zip(own, fallback, strict=True)]
-    protocol = values[0]
+    protocol, values[3] = values[0], values[3] / 1000  # the spec's milliseconds, as seconds
     endpoint = _signal_url(r, options[1], protocol, signal)
     if endpoint is None:
         endpoint = (
@@ -753,26 +762,11 @@ def _signal(r: _Resolver, signal: Signal, traces: OtlpTarget) -> OtlpTarget:
             if protocol is traces.protocol
             else _DEFAULT_ENDPOINTS[protocol].format(signal=signal)
         )
-    values[3] = own[3] / 1000 if own[3] is not None else traces.timeout
     origins = [r.origins[s.key] if v is not None else s.env[0] for s, v in zip(options, own, strict=True)]
-    pair_set = own[5] is not None or own[6] is not None  # else traces' pair, checked there
+    pair_set = own[5] is not None or own[6] is not None  # else the traces' pair, checked there, or none
     return _target(
         r, protocol=protocol, endpoint=endpoint, values=values, origins=origins, check_pair=pair_set
     )
-
-
-#: OtlpTarget's field for each option name.
-_FIELDS = {
-    "PROTOCOL": "protocol",
-    "ENDPOINT": "endpoint",
-    "HEADERS": "headers",
-    "TIMEOUT": "timeout",
-    "CERTIFICATE": "certificate",
-    "CLIENT_KEY": "client_key",
-    "CLIENT_CERTIFICATE": "client_certificate",
-    "INSECURE": "insecure",
-    "COMPRESSION": "compression",
-}
 
 
 def _derived_url(traces_url: str, protocol: OtlpProtocol, signal: Signal) -> str:
@@ -939,7 +933,8 @@ def otel_variables() -> tuple[tuple[str, str], ...]:
         as_is = "Used as it is. " if name == "ENDPOINT" else ""
         rows.append((f"{_OTLP}{name}", f"Honoured for every signal without its own variable. {base}{note}"))
         flag = f" (`{s.flag}` wins over it)" if s.flag else ""
-        rows.append((f"{_OTLP}TRACES_{name}", f"Honoured for traces{flag}. {as_is}{note}"))
+        also = "; also for metrics and logs sent to the traces' collector" if name != "ENDPOINT" else ""
+        rows.append((f"{_OTLP}TRACES_{name}", f"Honoured for traces{flag}{also}. {as_is}{note}"))
         rows.extend(
             (f"{_OTLP}{signal.upper()}_{name}", f"Honoured for {signal}. {as_is}{note}")
             for signal in (Signal.METRICS, Signal.LOGS)
@@ -965,8 +960,9 @@ _OTEL_PROSE = """## OpenTelemetry variables
 
 Each variable of the OpenTelemetry specification's OTLP exporter page, and the SDK ones that apply
 to an exporter, with what hydra-otel does with it. Metrics and logs take each option from their own
-variable, else the general one, else they do what traces do (docs/metrics-and-logs.md). A value
-that is refused stops hydra-otel at start-up with exit code 2 and a message naming the variable.
+variable, else the general one; without an endpoint variable of their own or general they go to the
+traces' collector with the traces' settings (docs/metrics-and-logs.md). A value that is refused
+stops hydra-otel at start-up with exit code 2 and a message naming the variable.
 
 | Variable | What hydra-otel does |
 |---|---|
