@@ -65,7 +65,12 @@ PRECEDENCE: list[tuple[Flags, Env, str, object]] = [
     ({"state_dir": "/flag"}, {"HYDRA_OTEL_STATE_DIR": "/srv/o"}, "state_dir", Path("/flag")),
     ({"log_level": "DEBUG"}, {"HYDRA_OTEL_LOG_LEVEL": "error"}, "log_level", LogLevel.DEBUG),
     ({}, {"HYDRA_OTEL_SHUTDOWN_GRACE": "2.5", "HYDRA_OTEL_QUEUE_SIZE": "1"}, "shutdown_grace", 2.5),
-    ({}, {"OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}, "export.traces.protocol", OtlpProtocol.HTTP_PROTOBUF),
+    (
+        {},
+        {"OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"},
+        "export.traces.protocol",
+        OtlpProtocol.HTTP_PROTOBUF,
+    ),
     (
         {},
         {"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "grpc", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"},
@@ -83,7 +88,12 @@ PRECEDENCE: list[tuple[Flags, Env, str, object]] = [
     ({"export_batch_size": "10000"}, {}, "export.batch_size", 10000),
     ({"export_delay": "60"}, {}, "export.delay", 60.0),
     ({}, {"HYDRA_OTEL_EXPORT_MAX_BACKOFF": "5"}, "export.max_backoff", 5.0),
-    ({}, {"OTEL_EXPORTER_OTLP_ENDPOINT": "c:4317", "OTEL_EXPORTER_OTLP_INSECURE": "TRUE"}, "export.traces.insecure", True),
+    (
+        {},
+        {"OTEL_EXPORTER_OTLP_ENDPOINT": "c:4317", "OTEL_EXPORTER_OTLP_INSECURE": "TRUE"},
+        "export.traces.insecure",
+        True,
+    ),
     (
         {},
         {"OTEL_EXPORTER_OTLP_ENDPOINT": "c:4317", "OTEL_EXPORTER_OTLP_TRACES_INSECURE": "false"},

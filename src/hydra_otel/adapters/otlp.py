@@ -18,8 +18,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
+import requests
 import trio
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan
@@ -95,10 +96,44 @@ def make_exporter(s: ExporterSettings) -> GrpcSpanExporter | HttpSpanExporter:
         certificate_file=s.certificate,
         client_key_file=s.client_key,
         client_certificate_file=s.client_certificate,
+        session=http_session(s.certificate),
         headers=dict(s.headers),
         timeout=s.timeout_s,
         compression=Compression.Gzip if s.compression == "gzip" else Compression.NoCompression,
     )
+
+
+class _KeepCaSession(requests.Session):
+    """A session whose own CA file wins over ``REQUESTS_CA_BUNDLE`` and ``CURL_CA_BUNDLE``."""
+
+    def __init__(self, certificate: str) -> None:
+        super().__init__()
+        self._certificate = certificate
+
+    def merge_environment_settings(
+        self, url: str, proxies: dict[str, str] | None, stream: bool | None, verify: Any, cert: Any
+    ) -> dict[str, Any]:
+        """Proxies and the rest from the environment, as usual, but verify with our CA file."""
+        return super().merge_environment_settings(
+            url, proxies, stream, self._certificate if verify in (None, True) else verify, cert
+        )
+
+
+def http_session(certificate: str | None) -> requests.Session | None:
+    """A requests session for an OTLP/HTTP exporter that verifies with ``certificate``, or None.
+
+    requests lets ``REQUESTS_CA_BUNDLE`` and ``CURL_CA_BUNDLE`` win over a session's own CA file
+    (requests issue 3829), and NixOS sets both system-wide: the exporters' ``certificate_file``
+    would be ignored and a private collector CA refused. This session keeps it; proxies and the
+    rest of the environment still apply.
+
+    Args:
+        certificate: the CA file the collector's certificate must chain to; None for the defaults.
+
+    Returns:
+        A session for the exporter's ``session`` argument, or None to let it make its own.
+    """
+    return None if certificate is None else _KeepCaSession(certificate)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

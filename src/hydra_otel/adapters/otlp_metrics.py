@@ -31,7 +31,7 @@ from opentelemetry.sdk.resources import Resource
 
 import hydra_otel
 from hydra_otel.adapters.export_log import watch
-from hydra_otel.adapters.otlp import Delivery, ExporterSettings, SpanSink, grpc_options
+from hydra_otel.adapters.otlp import Delivery, ExporterSettings, SpanSink, grpc_options, http_session
 from hydra_otel.core.metrics import (
     DURATION_BUCKETS,
     INSTRUMENTS,
@@ -101,6 +101,7 @@ def make_metric_exporter(s: ExporterSettings, endpoint: str | None = None) -> Me
         certificate_file=s.certificate,
         client_key_file=s.client_key,
         client_certificate_file=s.client_certificate,
+        session=http_session(s.certificate),
         headers=dict(s.headers),
         timeout=s.timeout_s,
         compression=Compression.Gzip if s.compression == "gzip" else Compression.NoCompression,

@@ -67,7 +67,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 import hydra_otel
-from hydra_otel.adapters.otlp import ExporterSettings, grpc_options
+from hydra_otel.adapters.otlp import ExporterSettings, grpc_options, http_session
 from hydra_otel.adapters.otlp_metrics import signal_endpoint
 from hydra_otel.core.logtail import (
     DEFAULT_LOGS_DIR,
@@ -448,6 +448,7 @@ def make_log_exporter(s: ExporterSettings, endpoint: str | None = None) -> LogRe
         certificate_file=s.certificate,
         client_key_file=s.client_key,
         client_certificate_file=s.client_certificate,
+        session=http_session(s.certificate),
         headers=dict(s.headers),
         timeout=s.timeout_s,
         compression=HttpCompression.Gzip if s.compression == "gzip" else HttpCompression.NoCompression,
