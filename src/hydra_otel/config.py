@@ -962,7 +962,8 @@ Each variable of the OpenTelemetry specification's OTLP exporter page, and the S
 to an exporter, with what hydra-otel does with it. Metrics and logs take each option from their own
 variable, else the general one; without an endpoint variable of their own or general they go to the
 traces' collector with the traces' settings (docs/metrics-and-logs.md). A value that is refused
-stops hydra-otel at start-up with exit code 2 and a message naming the variable.
+stops hydra-otel at start-up with exit code 2 and a message naming the variable. Why each choice:
+docs/decisions/0005-otel-environment-variables.md.
 
 | Variable | What hydra-otel does |
 |---|---|
