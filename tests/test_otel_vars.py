@@ -13,9 +13,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import grpc
 import pytest
 
-from hydra_otel.adapters.otlp import ExporterSettings, grpc_options
+from hydra_otel import cli
+from hydra_otel.adapters.otlp import ExporterSettings, grpc_options, make_exporter
+from hydra_otel.adapters.otlp_metrics import make_metric_exporter
+from hydra_otel.adapters.steplogs import make_log_exporter
 from hydra_otel.config import Config, OtlpProtocol, OtlpTarget, Signal, load, otel_variables
 from hydra_otel.errors import ConfigError
 from hydra_otel.service import export_settings
@@ -363,3 +367,46 @@ def test_every_signals_headers_are_secrets() -> None:
     )
     assert {"metricsecret", "logsecret"} <= set(config.secrets)
     assert "secret" not in repr(config)
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"OTEL_SDK_DISABLED": "true"}, "OTEL_SDK_DISABLED: is true"),
+        ({"OTEL_TRACES_EXPORTER": "console"}, "OTEL_TRACES_EXPORTER: must be otlp"),
+    ],
+)
+def test_cli_refuses_before_touching_anything(
+    env: Env, message: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`hydra-otel run` exits with code 2 (not restarted by systemd) and says why, before any connection."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("HYDRA_OTEL_DATABASE_URL", "postgresql://nowhere.invalid/hydra")
+    assert cli.main(["run"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_grpc_exporters_read_no_variable_behind_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the configuration decided is what the SDK's gRPC exporters use, not their own reading.
+
+    ``compression=None`` made the SDK fall back to OTEL_EXPORTER_OTLP_COMPRESSION, over a signal's own
+    ``none``.
+    """
+    env = {"OTEL_EXPORTER_OTLP_COMPRESSION": "gzip"} | {
+        f"OTEL_EXPORTER_OTLP_{s}_COMPRESSION": "none" for s in ("TRACES", "METRICS", "LOGS")
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    config = load({}, env)
+    exporters = [
+        make_exporter(export_settings(config)),
+        make_metric_exporter(export_settings(config, Signal.METRICS), config.export.metrics.endpoint),
+        make_log_exporter(export_settings(config, Signal.LOGS), config.export.logs.endpoint),
+    ]
+    try:
+        for exporter in exporters:
+            assert exporter._compression is grpc.Compression.NoCompression  # type: ignore[union-attr]
+    finally:
+        for exporter in exporters:
+            exporter.shutdown()

@@ -193,7 +193,7 @@ def _grpc_exporter(s: ExporterSettings) -> GrpcSpanExporter:
         credentials=o.credentials,
         headers=dict(s.headers),
         timeout=s.timeout_s,
-        compression=grpc.Compression.Gzip if o.gzip else None,
+        compression=grpc.Compression.Gzip if o.gzip else grpc.Compression.NoCompression,
     )
 
 

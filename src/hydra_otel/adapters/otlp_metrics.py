@@ -89,7 +89,7 @@ def make_metric_exporter(s: ExporterSettings, endpoint: str | None = None) -> Me
             credentials=o.credentials,
             headers=dict(s.headers),
             timeout=s.timeout_s,
-            compression=grpc.Compression.Gzip if o.gzip else None,
+            compression=grpc.Compression.Gzip if o.gzip else grpc.Compression.NoCompression,
         )
         watch(exporter, "metrics")  # one line per outage (adapters/export_log.py)
         return exporter

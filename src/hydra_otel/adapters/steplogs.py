@@ -438,7 +438,7 @@ def make_log_exporter(s: ExporterSettings, endpoint: str | None = None) -> LogRe
             credentials=o.credentials,
             headers=dict(s.headers),
             timeout=s.timeout_s,
-            compression=grpc.Compression.Gzip if o.gzip else None,
+            compression=grpc.Compression.Gzip if o.gzip else grpc.Compression.NoCompression,
         )
     from opentelemetry.exporter.otlp.proto.http import Compression as HttpCompression
     from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter as HttpExporter
