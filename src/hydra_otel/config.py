@@ -706,17 +706,16 @@ def _export(r: _Resolver) -> ExportConfig:
     )
 
 
+#: An OTLP option's value, or where it came from, by option name ("ENDPOINT", "TIMEOUT", ...).
+_Options = dict[str, Any]
+
+
 def _traces(r: _Resolver) -> OtlpTarget:
-    values = [r.get(s) for s in OTLP_OPTIONS]
-    protocol, values[3] = values[0], values[3] / 1000  # the spec's milliseconds, as seconds
+    values: _Options = {option_name(s): r.get(s) for s in OTLP_OPTIONS}
+    protocol = values["PROTOCOL"]
     endpoint = _signal_url(r, OTLP_ENDPOINT, protocol, Signal.TRACES)
-    return _target(
-        r,
-        protocol=protocol,
-        endpoint=endpoint or _DEFAULT_ENDPOINTS[protocol].format(signal=Signal.TRACES),
-        values=values,
-        origins=[r.origins[s.key] for s in OTLP_OPTIONS],
-    )
+    values["ENDPOINT"] = endpoint or _DEFAULT_ENDPOINTS[protocol].format(signal=Signal.TRACES)
+    return _target(r, values, {option_name(s): r.origins[s.key] for s in OTLP_OPTIONS})
 
 
 #: Where a signal goes when nothing says: the spec's defaults (4317 for gRPC, 4318 for HTTP).
@@ -746,27 +745,27 @@ def _signal(r: _Resolver, signal: Signal, traces: OtlpTarget) -> OtlpTarget:
     of its own takes only the flags (hydra-otel's own settings) and else the defaults: the traces'
     headers, certificates and key never go to another server.
     """
-    options = SIGNAL_OPTIONS[signal]
-    own = [r.get(s) for s in options]
-    same_collector = own[1] is None
-    fallback = [
-        r.get(t) if same_collector or r.origins[t.key] == t.flag else t.check.parse(t.default)
-        for t in OTLP_OPTIONS
-    ]
-    values = [v if v is not None else f for v, f in zip(own, fallback, strict=True)]
-    protocol, values[3] = values[0], values[3] / 1000  # the spec's milliseconds, as seconds
-    endpoint = _signal_url(r, options[1], protocol, signal)
+    settings = {option_name(s): s for s in SIGNAL_OPTIONS[signal]}
+    own: _Options = {name: r.get(s) for name, s in settings.items()}
+    same_collector = own["ENDPOINT"] is None
+    values: _Options = {}
+    for t in OTLP_OPTIONS:
+        name = option_name(t)
+        inherited = r.get(t) if same_collector or r.origins[t.key] == t.flag else t.check.parse(t.default)
+        values[name] = inherited if own[name] is None else own[name]
+    protocol = values["PROTOCOL"]
+    endpoint = _signal_url(r, settings["ENDPOINT"], protocol, signal)
     if endpoint is None:
         endpoint = (
             _derived_url(traces.endpoint, protocol, signal)
             if protocol is traces.protocol
             else _DEFAULT_ENDPOINTS[protocol].format(signal=signal)
         )
-    origins = [r.origins[s.key] if v is not None else s.env[0] for s, v in zip(options, own, strict=True)]
-    pair_set = own[5] is not None or own[6] is not None  # else the traces' pair, checked there, or none
-    return _target(
-        r, protocol=protocol, endpoint=endpoint, values=values, origins=origins, check_pair=pair_set
-    )
+    values["ENDPOINT"] = endpoint
+    origins = {name: r.origins[s.key] if own[name] is not None else s.env[0] for name, s in settings.items()}
+    # Without a key or certificate variable of its own, the pair is the traces' (checked there) or none.
+    pair_set = own["CLIENT_KEY"] is not None or own["CLIENT_CERTIFICATE"] is not None
+    return _target(r, values, origins, check_pair=pair_set)
 
 
 def _derived_url(traces_url: str, protocol: OtlpProtocol, signal: Signal) -> str:
@@ -778,36 +777,29 @@ def _derived_url(traces_url: str, protocol: OtlpProtocol, signal: Signal) -> str
     return urlunsplit(parts._replace(path=f"{path}/v1/{signal}"))
 
 
-def _target(
-    r: _Resolver,
-    *,
-    protocol: OtlpProtocol,
-    endpoint: str,
-    values: list[Any],
-    origins: list[str],
-    check_pair: bool = True,
-) -> OtlpTarget:
+def _target(r: _Resolver, values: _Options, origins: _Options, *, check_pair: bool = True) -> OtlpTarget:
     """Check what no single setting can: the client key pair; decide the gRPC TLS mode."""
-    _, _, headers, timeout, certificate, key, chain, insecure, compression = values
-    _, _, _, _, _, key_from, chain_from, _, _ = origins
-    scheme = endpoint.partition("://")[0] if "://" in endpoint else ""
+    protocol, endpoint, key, chain = (
+        values[k] for k in ("PROTOCOL", "ENDPOINT", "CLIENT_KEY", "CLIENT_CERTIFICATE")
+    )
     if check_pair and (key is None) != (chain is None):
         r.problems.append(
-            f"{key_from if chain is None else chain_from}: must be set together with the client "
-            f"{'certificate' if chain is None else 'key'}, or not at all"
+            f"{origins['CLIENT_KEY'] if chain is None else origins['CLIENT_CERTIFICATE']}: must be set "
+            f"together with the client {'certificate' if chain is None else 'key'}, or not at all"
         )
     # The spec: a scheme decides over INSECURE, which only applies to a gRPC endpoint without one.
-    tls_mode = None if protocol is not OtlpProtocol.GRPC else (scheme == "http" if scheme else bool(insecure))
+    scheme = endpoint.partition("://")[0] if "://" in endpoint else ""
+    tls_mode = scheme == "http" if scheme else bool(values["INSECURE"])
     return OtlpTarget(
         protocol=protocol,
         endpoint=endpoint,
-        headers=headers,
-        timeout=timeout,
-        certificate=certificate,
+        headers=values["HEADERS"],
+        timeout=values["TIMEOUT"] / 1000,  # the spec's milliseconds, as seconds
+        certificate=values["CERTIFICATE"],
         client_key=key,
         client_certificate=chain,
-        insecure=tls_mode,
-        compression=compression,
+        insecure=tls_mode if protocol is OtlpProtocol.GRPC else None,
+        compression=values["COMPRESSION"],
     )
 
 
