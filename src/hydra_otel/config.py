@@ -228,7 +228,7 @@ def _http_url(text: str) -> str:
 
 
 def _endpoint_url(text: str) -> str:
-    """An http(s) URL, or ``host:port`` (gRPC's own form: :func:`_export` refuses it for HTTP)."""
+    """An http(s) URL, or ``host:port`` (gRPC's own form: :func:`_signal_url` refuses it for HTTP)."""
     if "://" in text or not re.fullmatch(r"[\w.\-]+:\d+|\[[0-9A-Fa-f:.]+\]:\d+", text.strip()):
         return _http_url(text)
     _host_port(text.strip())

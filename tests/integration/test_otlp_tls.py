@@ -166,3 +166,22 @@ async def test_logs_by_their_own_variables_over_mtls(
         await logs.aclose()
         await mtls_metrics_logs.wait_until(lambda: bool(mtls_metrics_logs.logs()))
     assert mtls_metrics_logs.logs()[0].record.span_id == failed.span_id.to_bytes(8, "big")
+
+
+@pytest.mark.parametrize(
+    ("form", "insecure", "delivered"),
+    [
+        ("host:port", "true", True),  # INSECURE decides for an endpoint without a scheme ...
+        ("host:port", None, False),  # ... and TLS is the default, which a plaintext receiver refuses
+        ("http://", "false", True),  # the scheme wins over INSECURE
+    ],
+)
+async def test_insecure_against_a_plaintext_receiver(
+    form: str, insecure: str | None, delivered: bool
+) -> None:
+    """OTEL_EXPORTER_OTLP_INSECURE as the specification says, against a real plaintext gRPC receiver."""
+    with GrpcOtlpReceiver() as receiver:
+        endpoint = receiver.endpoint if form == "host:port" else f"http://{receiver.endpoint}"
+        env = {} if insecure is None else {"OTEL_EXPORTER_OTLP_INSECURE": insecure}
+        assert await export_traces(traces_config("grpc", endpoint, env)) is delivered
+        assert bool(receiver.spans()) is delivered
