@@ -30,7 +30,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord
 from opentelemetry.proto.metrics.v1.metrics_pb2 import HistogramDataPoint, Metric, NumberDataPoint
 
-from hydra_otel.sandbox.receiver import AttributeValue, attributes_dict
+from hydra_otel.sandbox.receiver import AttributeValue, ServerTls, attributes_dict
 
 
 class ReceivedMetric(NamedTuple):
@@ -78,9 +78,10 @@ class GrpcMetricsLogsReceiver:
 
     Args:
         host: the address to listen on.
+        tls: serve over TLS (then ``endpoint`` is an ``https://`` URL), mutual if it says so.
     """
 
-    def __init__(self, host: str = "127.0.0.1") -> None:
+    def __init__(self, host: str = "127.0.0.1", tls: ServerTls | None = None) -> None:
         self.lock = threading.Lock()
         self.metric_requests: list[ExportMetricsServiceRequest] = []
         self.log_requests: list[ExportLogsServiceRequest] = []
@@ -93,9 +94,13 @@ class GrpcMetricsLogsReceiver:
         logs_service_pb2_grpc.add_LogsServiceServicer_to_server(  # type: ignore[no-untyped-call]
             _LogsServicer(self), self._server
         )
-        self.port: Final[int] = self._server.add_insecure_port(f"{host}:0")
-        #: What the gRPC exporters take as ``endpoint``.
-        self.endpoint: Final = f"{host}:{self.port}"
+        self.port: Final[int] = (
+            self._server.add_insecure_port(f"{host}:0")
+            if tls is None
+            else self._server.add_secure_port(f"{host}:0", tls.grpc_credentials())
+        )
+        #: What the gRPC exporters take as ``endpoint`` (an ``https://`` URL with TLS).
+        self.endpoint: Final = f"{host}:{self.port}" if tls is None else f"https://{host}:{self.port}"
 
     def __enter__(self) -> Self:
         """Start serving."""

@@ -40,9 +40,12 @@ def test_defaults() -> None:
     assert (c.db.url, c.db.source) == (f"postgresql:///hydra?{APP}", "default")
     assert (c.stitch.instance, c.stitch.hydra_url) == ("hydra", "http://localhost:3000")
     assert (c.stitch.abandon_after, c.stitch.max_open_evals, c.stitch.error_text_limit) == (7200, 10000, 4096)
-    assert (c.export.protocol, c.export.endpoint, c.export.timeout) == ("grpc", "http://localhost:4317", 5.0)
-    assert (c.export.headers, c.export.certificate, c.export.insecure) == ((), None, None)
-    assert (c.export.compression, c.export.batch_size, c.export.delay) == (Compression.NONE, 512, 1.0)
+    t = c.export.traces
+    assert (t.protocol, t.endpoint, t.timeout) == ("grpc", "http://localhost:4317", 5.0)
+    assert (t.headers, t.certificate, t.client_key, t.client_certificate) == ((), None, None, None)
+    assert (t.insecure, t.compression) == (True, Compression.NONE)  # the default endpoint is http://
+    assert c.export.metrics == c.export.logs == t  # gRPC serves every signal on one endpoint
+    assert (c.export.batch_size, c.export.delay) == (512, 1.0)
     assert (c.export.max_backoff, c.export.resource) == (30.0, (("service.name", "hydra-otel"),))
     assert (c.state_dir, c.log_level) == (Path("/var/lib/hydra-otel"), LogLevel.INFO)
     assert (c.shutdown_grace, c.queue_size) == (10.0, 100000)
@@ -62,30 +65,53 @@ PRECEDENCE: list[tuple[Flags, Env, str, object]] = [
     ({"state_dir": "/flag"}, {"HYDRA_OTEL_STATE_DIR": "/srv/o"}, "state_dir", Path("/flag")),
     ({"log_level": "DEBUG"}, {"HYDRA_OTEL_LOG_LEVEL": "error"}, "log_level", LogLevel.DEBUG),
     ({}, {"HYDRA_OTEL_SHUTDOWN_GRACE": "2.5", "HYDRA_OTEL_QUEUE_SIZE": "1"}, "shutdown_grace", 2.5),
-    ({}, {"OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}, "export.protocol", OtlpProtocol.HTTP_PROTOBUF),
+    (
+        {},
+        {"OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"},
+        "export.traces.protocol",
+        OtlpProtocol.HTTP_PROTOBUF,
+    ),
     (
         {},
         {"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "grpc", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"},
-        "export.protocol",
+        "export.traces.protocol",
         OtlpProtocol.GRPC,
     ),
-    ({}, {"OTEL_EXPORTER_OTLP_TIMEOUT": "2500"}, "export.timeout", 2.5),
+    ({}, {"OTEL_EXPORTER_OTLP_TIMEOUT": "2500"}, "export.traces.timeout", 2.5),
     (
         {},
         {"OTEL_EXPORTER_OTLP_TRACES_TIMEOUT": "100", "OTEL_EXPORTER_OTLP_TIMEOUT": "9"},
-        "export.timeout",
+        "export.traces.timeout",
         0.1,
     ),
-    ({}, {"OTEL_EXPORTER_OTLP_COMPRESSION": "GZIP"}, "export.compression", Compression.GZIP),
+    ({}, {"OTEL_EXPORTER_OTLP_COMPRESSION": "GZIP"}, "export.traces.compression", Compression.GZIP),
     ({"export_batch_size": "10000"}, {}, "export.batch_size", 10000),
     ({"export_delay": "60"}, {}, "export.delay", 60.0),
     ({}, {"HYDRA_OTEL_EXPORT_MAX_BACKOFF": "5"}, "export.max_backoff", 5.0),
-    ({}, {"OTEL_EXPORTER_OTLP_INSECURE": "TRUE"}, "export.insecure", True),
-    ({}, {"OTEL_EXPORTER_OTLP_TRACES_INSECURE": "false"}, "export.insecure", False),
+    (
+        {},
+        {"OTEL_EXPORTER_OTLP_ENDPOINT": "c:4317", "OTEL_EXPORTER_OTLP_INSECURE": "TRUE"},
+        "export.traces.insecure",
+        True,
+    ),
+    (
+        {},
+        {"OTEL_EXPORTER_OTLP_ENDPOINT": "c:4317", "OTEL_EXPORTER_OTLP_TRACES_INSECURE": "false"},
+        "export.traces.insecure",
+        False,
+    ),
+    ({}, {"OTEL_EXPORTER_OTLP_ENDPOINT": "c:4317"}, "export.traces.insecure", False),
+    ({}, {"OTEL_EXPORTER_OTLP_INSECURE": "false"}, "export.traces.insecure", True),  # http:// wins
+    (
+        {"otlp_endpoint": "https://c:4317"},
+        {"OTEL_EXPORTER_OTLP_INSECURE": "true"},
+        "export.traces.insecure",
+        False,
+    ),
     (
         {"otlp_protocol": "http/protobuf"},
         {"OTEL_EXPORTER_OTLP_INSECURE": "true"},
-        "export.insecure",
+        "export.traces.insecure",
         None,
     ),
 ]
@@ -204,7 +230,7 @@ ENDPOINTS: list[tuple[Flags, Env, str]] = [
 @pytest.mark.parametrize(("flags", "env", "endpoint"), ENDPOINTS)
 def test_otlp_endpoint(flags: Flags, env: Env, endpoint: str) -> None:
     """Only the generic OTEL_EXPORTER_OTLP_ENDPOINT gets /v1/traces appended, and only for http/protobuf."""
-    assert load(flags, env).export.endpoint == endpoint
+    assert load(flags, env).export.traces.endpoint == endpoint
 
 
 PAIRS: list[tuple[Env, str, tuple[tuple[str, str], ...]]] = [
@@ -241,14 +267,15 @@ PAIRS: list[tuple[Env, str, tuple[tuple[str, str], ...]]] = [
 @pytest.mark.parametrize(("env", "field", "expected"), PAIRS)
 def test_headers_and_resource(env: Env, field: str, expected: tuple[tuple[str, str], ...]) -> None:
     """Headers and resource attributes are URL-decoded k=v lists; OTEL_SERVICE_NAME wins for service.name."""
-    assert getattr(load({}, env).export, field) == expected
+    export = load({}, env).export
+    assert getattr(export.traces if field == "headers" else export, field) == expected
 
 
 def test_certificate_that_exists(tmp_path: Path) -> None:
     """An existing certificate file is accepted and kept as a path."""
     pem = tmp_path / "ca.pem"
     pem.write_text("-----BEGIN CERTIFICATE-----\n")
-    assert load({}, {"OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE": str(pem)}).export.certificate == pem
+    assert load({}, {"OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE": str(pem)}).export.traces.certificate == pem
 
 
 INVALID: list[tuple[Flags, Env, str]] = [
@@ -298,11 +325,6 @@ INVALID: list[tuple[Flags, Env, str]] = [
         "OTEL_EXPORTER_OTLP_INSECURE: must be true or false, got 'yes'",
     ),
     (
-        {"otlp_endpoint": "https://c:4317"},
-        {"OTEL_EXPORTER_OTLP_INSECURE": "true"},
-        "OTEL_EXPORTER_OTLP_INSECURE: must not be true with an https endpoint",
-    ),
-    (
         {},
         {"OTEL_EXPORTER_OTLP_TIMEOUT": "1.5"},
         "OTEL_EXPORTER_OTLP_TIMEOUT: must be a whole number of milliseconds between 1 and 600000, got '1.5'",
@@ -314,8 +336,8 @@ INVALID: list[tuple[Flags, Env, str]] = [
     ),
     (
         {},
-        {"OTEL_EXPORTER_OTLP_ENDPOINT": "localhost:4317"},
-        "OTEL_EXPORTER_OTLP_ENDPOINT: must be an http(s) URL with a host, got 'localhost:4317'",
+        {"OTEL_EXPORTER_OTLP_ENDPOINT": "localhost:4317", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"},
+        "OTEL_EXPORTER_OTLP_ENDPOINT: must be an http(s) URL with http/protobuf, got 'localhost:4317'",
     ),
     (
         {"hydra_url": "ftp://hydra"},
@@ -561,7 +583,7 @@ def test_secrets_not_in_repr(env: Env) -> None:
     """Neither database passwords nor header values appear in repr() of the configuration."""
     config = load({}, env)
     assert "hunter2" not in repr(config)
-    assert "hunter2" in config.db.url + repr(config.export.headers)
+    assert "hunter2" in config.db.url + repr(config.export.traces.headers)
 
 
 SECRET_ERRORS: list[Env] = [
@@ -592,7 +614,7 @@ def test_add_arguments_declares_every_flag() -> None:
     assert "--otlp-protocol" in parser.format_help()
     args = parser.parse_args(["--max-open-evals", "5", "--otlp-protocol", "http/protobuf"])
     config: Config = load(vars(args), {})
-    assert (config.stitch.max_open_evals, config.export.protocol) == (5, OtlpProtocol.HTTP_PROTOBUF)
+    assert (config.stitch.max_open_evals, config.export.traces.protocol) == (5, OtlpProtocol.HTTP_PROTOBUF)
 
 
 def test_docs_match_table() -> None:

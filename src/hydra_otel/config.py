@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Generic, TypeVar
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from hydra_otel.core.budget import min_spans_per_trace
 from hydra_otel.dsn import DsnError, database_url, dbi_to_url, has_userinfo, redacted_dsn, url_secrets
@@ -80,11 +80,21 @@ class StitchConfig:
     max_spans_per_trace: int
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ExportConfig:
-    """What the OTLP exporter needs; ``headers`` are hidden from repr, ``timeout`` is in seconds.
+class Signal(StrEnum):
+    """The OTLP signals hydra-otel sends, spelled as in the per-signal ``OTEL_EXPORTER_OTLP_*`` variables."""
 
-    ``insecure`` is None unless set for gRPC; then the endpoint's scheme decides.
+    TRACES = "traces"
+    METRICS = "metrics"
+    LOGS = "logs"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OtlpTarget:
+    """Where and how one signal is sent; ``headers`` are hidden from repr, ``timeout`` is in seconds.
+
+    ``endpoint`` is final (an OTLP/HTTP URL includes its ``/v1/<signal>`` path). ``insecure`` is
+    None with http/protobuf; with gRPC it is decided: the endpoint's scheme, else
+    ``OTEL_EXPORTER_OTLP_INSECURE``, else False (TLS).
     """
 
     protocol: OtlpProtocol
@@ -92,8 +102,19 @@ class ExportConfig:
     headers: Pairs = field(repr=False)
     timeout: float
     certificate: Path | None
+    client_key: Path | None
+    client_certificate: Path | None
     insecure: bool | None
     compression: Compression
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExportConfig:
+    """What the OTLP exporters need: one target per signal, and the span batching settings."""
+
+    traces: OtlpTarget
+    metrics: OtlpTarget
+    logs: OtlpTarget
     batch_size: int
     max_request_bytes: int
     delay: float
@@ -204,6 +225,25 @@ def _http_url(text: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError
     return text
+
+
+def _endpoint_url(text: str) -> str:
+    """An http(s) URL, or ``host:port`` (gRPC's own form: :func:`_signal_url` refuses it for HTTP)."""
+    if "://" in text or not re.fullmatch(r"[\w.\-]+:\d+|\[[0-9A-Fa-f:.]+\]:\d+", text.strip()):
+        return _http_url(text)
+    _host_port(text.strip())
+    return text.strip()
+
+
+def _exporter(allowed: tuple[str, ...]) -> Callable[[str], str]:
+    """An ``OTEL_*_EXPORTER`` value: one of ``allowed`` (lists such as ``otlp,console`` are not)."""
+
+    def parse(text: str) -> str:
+        if text.strip().lower() not in allowed:
+            raise ValueError
+        return text.strip().lower()
+
+    return parse
 
 
 def _hydra_url(text: str) -> str:
@@ -337,9 +377,10 @@ OTLP_PROTOCOL = Setting(
 OTLP_ENDPOINT = Setting(
     flag="--otlp-endpoint", env=(f"{_OTLP}TRACES_ENDPOINT", f"{_OTLP}ENDPOINT"), default="", section="Export",
     default_doc="`http://localhost:4317` (grpc), `http://localhost:4318/v1/traces` (http/protobuf)",
-    show=_redacted, check=_optional(_Check(_URL, _http_url)),
+    show=_redacted, check=_optional(_Check(f"{_URL}, or for grpc host:port", _endpoint_url)),
     doc="Collector URL. With http/protobuf, `/v1/traces` is appended to `OTEL_EXPORTER_OTLP_ENDPOINT` "
     "(a base URL, per the OTel spec); the flag and the `TRACES` variable are used as they are. "
+    "With grpc, `host:port` without a scheme is accepted too (see `OTEL_EXPORTER_OTLP_INSECURE`). "
     "Credentials in it are refused: put them in `OTEL_EXPORTER_OTLP_HEADERS`.")
 OTLP_HEADERS = Setting(
     flag=None, env=(f"{_OTLP}TRACES_HEADERS", f"{_OTLP}HEADERS"), default="", section="Export",
@@ -357,14 +398,48 @@ OTLP_CERTIFICATE = Setting(
     flag=None, env=(f"{_OTLP}TRACES_CERTIFICATE", f"{_OTLP}CERTIFICATE"), default="", section="Export",
     default_doc="the system's trust store", check=_optional(_Check("an existing file", _existing_file)),
     doc="PEM file of the CA certificate(s) trusted to verify the collector.")
+OTLP_CLIENT_KEY = Setting(
+    flag=None, env=(f"{_OTLP}TRACES_CLIENT_KEY", f"{_OTLP}CLIENT_KEY"), default="", section="Export",
+    default_doc="no client certificate", check=_optional(_Check("an existing file", _existing_file)),
+    doc="PEM file of the private key of hydra-otel's client certificate (mutual TLS, gRPC and HTTP); "
+    "it must be unencrypted. Needs `OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE`, and a TLS endpoint.")
+OTLP_CLIENT_CERTIFICATE = Setting(
+    flag=None, env=(f"{_OTLP}TRACES_CLIENT_CERTIFICATE", f"{_OTLP}CLIENT_CERTIFICATE"), default="",
+    section="Export", default_doc="no client certificate",
+    check=_optional(_Check("an existing file", _existing_file)),
+    doc="PEM file of hydra-otel's client certificate chain (mutual TLS, gRPC and HTTP). Needs "
+    "`OTEL_EXPORTER_OTLP_CLIENT_KEY`, and a TLS endpoint.")
 OTLP_INSECURE = Setting(
     flag=None, env=(f"{_OTLP}TRACES_INSECURE", f"{_OTLP}INSECURE"), default="", section="Export",
-    default_doc="decided by the endpoint's scheme", check=_optional(_Check("true or false", _bool)),
-    doc="gRPC only: `true` for a plaintext channel (an error with an https endpoint). Ignored with "
-    "http/protobuf, where the endpoint's scheme decides.")
+    default_doc="`false`", check=_optional(_Check("true or false", _bool)),
+    doc="gRPC only, and only for an endpoint without a scheme (`host:port`): `true` for a plaintext "
+    "channel, `false` for TLS. As the OTel spec says, an `http://` endpoint is always plaintext and an "
+    "`https://` one always TLS, whatever this says; with http/protobuf it is ignored too.")
 OTLP_COMPRESSION = Setting(
     flag=None, env=(f"{_OTLP}TRACES_COMPRESSION", f"{_OTLP}COMPRESSION"), default="none", section="Export",
     check=_choice(Compression), doc="Compression of export requests.")
+SDK_DISABLED = Setting(
+    flag=None, env=("OTEL_SDK_DISABLED",), default="false", section="Export",
+    check=_Check("true or false", _bool),
+    doc="`true` is refused at start-up (exit code 2, which the systemd unit does not restart): it turns "
+    "off every signal, and exporting them is all hydra-otel does, so a daemon running as a no-op would "
+    "hold Hydra's database connections and report healthy while exporting nothing. To turn hydra-otel "
+    "off, stop and disable its service.")
+TRACES_EXPORTER = Setting(
+    flag=None, env=("OTEL_TRACES_EXPORTER",), default="otlp", section="Export",
+    check=_Check("otlp (hydra-otel exists to export traces over OTLP; none and console are not "
+    "supported)", _exporter(("otlp",))),
+    doc="Only `otlp`; anything else is refused at start-up.")
+METRICS_EXPORTER = Setting(
+    flag=None, env=("OTEL_METRICS_EXPORTER",), default="otlp", section="Export",
+    check=_Check("otlp or none (console and prometheus are not supported)", _exporter(("otlp", "none"))),
+    doc="`otlp`: CI/CD metrics go over OTLP when `--metrics-export` is true (it is off by default). "
+    "`none`: no metrics; refused together with `--metrics-export` true, which asks for the opposite.")
+LOGS_EXPORTER = Setting(
+    flag=None, env=("OTEL_LOGS_EXPORTER",), default="otlp", section="Export",
+    check=_Check("otlp or none (console is not supported)", _exporter(("otlp", "none"))),
+    doc="`otlp`: failed-step log tails go as OTLP log records when `--logs-export` is true (off by "
+    "default). `none`: no log records; refused together with `--logs-export` true.")
 EXPORT_BATCH_SIZE = Setting(
     flag="--export-batch-size", env=("HYDRA_OTEL_EXPORT_BATCH_SIZE",), default="512", section="Export",
     check=_int(1, 10_000), doc="Spans per export request.")
@@ -457,14 +532,41 @@ QUEUE_SIZE = Setting(
 SETTINGS: tuple[Setting[Any], ...] = (
     DATABASE_URL, HYDRA_URL, INSTANCE, EVAL_ABANDON_AFTER, MAX_OPEN_EVALS, ERROR_TEXT_LIMIT,
     MAX_BUILDS_PER_TRACE, MAX_SPANS_PER_TRACE, MAX_LINKS,
-    OTLP_PROTOCOL, OTLP_ENDPOINT, OTLP_HEADERS, OTLP_TIMEOUT, OTLP_CERTIFICATE, OTLP_INSECURE,
-    OTLP_COMPRESSION, EXPORT_BATCH_SIZE, EXPORT_MAX_REQUEST_BYTES, EXPORT_DELAY, EXPORT_MAX_BACKOFF, SERVICE_NAME,
+    OTLP_PROTOCOL, OTLP_ENDPOINT, OTLP_HEADERS, OTLP_TIMEOUT, OTLP_CERTIFICATE, OTLP_CLIENT_KEY,
+    OTLP_CLIENT_CERTIFICATE, OTLP_INSECURE, OTLP_COMPRESSION, SDK_DISABLED, TRACES_EXPORTER,
+    METRICS_EXPORTER, LOGS_EXPORTER, EXPORT_BATCH_SIZE, EXPORT_MAX_REQUEST_BYTES, EXPORT_DELAY, EXPORT_MAX_BACKOFF, SERVICE_NAME,
     RESOURCE_ATTRIBUTES, STATE_DIR, LOG_LEVEL, SHUTDOWN_GRACE, CATCHUP_INTERVAL, CATCHUP_OVERLAP,
     TAKEOVER_WINDOW, METRICS_ADDRESS, METRICS_EXPORT, METRICS_INTERVAL, STEP_LOGS, STEP_LOGS_DIR,
     STEP_LOG_LINES, LOGS_EXPORT, QUEUE_SIZE,
 )
 # fmt: on
 SECTIONS = ("Database", "Hydra", "Export", "Service")
+
+#: The OTLP exporter options of the OTel specification, as set up for traces (flags included).
+# fmt: off
+OTLP_OPTIONS: tuple[Setting[Any], ...] = (
+    OTLP_PROTOCOL, OTLP_ENDPOINT, OTLP_HEADERS, OTLP_TIMEOUT, OTLP_CERTIFICATE, OTLP_CLIENT_KEY,
+    OTLP_CLIENT_CERTIFICATE, OTLP_INSECURE, OTLP_COMPRESSION,
+)
+# fmt: on
+
+
+def option_name(s: Setting[Any]) -> str:
+    """The spec's name of an OTLP option: ``OTEL_EXPORTER_OTLP_ENDPOINT`` -> ``ENDPOINT``."""
+    return s.env[-1].removeprefix(_OTLP)
+
+
+def _for_signal(s: Setting[Any], signal: Signal) -> Setting[Any]:
+    """``s`` read from the signal's variable, then the general one; unset gives None (use traces')."""
+    name = option_name(s)
+    env = (f"{_OTLP}{signal.upper()}_{name}", f"{_OTLP}{name}")
+    return replace(s, flag=None, env=env, default="", default_doc="as for traces", check=_optional(s.check))
+
+
+#: Per-signal variants of :data:`OTLP_OPTIONS` for metrics and logs (no flags; not in the docs' list).
+SIGNAL_OPTIONS: Mapping[Signal, tuple[Setting[Any], ...]] = {
+    signal: tuple(_for_signal(s, signal) for s in OTLP_OPTIONS) for signal in (Signal.METRICS, Signal.LOGS)
+}
 
 # --- loading ------------------------------------------------------------------------------------------
 
@@ -534,26 +636,50 @@ def load(argv_values: Mapping[str, str | None], environ: Mapping[str, str]) -> C
         takeover_window=r.get(TAKEOVER_WINDOW),
         metrics_address=r.get(METRICS_ADDRESS),
         telemetry=TelemetryConfig(
-            metrics_export=r.get(METRICS_EXPORT),
+            metrics_export=_exported(r, METRICS_EXPORT, METRICS_EXPORTER),
             metrics_interval=r.get(METRICS_INTERVAL),
             step_logs=r.get(STEP_LOGS),
             step_logs_dir=r.get(STEP_LOGS_DIR),
             step_log_lines=r.get(STEP_LOG_LINES),
-            logs_export=r.get(LOGS_EXPORT),
+            logs_export=_exported(r, LOGS_EXPORT, LOGS_EXPORTER),
         ),
         queue_size=r.get(QUEUE_SIZE),
     )
-    if r.problems:
-        raise ConfigError(r.problems)
+    _check_sdk(r)
+    if r.problems:  # a general variable's problem is found once for each signal: report it once
+        raise ConfigError(list(dict.fromkeys(r.problems)))
     return replace(config, secrets=_secrets(config, environ))
 
 
 def _secrets(config: Config, environ: Mapping[str, str]) -> tuple[str, ...]:
     """What no log line may show: database passwords (also PGPASSWORD, which asyncpg reads) and headers."""
-    found = [*url_secrets(config.db.url), *(v for _, v in config.export.headers)]
+    e = config.export
+    found = [*url_secrets(config.db.url), *(v for t in (e.traces, e.metrics, e.logs) for _, v in t.headers)]
     if environ.get("PGPASSWORD"):
         found.append(environ["PGPASSWORD"])
     return tuple(sorted(set(found), key=len, reverse=True))
+
+
+def _check_sdk(r: _Resolver) -> None:
+    """``OTEL_SDK_DISABLED`` and ``OTEL_TRACES_EXPORTER``: each may only ask for what hydra-otel does."""
+    r.get(TRACES_EXPORTER)
+    if r.get(SDK_DISABLED):
+        r.problems.append(
+            "OTEL_SDK_DISABLED: is true, which turns off every signal, and exporting them is all hydra-otel "
+            "does: to turn it off, stop and disable its service (systemctl disable --now hydra-otel), "
+            "or unset OTEL_SDK_DISABLED"
+        )
+
+
+def _exported(r: _Resolver, switch: Setting[bool], exporter: Setting[str]) -> bool:
+    """``--metrics-export``/``--logs-export``, refused when ``OTEL_*_EXPORTER=none`` says the opposite."""
+    on, kind = r.get(switch), r.get(exporter)
+    if on and kind == "none":
+        r.problems.append(
+            f"{r.origins[exporter.key]}: is none, but {r.origins[switch.key]} is true: "
+            "unset one of them to say whether to export"
+        )
+    return on
 
 
 def _span_budget(r: _Resolver) -> int:
@@ -567,21 +693,11 @@ def _span_budget(r: _Resolver) -> int:
 
 
 def _export(r: _Resolver) -> ExportConfig:
-    protocol = r.get(OTLP_PROTOCOL)
-    endpoint = _endpoint(r, protocol)
-    insecure = r.get(OTLP_INSECURE)  # read even when ignored, so that a bad value is still reported
-    if protocol is not OtlpProtocol.GRPC:
-        insecure = None
-    if insecure and endpoint.startswith("https://"):
-        r.problems.append(f"{r.origins[OTLP_INSECURE.key]}: must not be true with an https endpoint")
+    traces = _traces(r)
     return ExportConfig(
-        protocol=protocol,
-        endpoint=endpoint,
-        headers=r.get(OTLP_HEADERS),
-        timeout=r.get(OTLP_TIMEOUT) / 1000,
-        certificate=r.get(OTLP_CERTIFICATE),
-        insecure=insecure,
-        compression=r.get(OTLP_COMPRESSION),
+        traces=traces,
+        metrics=_signal(r, Signal.METRICS, traces),
+        logs=_signal(r, Signal.LOGS, traces),
         batch_size=r.get(EXPORT_BATCH_SIZE),
         max_request_bytes=r.get(EXPORT_MAX_REQUEST_BYTES),
         delay=r.get(EXPORT_DELAY),
@@ -590,13 +706,101 @@ def _export(r: _Resolver) -> ExportConfig:
     )
 
 
-def _endpoint(r: _Resolver, protocol: OtlpProtocol) -> str:
-    url = r.get(OTLP_ENDPOINT)
-    if url is None:
-        return "http://localhost:4317" if protocol is OtlpProtocol.GRPC else "http://localhost:4318/v1/traces"
-    if protocol is OtlpProtocol.HTTP_PROTOBUF and r.origins[OTLP_ENDPOINT.key] == f"{_OTLP}ENDPOINT":
-        return url.rstrip("/") + "/v1/traces"
-    return url
+#: An OTLP option's value, or where it came from, by option name ("ENDPOINT", "TIMEOUT", ...).
+_Options = dict[str, Any]
+
+
+def _traces(r: _Resolver) -> OtlpTarget:
+    values: _Options = {option_name(s): r.get(s) for s in OTLP_OPTIONS}
+    protocol = values["PROTOCOL"]
+    endpoint = _signal_url(r, OTLP_ENDPOINT, protocol, Signal.TRACES)
+    values["ENDPOINT"] = endpoint or _DEFAULT_ENDPOINTS[protocol].format(signal=Signal.TRACES)
+    return _target(r, values, {option_name(s): r.origins[s.key] for s in OTLP_OPTIONS})
+
+
+#: Where a signal goes when nothing says: the spec's defaults (4317 for gRPC, 4318 for HTTP).
+_DEFAULT_ENDPOINTS = {
+    OtlpProtocol.GRPC: "http://localhost:4317",
+    OtlpProtocol.HTTP_PROTOBUF: "http://localhost:4318/v1/{signal}",
+}
+
+
+def _signal_url(r: _Resolver, setting: Setting[Any], protocol: OtlpProtocol, signal: Signal) -> str | None:
+    """The spec's rule: the general variable is a base URL for OTLP/HTTP, anything else is used as is."""
+    url: str | None = r.get(setting)
+    origin = r.origins[setting.key]
+    if url is None or protocol is OtlpProtocol.GRPC:
+        return url
+    if "://" not in url:
+        r.problems.append(f"{origin}: must be an http(s) URL with http/protobuf, got {_redacted(url)}")
+        return url
+    return f"{url.rstrip('/')}/v1/{signal}" if origin == f"{_OTLP}ENDPOINT" else url
+
+
+def _signal(r: _Resolver, signal: Signal, traces: OtlpTarget) -> OtlpTarget:
+    """A signal's target: each option from its own variable, then the general one, then as below.
+
+    A signal with no endpoint variable of its own or general goes to the traces' collector and
+    takes the rest of what traces use too (flags and ``TRACES`` variables). One with an endpoint
+    of its own takes only the flags (hydra-otel's own settings) and else the defaults: the traces'
+    headers, certificates and key never go to another server.
+    """
+    settings = {option_name(s): s for s in SIGNAL_OPTIONS[signal]}
+    own: _Options = {name: r.get(s) for name, s in settings.items()}
+    same_collector = own["ENDPOINT"] is None
+    values: _Options = {}
+    for t in OTLP_OPTIONS:
+        name = option_name(t)
+        inherited = r.get(t) if same_collector or r.origins[t.key] == t.flag else t.check.parse(t.default)
+        values[name] = inherited if own[name] is None else own[name]
+    protocol = values["PROTOCOL"]
+    endpoint = _signal_url(r, settings["ENDPOINT"], protocol, signal)
+    if endpoint is None:
+        endpoint = (
+            _derived_url(traces.endpoint, protocol, signal)
+            if protocol is traces.protocol
+            else _DEFAULT_ENDPOINTS[protocol].format(signal=signal)
+        )
+    values["ENDPOINT"] = endpoint
+    origins = {name: r.origins[s.key] if own[name] is not None else s.env[0] for name, s in settings.items()}
+    # Without a key or certificate variable of its own, the pair is the traces' (checked there) or none.
+    pair_set = own["CLIENT_KEY"] is not None or own["CLIENT_CERTIFICATE"] is not None
+    return _target(r, values, origins, check_pair=pair_set)
+
+
+def _derived_url(traces_url: str, protocol: OtlpProtocol, signal: Signal) -> str:
+    """The traces' collector for another signal: gRPC serves all on one port, HTTP swaps the path."""
+    if protocol is OtlpProtocol.GRPC:
+        return traces_url
+    parts = urlsplit(traces_url)
+    path = parts.path.rstrip("/").removesuffix("/v1/traces")
+    return urlunsplit(parts._replace(path=f"{path}/v1/{signal}"))
+
+
+def _target(r: _Resolver, values: _Options, origins: _Options, *, check_pair: bool = True) -> OtlpTarget:
+    """Check what no single setting can: the client key pair; decide the gRPC TLS mode."""
+    protocol, endpoint, key, chain = (
+        values[k] for k in ("PROTOCOL", "ENDPOINT", "CLIENT_KEY", "CLIENT_CERTIFICATE")
+    )
+    if check_pair and (key is None) != (chain is None):
+        r.problems.append(
+            f"{origins['CLIENT_KEY'] if chain is None else origins['CLIENT_CERTIFICATE']}: must be set "
+            f"together with the client {'certificate' if chain is None else 'key'}, or not at all"
+        )
+    # The spec: a scheme decides over INSECURE, which only applies to a gRPC endpoint without one.
+    scheme = endpoint.partition("://")[0] if "://" in endpoint else ""
+    tls_mode = scheme == "http" if scheme else bool(values["INSECURE"])
+    return OtlpTarget(
+        protocol=protocol,
+        endpoint=endpoint,
+        headers=values["HEADERS"],
+        timeout=values["TIMEOUT"] / 1000,  # the spec's milliseconds, as seconds
+        certificate=values["CERTIFICATE"],
+        client_key=key,
+        client_certificate=chain,
+        insecure=tls_mode if protocol is OtlpProtocol.GRPC else None,
+        compression=values["COMPRESSION"],
+    )
 
 
 def _resource(r: _Resolver) -> Pairs:
@@ -692,6 +896,72 @@ def _render(s: Setting[Any]) -> str:
     return f"### `{s.flag or s.env[0]}`\n\n{s.doc}\n\n| | |\n|---|---|\n{table}\n"
 
 
+#: What an OTLP option's variables add to "honoured", by option name.
+_OPTION_NOTES = {
+    "PROTOCOL": "`grpc` or `http/protobuf`; `http/json` is refused at start-up.",
+    "ENDPOINT": "",
+    "HEADERS": "Values never appear in logs.",
+    "TIMEOUT": "Milliseconds.",
+    "CERTIFICATE": "",
+    "CLIENT_KEY": "Mutual TLS, gRPC and HTTP; refused at start-up without the client certificate.",
+    "CLIENT_CERTIFICATE": "Mutual TLS, gRPC and HTTP; refused at start-up without the client key.",
+    "INSECURE": "gRPC only, for an endpoint without a scheme (`host:port`); an `http://` or `https://` "
+    "scheme decides, as the specification says.",
+    "COMPRESSION": "`gzip` or `none`; anything else is refused at start-up.",
+}
+
+
+def otel_variables() -> tuple[tuple[str, str], ...]:
+    """Every ``OTEL_*`` variable of the OTel specification's OTLP exporter and SDK pages hydra-otel reads.
+
+    Returns:
+        (variable, what hydra-otel does with it) pairs, for docs/configuration.md; tests/test_otel_vars.py
+        checks each against :func:`load`.
+    """
+    rows: list[tuple[str, str]] = []
+    for s in OTLP_OPTIONS:
+        name, note = option_name(s), _OPTION_NOTES[option_name(s)]
+        base = "A base URL: with http/protobuf `/v1/<signal>` is appended. " if name == "ENDPOINT" else ""
+        as_is = "Used as it is. " if name == "ENDPOINT" else ""
+        rows.append((f"{_OTLP}{name}", f"Honoured for every signal without its own variable. {base}{note}"))
+        flag = f" (`{s.flag}` wins over it)" if s.flag else ""
+        also = "; also for metrics and logs sent to the traces' collector" if name != "ENDPOINT" else ""
+        rows.append((f"{_OTLP}TRACES_{name}", f"Honoured for traces{flag}{also}. {as_is}{note}"))
+        rows.extend(
+            (f"{_OTLP}{signal.upper()}_{name}", f"Honoured for {signal}. {as_is}{note}")
+            for signal in (Signal.METRICS, Signal.LOGS)
+        )
+    rows += [
+        ("OTEL_SDK_DISABLED", "`true` is refused at start-up (see `OTEL_SDK_DISABLED` above)."),
+        ("OTEL_TRACES_EXPORTER", "`otlp` is honoured; anything else is refused at start-up."),
+        (
+            "OTEL_METRICS_EXPORTER",
+            "`otlp` and `none` are honoured (see above); anything else is refused at start-up.",
+        ),
+        (
+            "OTEL_LOGS_EXPORTER",
+            "`otlp` and `none` are honoured (see above); anything else is refused at start-up.",
+        ),
+        ("OTEL_SERVICE_NAME", "Honoured."),
+        ("OTEL_RESOURCE_ATTRIBUTES", "Honoured."),
+    ]
+    return tuple((variable, text.strip()) for variable, text in rows)
+
+
+_OTEL_PROSE = """## OpenTelemetry variables
+
+Each variable of the OpenTelemetry specification's OTLP exporter page, and the SDK ones that apply
+to an exporter, with what hydra-otel does with it. Metrics and logs take each option from their own
+variable, else the general one; without an endpoint variable of their own or general they go to the
+traces' collector with the traces' settings (docs/metrics-and-logs.md). A value that is refused
+stops hydra-otel at start-up with exit code 2 and a message naming the variable. Why each choice:
+docs/decisions/0005-otel-environment-variables.md.
+
+| Variable | What hydra-otel does |
+|---|---|
+"""
+
+
 def render_reference() -> str:
     """Render docs/configuration.md from the declaration table.
 
@@ -702,6 +972,7 @@ def render_reference() -> str:
     for section in SECTIONS:
         parts.append(f"## {section}\n")
         parts.extend(_render(s) for s in SETTINGS if s.section == section)
+    parts.append(_OTEL_PROSE + "".join(f"| `{v}` | {text} |\n" for v, text in otel_variables()))
     return "\n".join(parts)
 
 

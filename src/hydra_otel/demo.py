@@ -151,7 +151,7 @@ async def _run(workload: Workload, endpoint: str | None, speed: float) -> Played
             requests = [] if receiver is None else receiver.requests
     _say("daemon, receiver and PostgreSQL stopped; the cluster's files are removed.\n")
     return Played(
-        endpoint=cfg.export.endpoint,
+        endpoint=cfg.export.traces.endpoint,
         complete=complete,
         exported=exported,
         received=received,
@@ -222,7 +222,7 @@ async def _play(
             await service.ready.wait()
         where = "the built-in OTLP receiver" if receiver is not None else "your collector"
         _say(
-            f"hydra-otel daemon ready: LISTENing on Hydra's channels, exporting to {where} at {cfg.export.endpoint}"
+            f"hydra-otel daemon ready: LISTENing on Hydra's channels, exporting to {where} at {cfg.export.traces.endpoint}"
         )
         started = trio.current_time()
         await play_workload(cfg.db.url, workload, speed=speed, count=count)

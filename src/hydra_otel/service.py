@@ -34,6 +34,7 @@ import signal
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import trio
 import trio_asyncio
@@ -53,7 +54,7 @@ from hydra_otel.adapters.otlp import ExporterSettings, OtlpSink, SpanSink, make_
 from hydra_otel.adapters.otlp_metrics import MeteredSpanSink, MetricsSink, make_metrics_sink
 from hydra_otel.adapters.state import StateStore
 from hydra_otel.adapters.steplogs import LogTailSink, StepLogs, TailSettings, make_log_exporter
-from hydra_otel.config import Config
+from hydra_otel.config import Config, OtlpTarget, Signal
 from hydra_otel.core.backoff import Backoff
 from hydra_otel.core.catchup import Checkpoint, Marks
 from hydra_otel.core.dedup import RecentKeys
@@ -333,17 +334,23 @@ def _backoff(cap: float) -> Backoff:
     return Backoff(base=0.5, factor=2.0, cap=cap, jitter=0.2)
 
 
-def export_settings(cfg: Config) -> ExporterSettings:
-    """The OTLP exporter settings the configuration asks for (traces; metrics and logs reuse them)."""
-    e = cfg.export
+def export_settings(cfg: Config, kind: Signal = Signal.TRACES) -> ExporterSettings:
+    """The OTLP exporter settings the configuration asks for, for one signal."""
+    t: OtlpTarget = getattr(cfg.export, kind)
+
+    def path(p: Path | None) -> str | None:
+        return None if p is None else str(p)
+
     return ExporterSettings(
-        protocol=e.protocol,
-        endpoint=e.endpoint,
-        headers=dict(e.headers),
-        timeout_s=e.timeout,
-        certificate=None if e.certificate is None else str(e.certificate),
-        insecure=e.insecure,
-        compression=str(e.compression),
+        protocol=t.protocol,
+        endpoint=t.endpoint,
+        headers=dict(t.headers),
+        timeout_s=t.timeout,
+        certificate=path(t.certificate),
+        client_key=path(t.client_key),
+        client_certificate=path(t.client_certificate),
+        insecure=t.insecure,
+        compression=str(t.compression),
     )
 
 
@@ -377,7 +384,11 @@ def make_metrics(cfg: Config) -> MetricsSink:
     """The CI/CD metrics sink (a no-op unless ``--metrics-export``)."""
     t = cfg.telemetry
     return make_metrics_sink(
-        export_settings(cfg), otel_resource(cfg), enabled=t.metrics_export, interval_s=t.metrics_interval
+        export_settings(cfg, Signal.METRICS),
+        otel_resource(cfg),
+        enabled=t.metrics_export,
+        interval_s=t.metrics_interval,
+        endpoint=cfg.export.metrics.endpoint,  # final: a per-signal URL is used as it is
     )
 
 
@@ -386,7 +397,10 @@ def make_step_logs(cfg: Config) -> StepLogs | None:
     t = cfg.telemetry
     if not t.step_logs:
         return None
-    sink = LogTailSink(make_log_exporter(export_settings(cfg)), otel_resource(cfg)) if t.logs_export else None
+    sink = None
+    if t.logs_export:
+        exporter = make_log_exporter(export_settings(cfg, Signal.LOGS), cfg.export.logs.endpoint)
+        sink = LogTailSink(exporter, otel_resource(cfg))
     return StepLogs(TailSettings(logs_dir=str(t.step_logs_dir), max_lines=t.step_log_lines), sink)
 
 

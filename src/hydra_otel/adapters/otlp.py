@@ -18,8 +18,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
+import requests
 import trio
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan
@@ -78,6 +79,8 @@ class ExporterSettings:
     headers: Mapping[str, str]
     timeout_s: float
     certificate: str | None = None
+    client_key: str | None = None
+    client_certificate: str | None = None
     insecure: bool | None = None
     compression: str | None = None
 
@@ -91,17 +94,53 @@ def make_exporter(s: ExporterSettings) -> GrpcSpanExporter | HttpSpanExporter:
     return HttpSpanExporter(
         endpoint=s.endpoint,
         certificate_file=s.certificate,
+        client_key_file=s.client_key,
+        client_certificate_file=s.client_certificate,
+        session=http_session(s.certificate),
         headers=dict(s.headers),
         timeout=s.timeout_s,
         compression=Compression.Gzip if s.compression == "gzip" else Compression.NoCompression,
     )
 
 
+class _KeepCaSession(requests.Session):
+    """A session whose own CA file wins over ``REQUESTS_CA_BUNDLE`` and ``CURL_CA_BUNDLE``."""
+
+    def __init__(self, certificate: str) -> None:
+        super().__init__()
+        self._certificate = certificate
+
+    def merge_environment_settings(
+        self, url: str, proxies: dict[str, str] | None, stream: bool | None, verify: Any, cert: Any
+    ) -> dict[str, Any]:
+        """Proxies and the rest from the environment, as usual, but verify with our CA file."""
+        return super().merge_environment_settings(
+            url, proxies, stream, self._certificate if verify in (None, True) else verify, cert
+        )
+
+
+def http_session(certificate: str | None) -> requests.Session | None:
+    """A requests session for an OTLP/HTTP exporter that verifies with ``certificate``, or None.
+
+    requests lets ``REQUESTS_CA_BUNDLE`` and ``CURL_CA_BUNDLE`` win over a session's own CA file
+    (requests issue 3829), and NixOS sets both system-wide: the exporters' ``certificate_file``
+    would be ignored and a private collector CA refused. This session keeps it; proxies and the
+    rest of the environment still apply.
+
+    Args:
+        certificate: the CA file the collector's certificate must chain to; None for the defaults.
+
+    Returns:
+        A session for the exporter's ``session`` argument, or None to let it make its own.
+    """
+    return None if certificate is None else _KeepCaSession(certificate)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class GrpcOptions:
     """gRPC channel options derived from :class:`ExporterSettings` (same rules as for traces)."""
 
-    insecure: bool | None
+    insecure: bool
     credentials: object | None  # grpc.ChannelCredentials; grpc ships no type hints
     gzip: bool
 
@@ -109,22 +148,39 @@ class GrpcOptions:
 def grpc_options(s: ExporterSettings) -> GrpcOptions:
     """TLS and compression for a gRPC exporter of any signal.
 
+    The OTel spec's rule: an ``http://`` endpoint is plaintext and an ``https://`` one TLS;
+    ``insecure`` decides only for an endpoint without a scheme (``host:port``), and is False when
+    unset. TLS credentials are always built here, with the CA file and the client key pair when
+    given: left to the SDK, they would come from its own reading of the environment.
+
     Args:
         s: the exporter settings.
 
     Returns:
-        ``insecure`` from the settings or, without a certificate, from the endpoint's scheme.
+        ``insecure``, and the channel credentials when it is False.
+
+    Raises:
+        OSError: a certificate or key file cannot be read.
     """
     import grpc
 
+    scheme = s.endpoint.partition("://")[0] if "://" in s.endpoint else ""
+    insecure = scheme == "http" if scheme else bool(s.insecure)
     credentials = None
-    if s.certificate:
-        with open(s.certificate, "rb") as f:
-            credentials = grpc.ssl_channel_credentials(f.read())
-    insecure = s.insecure
-    if insecure is None and credentials is None:
-        insecure = s.endpoint.startswith("http://")
+    if not insecure:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=_read(s.certificate),
+            private_key=_read(s.client_key),
+            certificate_chain=_read(s.client_certificate),
+        )
     return GrpcOptions(insecure=insecure, credentials=credentials, gzip=s.compression == "gzip")
+
+
+def _read(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def _grpc_exporter(s: ExporterSettings) -> GrpcSpanExporter:
@@ -137,7 +193,7 @@ def _grpc_exporter(s: ExporterSettings) -> GrpcSpanExporter:
         credentials=o.credentials,
         headers=dict(s.headers),
         timeout=s.timeout_s,
-        compression=grpc.Compression.Gzip if o.gzip else None,
+        compression=grpc.Compression.Gzip if o.gzip else grpc.Compression.NoCompression,
     )
 
 

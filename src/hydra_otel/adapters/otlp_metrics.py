@@ -9,9 +9,10 @@ in-memory update, cheap and thread-safe, so :meth:`MetricsSink.record` is called
 straight from trio code; only ``force_flush`` and ``shutdown``, which export,
 run in a worker thread (Trio-flavoured async methods).
 
-The exporter uses the traces' :class:`~hydra_otel.adapters.otlp.ExporterSettings`
-(same collector, headers, TLS, timeout, compression); with HTTP the path becomes
-``/v1/metrics`` (:func:`signal_endpoint`). :class:`MeteredSpanSink` wraps the span
+The exporter takes its own :class:`~hydra_otel.adapters.otlp.ExporterSettings`, built
+from the ``OTEL_EXPORTER_OTLP_METRICS_*`` variables where set and otherwise from the
+traces' (config.py); an endpoint not given is derived from the traces' (with HTTP the
+path becomes ``/v1/metrics``: :func:`signal_endpoint`). :class:`MeteredSpanSink` wraps the span
 sink so that exactly the batches the endpoint acknowledged are measured.
 """
 
@@ -31,7 +32,7 @@ from opentelemetry.sdk.resources import Resource
 
 import hydra_otel
 from hydra_otel.adapters.export_log import watch
-from hydra_otel.adapters.otlp import Delivery, ExporterSettings, SpanSink, grpc_options
+from hydra_otel.adapters.otlp import Delivery, ExporterSettings, SpanSink, grpc_options, http_session
 from hydra_otel.core.metrics import (
     DURATION_BUCKETS,
     INSTRUMENTS,
@@ -71,7 +72,7 @@ def make_metric_exporter(s: ExporterSettings, endpoint: str | None = None) -> Me
     """The official OTLP metric exporter for ``s``.
 
     Args:
-        s: the traces exporter settings (protocol, headers, TLS, timeout, compression).
+        s: the metrics exporter settings (protocol, headers, TLS, timeout, compression).
         endpoint: overrides :func:`signal_endpoint`.
 
     Returns:
@@ -89,7 +90,7 @@ def make_metric_exporter(s: ExporterSettings, endpoint: str | None = None) -> Me
             credentials=o.credentials,
             headers=dict(s.headers),
             timeout=s.timeout_s,
-            compression=grpc.Compression.Gzip if o.gzip else None,
+            compression=grpc.Compression.Gzip if o.gzip else grpc.Compression.NoCompression,
         )
         watch(exporter, "metrics")  # one line per outage (adapters/export_log.py)
         return exporter
@@ -99,6 +100,9 @@ def make_metric_exporter(s: ExporterSettings, endpoint: str | None = None) -> Me
     http_exporter = HttpExporter(
         endpoint=url,
         certificate_file=s.certificate,
+        client_key_file=s.client_key,
+        client_certificate_file=s.client_certificate,
+        session=http_session(s.certificate),
         headers=dict(s.headers),
         timeout=s.timeout_s,
         compression=Compression.Gzip if s.compression == "gzip" else Compression.NoCompression,
@@ -235,11 +239,11 @@ def make_metrics_sink(
     """The metrics sink the configuration asks for (off unless ``enabled``).
 
     Args:
-        s: the traces exporter settings; metrics go to the same collector.
+        s: the metrics exporter settings (protocol, headers, TLS, timeout, compression).
         resource: the traces' resource.
         enabled: the off switch.
         interval_s: seconds between exports.
-        endpoint: overrides the derived metrics endpoint.
+        endpoint: the metrics endpoint as configured; else derived with :func:`signal_endpoint`.
 
     Returns:
         A :class:`MetricsSink`; call ``await sink.shutdown()`` after the exporter task ended.

@@ -67,7 +67,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 import hydra_otel
-from hydra_otel.adapters.otlp import ExporterSettings, grpc_options
+from hydra_otel.adapters.otlp import ExporterSettings, grpc_options, http_session
 from hydra_otel.adapters.otlp_metrics import signal_endpoint
 from hydra_otel.core.logtail import (
     DEFAULT_LOGS_DIR,
@@ -420,8 +420,8 @@ def make_log_exporter(s: ExporterSettings, endpoint: str | None = None) -> LogRe
     """The official OTLP log exporter for ``s`` (``/v1/logs`` with HTTP).
 
     Args:
-        s: the traces exporter settings (protocol, headers, TLS, timeout, compression).
-        endpoint: overrides the endpoint derived from the traces'.
+        s: the logs exporter settings (protocol, headers, TLS, timeout, compression).
+        endpoint: the logs endpoint as configured; else derived with ``signal_endpoint``.
 
     Returns:
         A gRPC or HTTP/protobuf log exporter.
@@ -438,7 +438,7 @@ def make_log_exporter(s: ExporterSettings, endpoint: str | None = None) -> LogRe
             credentials=o.credentials,
             headers=dict(s.headers),
             timeout=s.timeout_s,
-            compression=grpc.Compression.Gzip if o.gzip else None,
+            compression=grpc.Compression.Gzip if o.gzip else grpc.Compression.NoCompression,
         )
     from opentelemetry.exporter.otlp.proto.http import Compression as HttpCompression
     from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter as HttpExporter
@@ -446,6 +446,9 @@ def make_log_exporter(s: ExporterSettings, endpoint: str | None = None) -> LogRe
     return HttpExporter(
         endpoint=url,
         certificate_file=s.certificate,
+        client_key_file=s.client_key,
+        client_certificate_file=s.client_certificate,
+        session=http_session(s.certificate),
         headers=dict(s.headers),
         timeout=s.timeout_s,
         compression=HttpCompression.Gzip if s.compression == "gzip" else HttpCompression.NoCompression,

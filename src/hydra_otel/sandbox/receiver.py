@@ -18,12 +18,16 @@ from __future__ import annotations
 import contextlib
 import gzip
 import socket
+import ssl
+import sys
 import threading
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from concurrent import futures
+from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from types import TracebackType
 from typing import Final, Generic, NamedTuple, Self, TypeAlias, TypeVar
 from urllib.parse import urlsplit
@@ -287,6 +291,38 @@ class _TraceServicer(trace_service_pb2_grpc.TraceServiceServicer):
         return ExportTraceServiceResponse()
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServerTls:
+    """A receiver's TLS: its certificate chain and key (PEM files), and the CA its clients must show.
+
+    Args:
+        certificate: the server's certificate chain.
+        key: the server's private key (unencrypted).
+        client_ca: when set, a client must present a certificate signed by this CA (mutual TLS).
+    """
+
+    certificate: Path
+    key: Path
+    client_ca: Path | None = None
+
+    def grpc_credentials(self) -> grpc.ServerCredentials:
+        """The credentials for ``grpc.Server.add_secure_port``."""
+        return grpc.ssl_server_credentials(
+            [(self.key.read_bytes(), self.certificate.read_bytes())],
+            root_certificates=None if self.client_ca is None else self.client_ca.read_bytes(),
+            require_client_auth=self.client_ca is not None,
+        )
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """A server-side context for the HTTP receiver."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(self.certificate, self.key)
+        if self.client_ca is not None:
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.load_verify_locations(self.client_ca)
+        return context
+
+
 class GrpcOtlpReceiver(TraceSink[grpc.StatusCode]):
     """An OTLP/gRPC trace receiver on 127.0.0.1, for ``OTLPSpanExporter(endpoint, insecure=True)``.
 
@@ -294,9 +330,10 @@ class GrpcOtlpReceiver(TraceSink[grpc.StatusCode]):
 
     Args:
         host: the address to listen on.
+        tls: serve over TLS (then ``endpoint`` is an ``https://`` URL), mutual if it says so.
     """
 
-    def __init__(self, host: str = "127.0.0.1") -> None:
+    def __init__(self, host: str = "127.0.0.1", tls: ServerTls | None = None) -> None:
         super().__init__(grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INVALID_ARGUMENT)
         self._executor = futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="otlp-grpc-receiver")
         self._server = grpc.server(self._executor)
@@ -304,9 +341,13 @@ class GrpcOtlpReceiver(TraceSink[grpc.StatusCode]):
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(  # type: ignore[no-untyped-call]
             _TraceServicer(self), self._server
         )
-        self.port: Final[int] = self._server.add_insecure_port(f"{host}:0")
-        #: What the gRPC exporter takes as ``endpoint``: ``"127.0.0.1:PORT"``.
-        self.endpoint: Final = f"{host}:{self.port}"
+        self.port: Final[int] = (
+            self._server.add_insecure_port(f"{host}:0")
+            if tls is None
+            else self._server.add_secure_port(f"{host}:0", tls.grpc_credentials())
+        )
+        #: What the gRPC exporter takes as ``endpoint``: ``"127.0.0.1:PORT"``, with TLS ``"https://..."``.
+        self.endpoint: Final = f"{host}:{self.port}" if tls is None else f"https://{host}:{self.port}"
 
     def __enter__(self) -> Self:
         """Start serving."""
@@ -349,6 +390,14 @@ class _OtlpHttpServer(ThreadingHTTPServer):
             with self._connections_lock:
                 self._connections.discard(request)
         super().shutdown_request(request)
+
+    def handle_error(
+        self, request: socket.socket | tuple[bytes, socket.socket], client_address: object
+    ) -> None:
+        """Stay quiet about a refused TLS handshake (a client without the certificate asked for)."""
+        if isinstance(sys.exc_info()[1], ssl.SSLError):
+            return
+        super().handle_error(request, client_address)
 
     def close_connections(self) -> None:
         """Shut down every open connection, so that handler threads see EOF and finish."""
@@ -449,14 +498,20 @@ class HttpOtlpReceiver(TraceSink[int]):
 
     Args:
         host: the address to listen on.
+        tls: serve over TLS (then ``endpoint`` is an ``https://`` URL), mutual if it says so.
     """
 
-    def __init__(self, host: str = "127.0.0.1") -> None:
+    def __init__(self, host: str = "127.0.0.1", tls: ServerTls | None = None) -> None:
         super().__init__(HTTPStatus.SERVICE_UNAVAILABLE, HTTPStatus.BAD_REQUEST)
         self._server = _OtlpHttpServer((host, 0), self)
+        if tls is not None:
+            # The handshake runs on the handler's thread, at its first read, not in serve_forever.
+            self._server.socket = tls.ssl_context().wrap_socket(
+                self._server.socket, server_side=True, do_handshake_on_connect=False
+            )
         self.port: Final[int] = self._server.server_address[1]
-        #: The base URL, ``"http://127.0.0.1:PORT"``.
-        self.endpoint: Final = f"http://{host}:{self.port}"
+        #: The base URL, ``"http://127.0.0.1:PORT"`` (``https://`` with TLS).
+        self.endpoint: Final = f"{'http' if tls is None else 'https'}://{host}:{self.port}"
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="otlp-http-receiver"
         )

@@ -250,7 +250,7 @@ async def _listen_round_trip(dsn: str) -> str:
 
 
 async def _check_otlp(cfg: Config) -> CheckResult:
-    e = cfg.export
+    e = cfg.export.traces
     name = "otlp export"
     where = f"{e.endpoint} ({e.protocol.value})"
     record = _check_span()
@@ -273,7 +273,7 @@ async def _check_otlp(cfg: Config) -> CheckResult:
 
 async def _unreachable(endpoint: str) -> str | None:
     """Why a TCP connection to ``endpoint`` fails, or None if it succeeds."""
-    parts = urlsplit(endpoint)
+    parts = urlsplit(endpoint if "://" in endpoint else f"//{endpoint}")  # gRPC's host:port form too
     host = parts.hostname or "localhost"
     port = parts.port or (443 if parts.scheme == "https" else 80)
     try:
