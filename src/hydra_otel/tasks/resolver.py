@@ -31,6 +31,7 @@ from hydra_otel.core.builds import (
     build_spans,
     propagated_from,
     step_attempt,
+    step_needs_build,
     step_span,
 )
 from hydra_otel.core.catchup import Checkpoint, Marks
@@ -174,6 +175,7 @@ class Resolver:
         builds = await self.builds.builds([e.build_id for e in finished])
         steps = await self.builds.step_subset([(e.build_id, e.step_nr) for e in finished])
         out: list[SpanRecord] = []
+        with_build: list[BuildFinished] = []
         for e in finished:
             b = builds.get(e.build_id)
             rows = steps.get(e.build_id, [])
@@ -183,8 +185,12 @@ class Resolver:
                 continue
             if step.status is None:  # not finished after all (restarted?): it comes with its build
                 continue
-            out.append(step_span(self.cfg, b, step, step_attempt(b, rows, step.stepnr)))
-        return out
+            attempt = step_attempt(b, rows, step.stepnr)
+            if step_needs_build(b, rows, attempt):
+                with_build.append(BuildFinished(build_id=b.build_id, dependents=()))
+                continue
+            out.append(step_span(self.cfg, b, step, attempt))
+        return out + await self._finished(with_build)
 
     async def _finished(self, events: list[BuildFinished]) -> list[SpanRecord]:
         wanted = [i for e in events for i in (e.build_id, *e.dependents)]
@@ -203,9 +209,24 @@ class Resolver:
                 self.stats.not_finished += 1  # never finished (a bad notification): nothing to render
                 continue
             rows = steps.get(build_id, [])
-            out += build_spans(self.cfg, b, rows, causes.get(build_id))
+            out += self._new_attempts(b, rows, build_spans(self.cfg, b, rows, causes.get(build_id)))
             self.handled.add(("build", build_id, b.stoptime))
         return out
+
+    def _new_attempts(
+        self, b: BuildFacts, rows: list[StepFacts], spans: list[SpanRecord]
+    ) -> list[SpanRecord]:
+        """``spans`` without earlier attempts' build spans this process exported from the row.
+
+        An earlier attempt rebuilt from its steps can lack what the row had when it was the latest
+        (sizes, status 6); the span exported then is the better one, so it is not overwritten.
+        """
+        rebuilt = {build_span_id(self.cfg, b, a) for a in range(build_attempt(b, rows))}
+        return [
+            s
+            for s in spans
+            if (s.trace_id, s.span_id) not in rebuilt or not self.recent.known(s.trace_id, s.span_id)
+        ]
 
     async def _causes(
         self, builds: dict[int, BuildFacts], steps: dict[int, list[StepFacts]]
