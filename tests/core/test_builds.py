@@ -19,6 +19,7 @@ from hydra_otel.core.builds import (
     Cause,
     Placement,
     StepFacts,
+    attempt_at,
     build_attempt,
     build_span_id,
     build_spans,
@@ -336,6 +337,15 @@ def test_dependency_failed_build_links_its_cause() -> None:
     assert step.parent_span_id == build.span_id
     assert step.attrs()[sc.HYDRA_STEP_PROPAGATED_FROM] == 100
     assert step.name == "step hello-2.12"
+
+
+def test_cause_attempt_is_the_one_that_failed_then() -> None:
+    """A dependent finished with the failure's stop time names that attempt of its cause, even after the
+    cause was restarted and finished again."""
+    failed_then = FAILED_TOP.stoptime
+    assert failed_then is not None
+    assert attempt_at(RESTARTED, RESTARTED_STEPS, failed_then) == 0
+    assert build_attempt(RESTARTED, RESTARTED_STEPS) == 1
 
 
 def test_cached_build_is_a_single_span() -> None:

@@ -149,8 +149,17 @@ def _steps_of_attempt(b: BuildFacts, steps: Sequence[StepFacts], attempt: int) -
 
 def build_attempt(b: BuildFacts, steps: Sequence[StepFacts]) -> int:
     """The attempt a build finish belongs to: attempt-ending steps that stopped before the build."""
-    stop = b.stoptime if b.stoptime is not None else 0
-    return sum(1 for s in steps if _ends_attempt(b, s) and s.stoptime is not None and s.stoptime < stop)
+    return attempt_at(b, steps, b.stoptime if b.stoptime is not None else 0)
+
+
+def attempt_at(b: BuildFacts, steps: Sequence[StepFacts], when: int) -> int:
+    """The attempt of ``b`` that finished at ``when``: attempt-ending steps that stopped before then.
+
+    A dependent's ``caused_by`` link uses this with the dependent's stop time (Hydra gives the
+    dependents of a failure that failure's stop time), so the link names the attempt that failed,
+    however often the cause was restarted since.
+    """
+    return sum(1 for s in steps if _ends_attempt(b, s) and s.stoptime is not None and s.stoptime < when)
 
 
 def step_needs_build(b: BuildFacts, steps: Sequence[StepFacts], attempt: int) -> bool:

@@ -26,6 +26,7 @@ from hydra_otel.core.builds import (
     BuildFacts,
     Cause,
     StepFacts,
+    attempt_at,
     build_attempt,
     build_span_id,
     build_spans,
@@ -242,8 +243,10 @@ class Resolver:
         out: dict[int, Cause] = {}
         for build_id, cause_id in by_build.items():
             cause = every.get(cause_id)
-            if cause is not None:
-                attempt = build_attempt(cause, every_steps.get(cause_id, []))
+            stop = builds[build_id].stoptime
+            if cause is not None and stop is not None:
+                # The cause's attempt that failed then, not its latest: stable across its restarts.
+                attempt = attempt_at(cause, every_steps.get(cause_id, []), stop)
                 out[build_id] = Cause(cause_id, *build_span_id(self.cfg, cause, attempt))
         return out
 
