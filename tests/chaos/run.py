@@ -220,10 +220,11 @@ class Chaos:
         async with trio.open_nursery() as nursery:
             daemon = Supervisor(self.env, nursery, self.report, t0)
             await daemon.start()
-            playing = trio.Event()
-            nursery.start_soon(self._play, playing)
+            stop_playing, played = trio.Event(), trio.Event()
+            nursery.start_soon(self._play, stop_playing, played)
             await self._inject(daemon, t0)
-            playing.set()
+            stop_playing.set()
+            await played.wait()  # the action in progress ends first
             await self._settle_and_check(daemon)
             nursery.cancel_scope.cancel()
         await self.driver.close()
@@ -231,13 +232,14 @@ class Chaos:
         self.report.stats["seconds"] = round(trio.current_time() - t0, 1)
         return self.report
 
-    async def _play(self, done: trio.Event) -> None:
+    async def _play(self, stop: trio.Event, played: trio.Event) -> None:
         counts: dict[str, int] = {}
-        while not done.is_set():
+        while not stop.is_set():
             name = await self.workload.step()
             counts[name] = counts.get(name, 0) + 1
             await trio.sleep(self.workload.rng.uniform(*self.s.pace))
         self.report.stats["workload actions"] = dict(sorted(counts.items()))
+        played.set()
 
     def _kinds(self) -> list[str]:
         """Every kind once (shuffled) first, then random ones."""
