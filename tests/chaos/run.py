@@ -59,6 +59,8 @@ class Settings:
     pace: tuple[float, float] = (0.02, 0.25)
     #: seconds the daemon gets to export everything at the end
     settle: float = 75.0
+    #: the kinds of fault to draw from
+    kinds: tuple[str, ...] = FAULTS
 
 
 @dataclass
@@ -243,9 +245,9 @@ class Chaos:
 
     def _kinds(self) -> list[str]:
         """Every kind once (shuffled) first, then random ones."""
-        first = list(FAULTS)
+        first = list(self.s.kinds)
         self.fault_rng.shuffle(first)
-        rest = [self.fault_rng.choice(FAULTS) for _ in range(max(0, self.s.faults - len(first)))]
+        rest = [self.fault_rng.choice(self.s.kinds) for _ in range(max(0, self.s.faults - len(first)))]
         return (first + rest)[: self.s.faults]
 
     async def _inject(self, daemon: Supervisor, t0: float) -> None:
@@ -362,11 +364,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, help="replay this seed (default: a new one)")
     parser.add_argument("--faults", type=int, default=20, help="faults per run (default 20)")
     parser.add_argument("--runs", type=int, default=1, help="runs, with seeds seed, seed+1, ...")
+    parser.add_argument(
+        "--only",
+        default=",".join(FAULTS),
+        help=f"comma-separated kinds of fault (default: all of {', '.join(FAULTS)})",
+    )
     args = parser.parse_args(argv)
+    kinds = tuple(k for k in args.only.split(",") if k)
+    if unknown := set(kinds) - set(FAULTS):
+        parser.error(f"unknown kinds of fault: {', '.join(sorted(unknown))}")
     seed = args.seed if args.seed is not None else int(time.time()) % 100_000
     failed = 0
     for n in range(args.runs):
-        report = chaos(Settings(seed=seed + n, faults=args.faults))
+        report = chaos(Settings(seed=seed + n, faults=args.faults, kinds=kinds))
         print(report.text(), flush=True)
         failed += bool(report.failures)
     return 1 if failed else 0
