@@ -15,9 +15,13 @@ import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 import trio
+from trio_asyncio import aio_as_trio
 
+from hydra_otel.sandbox.hydrasim import HydraSim
+from hydra_otel.sandbox.pgcluster import PgCluster
 from hydra_otel.sandbox.receiver import GrpcOtlpReceiver
 from tests.integration.harness import Hydra
 from tests.integration.workload import Daemons, Player, assert_exactly, now, wait_for_expected
@@ -101,3 +105,34 @@ async def test_start_closes_the_gap_of_the_downtime_within_seconds(
     print(f"\nrestart: last gap span {took:.2f} s after ready")
     await second.stop()
     assert_exactly(otlp_grpc.spans(), play.expected, identical_repeats=True)
+
+
+async def test_postgres_restart_closes_its_gap_within_seconds(
+    aio_loop: asyncio.AbstractEventLoop,
+    daemons: Daemons,
+    otlp_grpc: GrpcOtlpReceiver,
+) -> None:
+    """Builds finished unheard just before a PostgreSQL fast restart: their spans come lag + 1 s after LISTEN."""
+    with PgCluster() as cluster:
+        cluster.createdb("hydra")
+        conn = await aio_as_trio(asyncpg.connect)(cluster.dsn("hydra"))
+        hydra = Hydra(HydraSim(), conn)
+        await hydra.run(hydra.sim.create_project("nixpkgs"), hydra.sim.create_jobset("nixpkgs", "trunk")[1])
+        daemon = await daemons.start(daemons.config(dsn=cluster.dsn("hydra")))
+        play = Player(hydra)
+        _, builds = await play.evaluation(1, 5)
+        await wait_for_expected(otlp_grpc, play.expected, daemon)
+        listen = daemon.service.listen
+        await finish_now_unheard(play, builds)
+        conn.terminate()
+        await trio.to_thread.run_sync(cluster.stop_server, "fast")
+        await trio.to_thread.run_sync(cluster.start_server)
+        with trio.fail_after(20):
+            while listen.connects < 2:  # noqa: ASYNC110 - set by the daemon's listener
+                await trio.sleep(0.01)
+        recovered = trio.current_time()
+        await wait_for_expected(otlp_grpc, play.expected, daemon, timeout=PROMPT)
+        took = trio.current_time() - recovered
+        print(f"\nPostgreSQL restart: last gap span {took:.2f} s after LISTEN was active again")
+        await daemon.stop()
+    assert_exactly(otlp_grpc.spans(), play.expected)
