@@ -18,7 +18,7 @@ from hydra_otel.config import (
     load,
     render_reference,
 )
-from hydra_otel.dsn import redacted_dsn
+from hydra_otel.dsn import has_userinfo, redacted_dsn, url_secrets
 from hydra_otel.errors import ConfigError
 
 Flags = dict[str, str | None]
@@ -427,6 +427,15 @@ REDACTED: list[tuple[str, str]] = [
     ("postgresql://u:p%40ss@h/db?sslpassword=k", "postgresql://u:***@h/db?sslpassword=***"),
     ("postgresql://u:p@ss@h/db", "postgresql://u:***@h/db"),
     ("dbi:Pg:dbname=hydra;password='a b;c';host=h", "dbi:Pg:dbname=hydra;password=***;host=h"),
+    # Unencoded reserved characters in the password: still masked, whatever a URL parser makes of them.
+    ("postgresql://u:pa?ss@h/db", "postgresql://u:***@h/db"),
+    ("postgresql://u:pa#ss@h/db", "postgresql://u:***@h/db"),
+    ("postgresql://u:pa/ss@h/db", "postgresql://u:***@h/db"),
+    ("postgresql://u:p?a/s#s@h:5432/db?sslmode=require", "postgresql://u:***@h:5432/db?sslmode=require"),
+    (
+        "postgres://u:12?x=y@h/db&application_name=hydra-otel",
+        "postgres://u:***@h/db&application_name=hydra-otel",
+    ),
 ]
 
 
@@ -434,6 +443,109 @@ REDACTED: list[tuple[str, str]] = [
 def test_redacted_dsn(url: str, expected: str) -> None:
     """Passwords in the userinfo or in password= parameters are replaced by ***, the rest is kept."""
     assert redacted_dsn(url) == expected
+
+
+URL_SECRETS: list[tuple[str, list[str]]] = [
+    ("postgresql://u:s3cret@h/db", ["s3cret"]),
+    ("postgresql://u:p%3Fss@h/db", ["p%3Fss", "p?ss"]),
+    ("postgresql://u:pa?ss@h/db", ["pa?ss"]),
+    ("postgresql:///db?password=s3cret&sslpassword='k e y'", ["s3cret", "k e y"]),
+    ("postgresql://u@h/db", []),
+    ("postgresql://h:5432/db", []),
+]
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("https://u:p@collector:4317", True),
+        ("https://u@collector", True),
+        ("http://u:pa?ss@collector", True),
+        ("http://u:pa/ss@collector", True),
+        ("http://u:pa#ss@collector/v1/traces", True),
+        ("https://collector:4317/v1/traces", False),
+        ("https://collector/path?x=a@b", False),
+    ],
+)
+def test_has_userinfo(url: str, expected: bool) -> None:
+    """A user:password part is found also when an unencoded '/', '?' or '#' hides it from urlsplit."""
+    assert has_userinfo(url) is expected
+
+
+@pytest.mark.parametrize(("url", "expected"), URL_SECRETS)
+def test_url_secrets(url: str, expected: list[str]) -> None:
+    """The log redactor is given every password, as written and percent-decoded, even in a malformed URL."""
+    assert sorted(url_secrets(url)) == sorted(expected)
+
+
+REFUSED_URLS: list[tuple[str, str]] = [
+    ("postgresql://u:hun?ter2@h/db", "an '@' that does not end"),
+    ("postgresql://u:hun#ter2@h/db", "has a '#'"),
+    ("postgresql://u:hun/ter2@h/db", "an '@' that does not end"),
+    ("postgresql://u:hun@ter2@h/db", "an '@' that does not end"),
+    ("postgresql://h:5432x/db", "a port is not a number"),
+    ("postgresql://h:99/a/b", "the database name has a '/'"),
+    ("postgresql://h/db?x y=1", "a query parameter name is not a name"),
+]
+
+
+@pytest.mark.parametrize(("url", "reason"), REFUSED_URLS)
+def test_malformed_database_urls_refused(url: str, reason: str) -> None:
+    """URLs that parsers read differently are refused with a hint to percent-encode, never quoting the password."""
+    (problem,) = problems_of({"database_url": url}, {})
+    assert reason in problem
+    assert "percent-encode" in problem
+    assert "ter2" not in problem
+
+
+ACCEPTED_URLS = [
+    "postgresql://u:p%40s%2Fs%3F%23@h:5432/db",
+    "postgresql://[::1]:5432/db",
+    "postgresql://h1:5432,h2:5433/db?target_session_attrs=read-write",
+    "postgresql:///db?host=/run/postgresql",
+    "postgres://u@/db?options=-c%20search_path%3Dhydra",
+]
+
+
+@pytest.mark.parametrize("url", ACCEPTED_URLS)
+def test_well_formed_database_urls_accepted(url: str) -> None:
+    """Percent-encoded passwords, IPv6 hosts, host lists and socket directories stay accepted."""
+    assert load({"database_url": url}, {}).db.url.startswith(url)
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        (
+            {"OTEL_EXPORTER_OTLP_ENDPOINT": "https://user:hunter2@otlp.example:4317"},
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+        ),
+        (
+            {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://u:hun?ter2@c:4318/v1/traces"},
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        ),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://u:hun/ter2@c:4317"}, "OTEL_EXPORTER_OTLP_ENDPOINT"),
+        ({"HYDRA_OTEL_HYDRA_URL": "https://admin:hunter2@hydra.example"}, "HYDRA_OTEL_HYDRA_URL"),
+    ],
+)
+def test_credentials_in_urls_refused(env: Env, variable: str) -> None:
+    """User and password in the OTLP endpoint or Hydra's URL are refused, pointing at the headers variable."""
+    (problem,) = problems_of({}, env)
+    assert problem.startswith(f"{variable}: ")
+    assert "OTEL_EXPORTER_OTLP_HEADERS" in problem
+    assert "ter2" not in problem
+
+
+def test_config_collects_secrets() -> None:
+    """The configuration hands the log redactor the database password, header values and PGPASSWORD."""
+    env = {
+        "HYDRA_OTEL_DATABASE_URL": "postgresql://u:pw%3F1@h/db",
+        "OTEL_EXPORTER_OTLP_HEADERS": "authorization=Bearer%20tok3n",
+        "PGPASSWORD": "pgpass-value",
+    }
+    config = load({}, env)
+    assert set(config.secrets) == {"pw%3F1", "pw?1", "Bearer tok3n", "pgpass-value"}
+    assert "tok3n" not in repr(config)
 
 
 SECRET_SOURCES: list[Env] = [

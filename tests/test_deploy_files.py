@@ -162,6 +162,7 @@ def test_unit_restarts(unit: Unit) -> None:
     assert timespan_seconds(single(unit, "Service", "RestartSec")) == 2
     assert "3" not in single(unit, "Service", "RestartPreventExitStatus").split()
     assert single(unit, "Service", "KillSignal") == "SIGTERM"
+    assert values(unit, "Service", "ExecReload") == [], "SIGHUP stops the daemon: no reload"
 
 
 def test_unit_stop_timeout_exceeds_shutdown_grace(unit: Unit) -> None:

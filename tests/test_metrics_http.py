@@ -151,7 +151,7 @@ def test_snapshot_from_covers_new_stats_fields() -> None:
     not_exported = {"exporting_failed"}  # a state shown through the readiness gauge
     stats = Stats()
     for f in dataclasses.fields(Stats):
-        if isinstance(getattr(stats, f.name), Counter):
+        if isinstance(getattr(stats, f.name), Counter | dict):
             getattr(stats, f.name)[f"marker_{f.name}"] = 1
         elif isinstance(getattr(stats, f.name), bool):
             setattr(stats, f.name, True)
@@ -160,7 +160,7 @@ def test_snapshot_from_covers_new_stats_fields() -> None:
     text = render_prometheus(snapshot_from(stats, ListenStatistics()))
     for f in dataclasses.fields(Stats):
         value = getattr(stats, f.name)
-        needle = f'"marker_{f.name}"' if isinstance(value, Counter) else f" {value}\n"
+        needle = f'"marker_{f.name}"' if isinstance(value, Counter | dict) else f" {value}\n"
         assert (needle in text) != (f.name in not_exported), f"Stats.{f.name}"
     listen = ListenStatistics(
         **{f.name: 2000 + i for i, f in enumerate(dataclasses.fields(ListenStatistics))}

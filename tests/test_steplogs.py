@@ -1,7 +1,8 @@
 """Reading failed-step log tails from disk (adapters/steplogs.py): plain, .bz2 and .zst files.
 
 Files are made in ``tmp_path`` in Hydra's layout. ``.zst`` tests need the ``zstd`` program (as
-Hydra's own log compression does) and are skipped without it.
+Hydra's own log compression does) and are skipped without it. Hostile layouts (links out of the
+directory, FIFOs, devices, sockets, decompression bombs) are in tests/test_steplogs_hostile.py.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from hydra_otel.adapters.steplogs import (
 )
 from hydra_otel.core.builds import step_span
 from hydra_otel.core.evals import RenderConfig
-from hydra_otel.core.logtail import EVENT_NAME, hydra_log_path
+from hydra_otel.core.logtail import EVENT_NAME, LogLocation, hydra_log_path, log_location
 from tests.factories import make_build, make_step
 
 ZSTD = shutil.which("zstd")
@@ -57,9 +58,12 @@ def write_log(tmp_path: Path, data: bytes, suffix: str = "") -> str:
     return plain
 
 
-def candidates(plain: str) -> list[str]:
-    """The laid-out candidates, as core.logtail.log_candidates gives them."""
-    return [plain, plain + ".bz2", plain + ".zst"]
+def candidates() -> list[LogLocation]:
+    """DRV's places below the log directory, as core.logtail.log_candidates gives them."""
+    loc = log_location(DRV)
+    assert loc is not None
+    bucket, name = loc
+    return [(bucket, name), (bucket, name + ".bz2"), (bucket, name + ".zst")]
 
 
 def expected_tail(n: int = 10) -> str:
@@ -71,7 +75,7 @@ def expected_tail(n: int = 10) -> str:
 def test_tail_of_each_format(tmp_path: Path, suffix: str) -> None:
     """Plain, bzip2 and zstd logs give the same last lines."""
     plain = write_log(tmp_path, LINES, suffix)
-    result = read_tail_sync(candidates(plain), settings(tmp_path))
+    result = read_tail_sync(candidates(), settings(tmp_path))
     assert result.outcome is TailOutcome.FOUND
     assert result.tail is not None
     assert result.tail.path == plain + suffix
@@ -87,7 +91,7 @@ def test_huge_plain_log_is_read_only_at_the_end(tmp_path: Path) -> None:
         f.truncate(1 << 30)
         f.seek(0, 2)
         f.write(LINES)
-    result = read_tail_sync([plain], settings(tmp_path))
+    result = read_tail_sync(candidates()[:1], settings(tmp_path))
     assert result.tail is not None
     assert result.tail.bytes_read <= 1024
     assert result.tail.text.endswith("error: builder failed with exit code 1")
@@ -96,8 +100,8 @@ def test_huge_plain_log_is_read_only_at_the_end(tmp_path: Path) -> None:
 
 def test_small_log_is_whole(tmp_path: Path) -> None:
     """A log shorter than the bounds is returned whole and not marked truncated."""
-    plain = write_log(tmp_path, b"one\ntwo\n")
-    tail = read_tail_sync([plain], settings(tmp_path)).tail
+    write_log(tmp_path, b"one\ntwo\n")
+    tail = read_tail_sync(candidates()[:1], settings(tmp_path)).tail
     assert tail is not None
     assert (tail.text, tail.lines, tail.truncated) == ("one\ntwo", 2, False)
 
@@ -105,8 +109,8 @@ def test_small_log_is_whole(tmp_path: Path) -> None:
 def test_large_bz2_keeps_a_bounded_tail(tmp_path: Path) -> None:
     """A bzip2 log much larger than the window streams through it and ends right."""
     big = b"".join(b"%08d some compiler output\n" % i for i in range(100_000))  # ~3 MB
-    plain = write_log(tmp_path, big, ".bz2")
-    tail = read_tail_sync(candidates(plain), settings(tmp_path, max_lines=3)).tail
+    write_log(tmp_path, big, ".bz2")
+    tail = read_tail_sync(candidates(), settings(tmp_path, max_lines=3)).tail
     assert tail is not None
     assert (
         tail.text
@@ -119,25 +123,25 @@ def test_multistream_and_truncated_bz2(tmp_path: Path) -> None:
     plain = hydra_log_path(str(tmp_path), DRV)
     Path(plain).parent.mkdir(parents=True)
     Path(plain + ".bz2").write_bytes(bz2.compress(b"first\n") + bz2.compress(b"second\n"))
-    tail = read_tail_sync(candidates(plain), settings(tmp_path)).tail
+    tail = read_tail_sync(candidates(), settings(tmp_path)).tail
     assert tail is not None
     assert tail.text == "first\nsecond"
     whole = bz2.compress(LINES)
     Path(plain + ".bz2").write_bytes(whole[: len(whole) // 2])
-    result = read_tail_sync(candidates(plain), settings(tmp_path))
+    result = read_tail_sync(candidates(), settings(tmp_path))
     assert result.outcome is TailOutcome.FOUND
 
 
 def test_compressed_over_the_bound_is_skipped(tmp_path: Path) -> None:
     """A compressed log larger than max_compressed_bytes is not decompressed."""
-    plain = write_log(tmp_path, LINES, ".bz2")
-    result = read_tail_sync(candidates(plain), settings(tmp_path, max_compressed_bytes=100))
+    write_log(tmp_path, LINES, ".bz2")
+    result = read_tail_sync(candidates(), settings(tmp_path, max_compressed_bytes=100))
     assert result == dataclasses.replace(result, outcome=TailOutcome.TOO_LARGE, tail=None)
 
 
 def test_missing_log(tmp_path: Path) -> None:
     """No candidate exists: no tail."""
-    result = read_tail_sync(candidates(hydra_log_path(str(tmp_path), DRV)), settings(tmp_path))
+    result = read_tail_sync(candidates(), settings(tmp_path))
     assert (result.outcome, result.tail) == (TailOutcome.MISSING, None)
 
 
@@ -145,7 +149,7 @@ def test_corrupt_bz2_is_unreadable(tmp_path: Path) -> None:
     """A .bz2 file that is not bzip2 is reported, not raised."""
     plain = write_log(tmp_path, b"", ".bz2")
     Path(plain + ".bz2").write_bytes(b"this is not bzip2 at all")
-    assert read_tail_sync(candidates(plain), settings(tmp_path)).outcome is TailOutcome.UNREADABLE
+    assert read_tail_sync(candidates(), settings(tmp_path)).outcome is TailOutcome.UNREADABLE
 
 
 def test_zst_without_the_program(tmp_path: Path) -> None:
@@ -153,7 +157,7 @@ def test_zst_without_the_program(tmp_path: Path) -> None:
     plain = hydra_log_path(str(tmp_path), DRV)
     Path(plain).parent.mkdir(parents=True)
     Path(plain + ".zst").write_bytes(b"\x28\xb5\x2f\xfd")
-    assert read_tail_sync(candidates(plain), settings(tmp_path, zstd=None)).outcome is TailOutcome.UNSUPPORTED
+    assert read_tail_sync(candidates(), settings(tmp_path, zstd=None)).outcome is TailOutcome.UNSUPPORTED
 
 
 @needs_zstd
@@ -162,22 +166,22 @@ def test_corrupt_zst_is_unreadable(tmp_path: Path) -> None:
     plain = hydra_log_path(str(tmp_path), DRV)
     Path(plain).parent.mkdir(parents=True)
     Path(plain + ".zst").write_bytes(b"garbage, not zstd")
-    assert read_tail_sync(candidates(plain), settings(tmp_path)).outcome is TailOutcome.UNREADABLE
+    assert read_tail_sync(candidates(), settings(tmp_path)).outcome is TailOutcome.UNREADABLE
 
 
 def test_non_utf8_content(tmp_path: Path) -> None:
     """Bytes that are not UTF-8 come out as replacement characters."""
-    plain = write_log(tmp_path, b"caf\xe9 \xff\n\xc3\xa9t\xc3\xa9\n")
-    tail = read_tail_sync([plain], settings(tmp_path)).tail
+    write_log(tmp_path, b"caf\xe9 \xff\n\xc3\xa9t\xc3\xa9\n")
+    tail = read_tail_sync(candidates()[:1], settings(tmp_path)).tail
     assert tail is not None
     assert tail.text == "caf\ufffd \ufffd\n\u00e9t\u00e9"
 
 
 def test_plain_preferred_over_compressed(tmp_path: Path) -> None:
     """While Hydra compresses a log both files exist; the plain one is read."""
-    plain = write_log(tmp_path, b"plain\n")
+    write_log(tmp_path, b"plain\n")
     write_log(tmp_path, b"compressed\n", ".bz2")
-    tail = read_tail_sync(candidates(plain), settings(tmp_path)).tail
+    tail = read_tail_sync(candidates(), settings(tmp_path)).tail
     assert tail is not None
     assert tail.text == "plain"
 
@@ -208,17 +212,24 @@ async def test_failed_step_gets_a_span_event_when_logs_export_is_off(tmp_path: P
     assert dict(event.attributes)["hydra.step.log_tail"] == expected_tail()
     assert dict(event.attributes)["log.file.path"] == hydra_log_path(str(tmp_path), DRV)
     assert dataclasses.replace(out[1], events=()) == failed
-    assert logs.stats.snapshot() == {"outcomes": {"found": 1}, "skipped": 0}
+    assert logs.stats.snapshot() == {"outcomes": {"found": 1}, "refused": {}, "skipped": 0}
 
 
-async def test_notified_log_path_is_used(tmp_path: Path) -> None:
-    """The path step_finished carried is read even outside Hydra's layout."""
+async def test_notified_log_path_is_not_read(tmp_path: Path) -> None:
+    """The path step_finished carried is never opened: only the step's log in Hydra's layout is read."""
+    write_log(tmp_path, b"the step's own log\n")
     elsewhere = tmp_path / "other" / "log.drv"
     elsewhere.parent.mkdir()
     elsewhere.write_bytes(b"from the notification\n")
     failed = step_span(CFG, BUILD, STEP, 0)
-    out = await StepLogs(settings(tmp_path / "empty")).process([failed], {(100, 2): str(elsewhere)})
-    assert dict(out[0].events[0].attributes)["hydra.step.log_tail"] == "from the notification"
+    logs = StepLogs(settings(tmp_path))
+    out = await logs.process([failed], {(100, 2): str(elsewhere)})
+    assert dict(out[0].events[0].attributes)["hydra.step.log_tail"] == "the step's own log"
+    assert logs.stats.refused == {"notified_path": 1}
+    # the queue runner's own path (the same log, seen through another directory name) is no refusal
+    agreed = StepLogs(settings(tmp_path))
+    await agreed.process([failed], {(100, 2): hydra_log_path("/elsewhere/build-logs", DRV) + ".bz2"})
+    assert agreed.stats.refused == {}
 
 
 async def test_missing_log_and_batch_bound(tmp_path: Path) -> None:
@@ -226,4 +237,4 @@ async def test_missing_log_and_batch_bound(tmp_path: Path) -> None:
     spans = [step_span(CFG, BUILD, dataclasses.replace(STEP, stepnr=n), 0) for n in range(1, 4)]
     logs = StepLogs(settings(tmp_path, max_per_batch=2))
     assert await logs.process(spans) == spans
-    assert logs.stats.snapshot() == {"outcomes": {"missing": 2}, "skipped": 1}
+    assert logs.stats.snapshot() == {"outcomes": {"missing": 2}, "refused": {}, "skipped": 1}

@@ -1,7 +1,7 @@
 """Command line: ``hydra-otel run | demo | ids | check | backfill``. The only place that exits the process.
 
 Exit codes: 0 after a clean stop (signal), 2 for an invalid configuration or
-usage, 3 when the instance lock was lost (run under a supervisor that restarts
+usage or an unusable state directory (docs/operations.md), 3 when the instance lock was lost (run under a supervisor that restarts
 it: it comes back as a standby), 1 for an unexpected failure (a bug: the
 traceback is logged); 130 for an interrupted ``backfill`` or ``demo`` (a backfill resumes
 when run again).
@@ -61,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"hydra-otel: {exc}", file=sys.stderr)
         return 2
-    log.configure(cfg.log_level)
+    log.configure(cfg.log_level, cfg.secrets)
     if args.command == "run":
         return _run(cfg)
     if args.command in ("ids", "check"):
@@ -85,7 +85,7 @@ def _run(cfg: config.Config) -> int:
         if lost is not None and other is None:
             logger.error("lost the instance lock; exiting so the service manager restarts this as a standby")
             return 3
-        state, other = group.split(StateDirError)
+        state, other = group.split((StateDirError, ConfigError))
         if state is not None and other is None:
             logger.error(str(first_leaf(state)))
             return 2

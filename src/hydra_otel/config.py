@@ -18,13 +18,14 @@ import math
 import re
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 from urllib.parse import unquote, urlsplit
 
-from hydra_otel.dsn import DsnError, database_url, dbi_to_url, redacted_dsn
+from hydra_otel.core.budget import min_spans_per_trace
+from hydra_otel.dsn import DsnError, database_url, dbi_to_url, has_userinfo, redacted_dsn, url_secrets
 from hydra_otel.errors import ConfigError, quote_payload
 
 _T = TypeVar("_T")
@@ -76,6 +77,7 @@ class StitchConfig:
     error_text_limit: int
     max_builds_per_trace: int
     max_links: int
+    max_spans_per_trace: int
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -127,6 +129,8 @@ class Config:
     metrics_address: tuple[str, int] | None
     telemetry: TelemetryConfig
     queue_size: int
+    #: Every secret value (passwords as written and decoded, header values), for the log redactor.
+    secrets: tuple[str, ...] = field(default=(), repr=False)
 
 
 class _Invalid(ValueError):
@@ -192,6 +196,11 @@ def _optional(check: _Check[_T]) -> _Check[_T | None]:
 
 def _http_url(text: str) -> str:
     parts = urlsplit(text)
+    if has_userinfo(text):
+        raise _Invalid(
+            "credentials in a URL end up in logs and span attributes: remove them, and for the OTLP "
+            "endpoint give them as a header in OTEL_EXPORTER_OTLP_HEADERS, e.g. authorization=Basic%20..."
+        )
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError
     return text
@@ -268,6 +277,12 @@ _FROM_ENV: Mapping[str, Callable[[str], str]] = {
     "STATE_DIRECTORY": lambda text: text.split(":", 1)[0],
 }
 
+
+def _redacted(text: str) -> str:
+    """How an error message shows a URL: quoted, with any password masked (malformed ones too)."""
+    return quote_payload(redacted_dsn(text))
+
+
 # --- the declaration table ----------------------------------------------------------------------------
 
 _OTLP = "OTEL_EXPORTER_OTLP_"
@@ -276,13 +291,13 @@ _URL = "an http(s) URL with a host"
 # fmt: off
 DATABASE_URL = Setting(
     flag="--database-url", env=("HYDRA_OTEL_DATABASE_URL", "HYDRA_DATABASE_URL", "HYDRA_DBI"),
-    default="postgresql:///hydra", section="Database", show=lambda t: quote_payload(redacted_dsn(t)),
+    default="postgresql:///hydra", section="Database", show=_redacted,
     check=_Check("a postgresql:// URL, or for HYDRA_DBI a dbi:Pg: data source", database_url),
     doc="Hydra's PostgreSQL database; `application_name=hydra-otel` is added unless the URL sets one. "
     "See *Database URL resolution*.")
 HYDRA_URL = Setting(
     flag="--hydra-url", env=("HYDRA_OTEL_HYDRA_URL",), default="http://localhost:3000", section="Hydra",
-    check=_Check(f"{_URL}, no query or fragment", _hydra_url),
+    show=_redacted, check=_Check(f"{_URL}, no query or fragment", _hydra_url),
     doc="Hydra's web base URL, for `url.full` span attributes. Trailing slashes are removed.")
 INSTANCE = Setting(
     flag="--instance", env=("HYDRA_OTEL_INSTANCE",), default="hydra", section="Hydra",
@@ -295,7 +310,8 @@ EVAL_ABANDON_AFTER = Setting(
     "(Hydra's evaluator has a one-hour alarm, plus the time to insert the builds).")
 MAX_OPEN_EVALS = Setting(
     flag="--max-open-evals", env=("HYDRA_OTEL_MAX_OPEN_EVALS",), default="10000", section="Hydra",
-    check=_int(1), doc="Bound on the evaluations awaiting their closing event.")
+    check=_int(1), doc="Bound on the evaluations awaiting their closing event; an `eval_started` beyond it is "
+    "not opened and is counted in `hydra_otel_notifications_rejected_total{reason=\"too_many_open\"}`.")
 ERROR_TEXT_LIMIT = Setting(
     flag="--error-text-limit", env=("HYDRA_OTEL_ERROR_TEXT_LIMIT",), default="4096", section="Hydra",
     check=_int(64, 1_000_000), doc="Hydra error text put on spans is cut to this many characters.")
@@ -304,6 +320,13 @@ MAX_BUILDS_PER_TRACE = Setting(
     check=_int(1, 100_000),
     doc="Builds an evaluation's trace holds (by build ID); later ones get traces of their own, linked both "
     "ways, so a nixpkgs-sized evaluation stays within Tempo's 5 MB and Jaeger's UI limits (docs/spans.md).")
+MAX_SPANS_PER_TRACE = Setting(
+    flag="--max-spans-per-trace", env=("HYDRA_OTEL_MAX_SPANS_PER_TRACE",), default="6000", section="Hydra",
+    check=_int(7, 10_000_000),
+    doc="Spans a trace holds, split evenly between the builds in it; a build finish with more steps than "
+    "its share keeps the first ones and its last, and its span says how many were left out "
+    "(`hydra.build.steps_omitted`). At least 3 times `--max-builds-per-trace`, plus 4. About 0.6 KB a span: the "
+    "default keeps a trace near 3.7 MB, under Tempo's 5 MB (docs/spans.md).")
 MAX_LINKS = Setting(
     flag="--max-links", env=("HYDRA_OTEL_MAX_LINKS",), default="32", section="Hydra",
     check=_int(0, 128),
@@ -314,9 +337,10 @@ OTLP_PROTOCOL = Setting(
 OTLP_ENDPOINT = Setting(
     flag="--otlp-endpoint", env=(f"{_OTLP}TRACES_ENDPOINT", f"{_OTLP}ENDPOINT"), default="", section="Export",
     default_doc="`http://localhost:4317` (grpc), `http://localhost:4318/v1/traces` (http/protobuf)",
-    check=_optional(_Check(_URL, _http_url)),
+    show=_redacted, check=_optional(_Check(_URL, _http_url)),
     doc="Collector URL. With http/protobuf, `/v1/traces` is appended to `OTEL_EXPORTER_OTLP_ENDPOINT` "
-    "(a base URL, per the OTel spec); the flag and the `TRACES` variable are used as they are.")
+    "(a base URL, per the OTel spec); the flag and the `TRACES` variable are used as they are. "
+    "Credentials in it are refused: put them in `OTEL_EXPORTER_OTLP_HEADERS`.")
 OTLP_HEADERS = Setting(
     flag=None, env=(f"{_OTLP}TRACES_HEADERS", f"{_OTLP}HEADERS"), default="", section="Export",
     check=_Check("comma-separated name=value pairs, URL-encoded", _pairs(header_names=True)),
@@ -370,13 +394,14 @@ STATE_DIR = Setting(
     section="Service", check=_Check("an absolute path", _abs_path),
     doc="hydra-otel's own state: the progress marks (`progress.sqlite3`, docs/operations.md). "
     "`STATE_DIRECTORY` comes from systemd's `StateDirectory=` (its first entry is used). Created if "
-    "missing; a directory that cannot be written stops the daemon at start-up with exit code 2.")
+    "missing; a directory that cannot be written, that another hydra-otel process uses, or whose marks "
+    "are invalid or another instance's stops the daemon at start-up with exit code 2 and a message.")
 LOG_LEVEL = Setting(
     flag="--log-level", env=("HYDRA_OTEL_LOG_LEVEL",), default="info", section="Service",
     check=_choice(LogLevel), doc="Least severe level logged.")
 SHUTDOWN_GRACE = Setting(
     flag="--shutdown-grace", env=("HYDRA_OTEL_SHUTDOWN_GRACE",), default="10", section="Service",
-    check=_seconds(), doc="On SIGTERM or SIGINT, time allowed to drain the pipeline and flush the spans.")
+    check=_seconds(), doc="On SIGTERM, SIGINT or SIGHUP, time allowed to drain the pipeline and flush the spans.")
 CATCHUP_INTERVAL = Setting(
     flag="--catchup-interval", env=("HYDRA_OTEL_CATCHUP_INTERVAL",), default="30", section="Service",
     check=_seconds(),
@@ -431,7 +456,7 @@ QUEUE_SIZE = Setting(
 #: The declaration table, in documentation order.
 SETTINGS: tuple[Setting[Any], ...] = (
     DATABASE_URL, HYDRA_URL, INSTANCE, EVAL_ABANDON_AFTER, MAX_OPEN_EVALS, ERROR_TEXT_LIMIT,
-    MAX_BUILDS_PER_TRACE, MAX_LINKS,
+    MAX_BUILDS_PER_TRACE, MAX_SPANS_PER_TRACE, MAX_LINKS,
     OTLP_PROTOCOL, OTLP_ENDPOINT, OTLP_HEADERS, OTLP_TIMEOUT, OTLP_CERTIFICATE, OTLP_INSECURE,
     OTLP_COMPRESSION, EXPORT_BATCH_SIZE, EXPORT_MAX_REQUEST_BYTES, EXPORT_DELAY, EXPORT_MAX_BACKOFF, SERVICE_NAME,
     RESOURCE_ATTRIBUTES, STATE_DIR, LOG_LEVEL, SHUTDOWN_GRACE, CATCHUP_INTERVAL, CATCHUP_OVERLAP,
@@ -498,6 +523,7 @@ def load(argv_values: Mapping[str, str | None], environ: Mapping[str, str]) -> C
             error_text_limit=r.get(ERROR_TEXT_LIMIT),
             max_builds_per_trace=r.get(MAX_BUILDS_PER_TRACE),
             max_links=r.get(MAX_LINKS),
+            max_spans_per_trace=_span_budget(r),
         ),
         export=_export(r),
         state_dir=r.get(STATE_DIR),
@@ -519,7 +545,25 @@ def load(argv_values: Mapping[str, str | None], environ: Mapping[str, str]) -> C
     )
     if r.problems:
         raise ConfigError(r.problems)
-    return config
+    return replace(config, secrets=_secrets(config, environ))
+
+
+def _secrets(config: Config, environ: Mapping[str, str]) -> tuple[str, ...]:
+    """What no log line may show: database passwords (also PGPASSWORD, which asyncpg reads) and headers."""
+    found = [*url_secrets(config.db.url), *(v for _, v in config.export.headers)]
+    if environ.get("PGPASSWORD"):
+        found.append(environ["PGPASSWORD"])
+    return tuple(sorted(set(found), key=len, reverse=True))
+
+
+def _span_budget(r: _Resolver) -> int:
+    spans, builds = r.get(MAX_SPANS_PER_TRACE), r.get(MAX_BUILDS_PER_TRACE)
+    if spans < min_spans_per_trace(builds):
+        r.problems.append(
+            f"{r.origins[MAX_SPANS_PER_TRACE.key]}: must be at least {min_spans_per_trace(builds)} "
+            f"(3 spans for each of the {builds} builds a trace may hold, plus 4), got {spans}"
+        )
+    return spans
 
 
 def _export(r: _Resolver) -> ExportConfig:
@@ -613,11 +657,27 @@ at once, naming the flag or variable it came from; hydra-otel then exits without
 `application_name=hydra-otel` is added unless the URL already sets an `application_name`. The
 source used is logged at start-up, with the URL redacted.
 
+Reserved characters in the user name or password must be percent-encoded (`@` as `%40`, `/` as
+`%2F`, `?` as `%3F`, `#` as `%23`). A URL in which they are not is refused at start-up (exit code 2)
+rather than guessed at: asyncpg and libpq split such a URL differently, and would send part of the
+password as a host, database name or option. So are a fragment (`#...`), an `@` anywhere but at the
+end of the user name and password (also in a query value: write `%40`), a database name with a `/`
+and a port that is not a number.
+
 ## Redaction
 
 Passwords (the URL's `user:password@` part and `password=`/`sslpassword=` parameters) are shown as
-`***` in logs, in `repr()` of the configuration and in error messages. OTLP header values never
-appear at all: they are not in `repr()`, and a malformed header entry is reported by position only.
+`***` in logs, in `repr()` of the configuration and in error messages, also in a URL that is refused.
+OTLP header values never appear at all: they are not in `repr()`, and a malformed header entry is
+reported by position only. As a last line of defence every log line, traceback included, goes through
+a redactor that masks the database password (as written and percent-decoded), `PGPASSWORD` and every
+OTLP header value, also JSON- or `repr()`-escaped; secrets shorter than 4 characters are not searched
+for. `hydra-otel check` masks its output the same way.
+
+A URL with credentials (`https://user:password@collector:4317`) is refused for the OTLP endpoint and
+Hydra's URL (exit code 2): the OpenTelemetry exporters would log it on every retry, and Hydra's URL is
+copied into span attributes. Give collector credentials as a header instead, e.g.
+`OTEL_EXPORTER_OTLP_HEADERS=authorization=Basic%20<base64 of user:password>`.
 """
 
 

@@ -6,12 +6,15 @@
 | ConfigError      | refuse to start; the message lists every problem       |
 | StateDirError    | refuse to start; the message names the directory        |
 | DbUnavailable    | reconnect with backoff, then catch up from the tables  |
+| PermissionDenied | hold what needs the table, export the rest, retry      |
 | LeadershipLost   | stop exporting; exit so a supervisor restarts a standby |
 
 An export the endpoint refuses is not an exception: the sink returns False and
 the exporter task holds the batch and retries it with capped backoff, whatever
 the reason (tasks/exporter.py; docs/performance.md, "What is left"). Anything
-else is a bug and is allowed to crash the nursery.
+else is a bug: the service's supervisor logs it with its traceback and restarts
+the pipeline, which re-derives its in-flight work from the progress marks
+(service.py); only ConfigError, StateDirError and LeadershipLost end the process.
 """
 
 from __future__ import annotations
@@ -48,12 +51,38 @@ class ConfigError(HydraOtelError):
         super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in self.problems))
 
 
+class DbSettingsError(ConfigError):
+    """The database connection settings are invalid (``sslmode=bogus``): retrying cannot help.
+
+    One problem, and its message is that one line (tools quote the first line of an error).
+    """
+
+    def __init__(self, problem: str) -> None:
+        super().__init__([problem])
+        self.args = (problem,)
+
+
 class StateDirError(HydraOtelError):
     """The state directory cannot be created or written; the message says which setting to change."""
 
 
 class DbUnavailable(HydraOtelError):
     """The database cannot be reached or the connection was lost; retry later."""
+
+
+class PermissionDenied(HydraOtelError):
+    """hydra-otel's role may not read a table (SQLSTATE 42501): an operator must GRANT it.
+
+    Not "unavailable": retrying does not help until someone runs :attr:`grant`, so the
+    caller holds only the work that needs ``table`` and carries on with the rest.
+    """
+
+    def __init__(self, table: str, grant: str, detail: str) -> None:
+        self.table = table
+        self.grant = grant
+        super().__init__(
+            f"{detail}: hydra-otel cannot read {table}; as its owner or a superuser, run: {grant}"
+        )
 
 
 class LeadershipLost(DbUnavailable):

@@ -2,16 +2,21 @@
 
 Log lines are lifecycle events (start, LISTEN active, reconnect, export
 failing/recovered, shutdown) and problems, never one line per notification;
-:class:`RateLimitedLog` keeps bad-input warnings from flooding.
+:class:`RateLimitedLog` keeps bad-input warnings from flooding. Every line,
+traceback included, passes a :class:`Redactor` fed with the configuration's
+secrets (``Config.secrets``) before it is written.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
+from collections.abc import Iterable
 from typing import Any, ClassVar
+from urllib.parse import quote
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
@@ -49,10 +54,55 @@ class TextFormatter(logging.Formatter):
         return line
 
 
-def configure(level: str) -> None:
-    """Install the handler on the root logger (idempotent)."""
+#: Secrets shorter than this are not searched for: masking every "ab" would garble the log.
+MIN_SECRET_LENGTH = 4
+
+
+class Redactor:
+    """Replaces each secret, as written or as it would be escaped in a log line, with ``***``.
+
+    The last line of defence: passwords and header values are kept out of messages where they are
+    made, but a library's exception text or a traceback can still quote a connection string.
+    """
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        variants = {
+            form
+            for s in secrets
+            if len(s) >= MIN_SECRET_LENGTH
+            for form in (
+                s,
+                quote(s, safe=""),
+                json.dumps(s)[1:-1],
+                repr(s)[1:-1],
+                json.dumps(repr(s)[1:-1])[1:-1],
+            )
+        }
+        ordered = sorted(variants, key=len, reverse=True)  # a longer form must win over its own prefix
+        self._pattern = re.compile("|".join(map(re.escape, ordered))) if ordered else None
+
+    def __call__(self, text: str) -> str:
+        """``text`` with every secret replaced by ``***``."""
+        return text if self._pattern is None else self._pattern.sub("***", text)
+
+
+class RedactingFormatter(logging.Formatter):
+    """Formats with ``inner``, then masks the secrets in the whole line, traceback included."""
+
+    def __init__(self, inner: logging.Formatter, redact: Redactor) -> None:
+        super().__init__()
+        self._inner = inner
+        self._redact = redact
+
+    def format(self, record: logging.LogRecord) -> str:
+        return self._redact(self._inner.format(record))
+
+
+def configure(level: str, secrets: Iterable[str] = ()) -> None:
+    """Install the handler on the root logger (idempotent); no line it writes can show ``secrets``."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(TextFormatter() if sys.stderr.isatty() else JsonFormatter())
+    inner = TextFormatter() if sys.stderr.isatty() else JsonFormatter()
+    handler.setFormatter(RedactingFormatter(inner, Redactor(secrets)))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

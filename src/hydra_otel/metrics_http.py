@@ -208,6 +208,13 @@ def snapshot_from(
                 stats.missing_rows,
             ),
             labelled_counter(
+                f"{p}notifications_rejected_total",
+                "Evaluation notifications not acted on (eval_started not opened, superseded attempts not "
+                "reported), by reason.",
+                "reason",
+                stats.notifications_rejected,
+            ),
+            labelled_counter(
                 f"{p}resyncs_total",
                 "Catch-ups from Hydra's tables requested, by reason.",
                 "reason",
@@ -232,6 +239,11 @@ def snapshot_from(
                 stats.spans_deduplicated,
             ),
             counter(
+                f"{p}spans_over_budget_total",
+                "Step spans left out of a trace by the span budget (each build span says how many).",
+                stats.spans_over_budget,
+            ),
+            counter(
                 f"{p}export_failures_total",
                 "Failed export attempts (each is retried).",
                 stats.export_failures,
@@ -240,6 +252,33 @@ def snapshot_from(
                 f"{p}checkpoints_total",
                 "Progress marks stored after the endpoint acknowledged what they cover.",
                 stats.checkpoints,
+            ),
+            counter(
+                f"{p}marks_store_failures_total",
+                "Progress-mark writes that failed (a full disk, say); exporting goes on and each is retried.",
+                stats.marks_store_failures,
+            ),
+            counter(
+                f"{p}notifications_undecodable_total",
+                "Notifications dropped because their channel or payload is not valid UTF-8.",
+                listen.undecodable,
+            ),
+            labelled_counter(
+                f"{p}permission_denied_total",
+                "Queries refused because hydra-otel's role lacks a grant (SQLSTATE 42501), by table.",
+                "table",
+                stats.permission_denied,
+            ),
+            Metric(
+                name=f"{p}permission_missing",
+                help="1 for each table hydra-otel may not read now (unhealthy until granted).",
+                kind=MetricKind.GAUGE,
+                samples=tuple(Sample(value=1, labels=(("table", t),)) for t in sorted(stats.denied_tables)),
+            ),
+            counter(
+                f"{p}task_restarts_total",
+                "Pipeline restarts after an unexpected error (each logged with its traceback).",
+                stats.task_restarts,
             ),
             *extra_gauges,
         )

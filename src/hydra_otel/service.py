@@ -13,9 +13,17 @@
              └─ run_listener  LISTEN -> raw        (one dedicated connection)
 
 Sinks start before sources, and the listener reports ``started()`` only once
-LISTEN is active. On SIGINT/SIGTERM the sources stop; closing their send
+LISTEN is active. On SIGINT/SIGTERM/SIGHUP the sources stop; closing their send
 channels ends each stage in turn, so whatever is in flight is resolved and
 exported. A second signal cancels everything at once.
+
+A supervisor wraps the pipeline: if any task fails on an unexpected error (a
+bug), the whole pipeline is torn down and started again after a backoff (1 s
+doubling to 30 s), with one error line carrying the traceback and
+``task_restarts`` counted. Its in-flight work needs no saving: the new
+pipeline's catch-up starts from the stored progress marks, which only ever
+cover what the endpoint acknowledged. Only an invalid configuration or state
+directory and the loss of the instance lock end the process.
 """
 
 from __future__ import annotations
@@ -23,7 +31,6 @@ from __future__ import annotations
 import functools
 import logging
 import signal
-import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -32,6 +39,7 @@ import trio_asyncio
 from opentelemetry.sdk.resources import Resource
 
 import hydra_otel
+from hydra_otel.adapters import queries
 from hydra_otel.adapters.db import (
     ListenItem,
     ListenStatistics,
@@ -52,14 +60,14 @@ from hydra_otel.core.evals import RenderConfig
 from hydra_otel.core.events import DATA_CHANNELS, TRIGGER_CHANNELS, Received
 from hydra_otel.core.spans import SpanRecord
 from hydra_otel.core.stitch import Stitcher, Work
-from hydra_otel.errors import StateDirError
+from hydra_otel.errors import ConfigError, LeadershipLost, StateDirError
 from hydra_otel.metrics_http import MetricsSnapshot, gauge, serve_metrics, snapshot_from
 from hydra_otel.stats import Stats
 from hydra_otel.tasks.catchup import Catchup, CatchupSettings, Progress, run_catchup
 from hydra_otel.tasks.exporter import run_exporter
 from hydra_otel.tasks.intake import hint_counter, run_intake
 from hydra_otel.tasks.resolver import RESOLVE_BATCH, Resolver, run_resolver
-from hydra_otel.tasks.stitcher import run_stitcher
+from hydra_otel.tasks.stitcher import KnownJobsets, run_stitcher
 
 log = logging.getLogger("hydra_otel.service")
 
@@ -83,6 +91,8 @@ class Service:
     takeover: bool = False
     metrics: MetricsSink | None = None
     step_logs: StepLogs | None = None
+    #: Set while the supervisor waits to start the pipeline again after a failure.
+    restarting: bool = False
     _lead: trio.CancelScope | None = None
     _sources: trio.CancelScope | None = None
     _pipeline: trio.CancelScope | None = None
@@ -118,19 +128,59 @@ class Service:
             },
         )
         try:
-            store = await _open_store(cfg)
+            store = await _open_store(cfg, self.stats)
             try:
                 async with trio.open_nursery() as lead:
                     self._lead = lead.cancel_scope
                     # One active exporter per instance name: standbys wait here for the advisory lock.
                     key = leader_lock_key(cfg.stitch.instance)
                     self.takeover = await lead.start(hold_leadership, cfg.db.url, key)
-                    await self._run(store)
+                    await self._supervise(store)
                     lead.cancel_scope.cancel()
             finally:
                 await trio.to_thread.run_sync(store.close)
+                await self._close_sinks()
         finally:
+            log.info("stopped", extra=self.stats.snapshot())
             self.stopped.set()
+
+    async def _supervise(self, store: StateStore) -> None:
+        """Run the pipeline; start it again whenever a task fails on an unexpected error."""
+        backoff = Backoff(base=1.0, factor=2.0, cap=30.0, jitter=0.2)
+        while True:
+            began = trio.current_time()
+            try:
+                await self._run(store)
+                return
+            except Exception as exc:
+                if self.stopping or _fatal(exc):
+                    raise
+                failure = exc
+            finally:
+                self._sources = self._pipeline = None  # stop() during the wait: nothing to drain
+            if trio.current_time() - began > _HEALTHY_RUN:
+                backoff.reset()  # a failure after a long healthy run is not a crash loop
+            delay = backoff.next_delay()
+            self.stats.task_restarts += 1
+            self.restarting = True
+            log.error(
+                "a pipeline task failed on an unexpected error; restarting the pipeline "
+                "(in-flight work is rebuilt from the progress marks)",
+                exc_info=failure,
+                extra={"retry_in_s": round(delay, 2), "restarts": self.stats.task_restarts},
+            )
+            del failure
+            await trio.sleep(delay)
+
+    async def _close_sinks(self) -> None:
+        """Release the exporters once, when the service ends (a restarted pipeline reuses them)."""
+        self.sink.shutdown()
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + 5  # a last metric export and the queued log records
+            if self.metrics is not None:
+                await self.metrics.shutdown()
+            if self.step_logs is not None:
+                await self.step_logs.aclose()
 
     async def _run(self, store: StateStore) -> None:
         cfg = self.cfg
@@ -142,42 +192,56 @@ class Service:
         span_tx, span_rx = trio.open_memory_channel[Sequence[SpanRecord] | Checkpoint](span_lists)
         trig_tx, trig_rx = trio.open_memory_channel[str](16)
         stitcher = Stitcher(abandon_after=cfg.stitch.abandon_after, max_open=cfg.stitch.max_open_evals)
-        try:
-            async with open_database(cfg.db.url, stats=self.stats) as db, trio.open_nursery() as pipeline:
-                self._pipeline = pipeline.cancel_scope
-                handled = RecentKeys()  # what the live path rendered; the catch-up skips it
-                resolver = Resolver.create(
-                    db, render_config(cfg), self.stats, step_logs=self.step_logs, handled=handled
+        async with open_database(cfg.db.url, stats=self.stats) as db, trio.open_nursery() as pipeline:
+            self._pipeline = pipeline.cancel_scope
+            handled = RecentKeys()  # what the live path rendered; the catch-up skips it
+            resolver = Resolver.create(
+                db, render_config(cfg), self.stats, step_logs=self.step_logs, handled=handled
+            )
+            pipeline.start_soon(self._export, span_rx, store)
+            pipeline.start_soon(
+                functools.partial(run_resolver, backoff=_backoff(10.0)), work_rx, span_tx, resolver
+            )
+            known = KnownJobsets(
+                functools.partial(queries.existing_jobsets, db),
+                every=functools.partial(queries.all_jobsets, db),
+            )
+            await pipeline.start(
+                functools.partial(run_stitcher, stats=self.stats, jobsets=known),
+                ev_rx,
+                work_tx.clone(),
+                stitcher,
+            )
+            pipeline.start_soon(run_intake, raw_rx, ev_tx, self.stats, trig_tx)
+            # work_tx (the catch-up's) closes once the sources stop; the stitcher closes its clone.
+            async with work_tx, trio.open_nursery() as sources:
+                self._sources = sources.cancel_scope
+                await sources.start(self._listen, raw_tx)
+                # Catch-up starts once LISTEN is active, so the table scan and the live stream overlap.
+                catchup = Catchup(db, work_tx, self.catchup_settings(), stitcher.open_jobsets, handled)
+                self.progress = await sources.start(
+                    run_catchup, catchup, store, trig_rx, self.catchup_settings(), resolver.live_jobsets
                 )
-                pipeline.start_soon(self._export, span_rx, store)
-                pipeline.start_soon(
-                    functools.partial(run_resolver, backoff=_backoff(10.0)), work_rx, span_tx, resolver
-                )
-                pipeline.start_soon(run_stitcher, ev_rx, work_tx.clone(), stitcher)
-                pipeline.start_soon(run_intake, raw_rx, ev_tx, self.stats, trig_tx)
-                # work_tx (the catch-up's) closes once the sources stop; the stitcher closes its clone.
-                async with work_tx, trio.open_nursery() as sources:
-                    self._sources = sources.cancel_scope
-                    await sources.start(self._listen, raw_tx)
-                    # Catch-up starts once LISTEN is active, so the table scan and the live stream overlap.
-                    catchup = Catchup(db, work_tx, self.catchup_settings(), stitcher.open_jobsets, handled)
-                    self.progress = await sources.start(
-                        run_catchup, catchup, store, trig_rx, self.catchup_settings(), resolver.live_jobsets
-                    )
-                    self.ready.set()
-                    log.info("ready")
-        finally:
-            log.info("stopped", extra=self.stats.snapshot())
+                self.ready.set()
+                self.restarting = False
+                log.info("ready")
 
     def healthy(self) -> bool:
-        """Ready: LISTEN active, catch-up running, the last export (if any) succeeded, not stopping."""
-        return self.ready.is_set() and not self.stopping and not self.stats.exporting_failed
+        """Ready: LISTEN active, catch-up running, the last export (if any) succeeded, every table
+        readable, not restarting after a failure, not stopping."""
+        return (
+            self.ready.is_set()
+            and not self.stopping
+            and not self.restarting
+            and not self.stats.exporting_failed
+            and not self.stats.denied_tables
+        )
 
     def metrics_snapshot(self) -> MetricsSnapshot:
         """Every counter for ``/metrics``."""
-        return snapshot_from(
-            self.stats, self.listen, [gauge("hydra_otel_ready", "1 while healthy.", int(self.healthy()))]
-        )
+        extra = self.step_logs.stats.metrics() if self.step_logs is not None else []
+        extra.append(gauge("hydra_otel_ready", "1 while healthy.", int(self.healthy())))
+        return snapshot_from(self.stats, self.listen, extra)
 
     def catchup_settings(self) -> CatchupSettings:
         """Catch-up timing from the configuration."""
@@ -207,38 +271,44 @@ class Service:
         cfg = self.cfg.export
 
         async def commit(marks: Marks) -> None:
-            self.committed = await trio.to_thread.run_sync(store.merge, marks)
-            self.stats.checkpoints += 1
+            merged = await trio.to_thread.run_sync(store.merge, marks)
+            if not store.pending:  # a failed write is counted by the store and retried next time
+                self.committed = merged
+                self.stats.checkpoints += 1
 
-        try:
-            await run_exporter(
-                span_rx,
-                self.sink,
-                self.stats,
-                batch_size=cfg.batch_size,
-                delay=cfg.delay,
-                backoff=_backoff(cfg.max_backoff),
-                commit=commit,
-            )
-        finally:
-            self.sink.shutdown()
-            with trio.CancelScope(shield=True) as scope:
-                scope.deadline = trio.current_time() + 5  # a last metric export and the queued log records
-                if self.metrics is not None:
-                    await self.metrics.shutdown()
-                if self.step_logs is not None:
-                    await self.step_logs.aclose()
+        await run_exporter(
+            span_rx,
+            self.sink,
+            self.stats,
+            batch_size=cfg.batch_size,
+            delay=cfg.delay,
+            backoff=_backoff(cfg.max_backoff),
+            commit=commit,
+        )
 
 
-async def _open_store(cfg: Config) -> StateStore:
-    """The progress store, checked before anything else starts (a bad state dir is fatal)."""
-    try:
-        return await trio.to_thread.run_sync(StateStore, cfg.state_dir)
-    except (OSError, sqlite3.Error) as exc:
-        raise StateDirError(
-            f"cannot use the state directory {cfg.state_dir}: {exc}; "
-            "set --state-dir / HYDRA_OTEL_STATE_DIR to a writable directory"
-        ) from exc
+#: A pipeline that ran this long before failing starts its restart backoff from the bottom again.
+_HEALTHY_RUN = 60.0
+
+#: Errors no restart can fix: they end the process (cli.py maps them to exit codes).
+_FATAL = (ConfigError, StateDirError, LeadershipLost)
+
+
+def _fatal(exc: BaseException) -> bool:
+    """Whether ``exc`` (or any error inside it, if it is a group) must end the process."""
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.subgroup(_FATAL) is not None
+    return isinstance(exc, _FATAL)
+
+
+async def _open_store(cfg: Config, stats: Stats) -> StateStore:
+    """The progress store, checked before anything else starts (an unusable one is fatal).
+
+    Raises:
+        StateDirError: the message says what is wrong and what to do (the CLI exits with code 2).
+    """
+    open_store = functools.partial(StateStore, cfg.state_dir, instance=cfg.stitch.instance, stats=stats)
+    return await trio.to_thread.run_sync(open_store)
 
 
 def render_config(cfg: Config) -> RenderConfig:
@@ -249,6 +319,7 @@ def render_config(cfg: Config) -> RenderConfig:
         error_text_limit=cfg.stitch.error_text_limit,
         max_builds_per_trace=cfg.stitch.max_builds_per_trace,
         max_links=cfg.stitch.max_links,
+        max_spans_per_trace=cfg.stitch.max_spans_per_trace,
     )
 
 
@@ -301,8 +372,14 @@ def make_step_logs(cfg: Config) -> StepLogs | None:
     return StepLogs(TailSettings(logs_dir=str(t.step_logs_dir), max_lines=t.step_log_lines), sink)
 
 
+#: Each starts a graceful stop; a second one stops at once. SIGHUP too: there is no configuration
+#: file to re-read and logs go to stderr (nothing to reopen), and its default action would kill the
+#: process without draining (a closed terminal, or a stray `systemctl kill -s HUP`).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 async def _watch_signals(service: Service) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
         async for signum in signals:
             log.info(
                 "signal received; draining" if not service.stopping else "second signal; exiting now",

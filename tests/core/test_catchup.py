@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import re
+
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hydra_otel.core.catchup import JobsetRow, Marks, jobset_failures
+from hydra_otel.core.catchup import (
+    MARK_MAX,
+    JobsetRow,
+    Marks,
+    jobset_failures,
+    marks_from_json,
+    marks_to_json,
+)
 from hydra_otel.core.evals import Attempt, AttemptKind
 
 S = 1_000_000_000
@@ -123,3 +134,41 @@ def test_merged_with_older_marks_changes_nothing() -> None:
     old = Marks(eval_id=40, stop_time=T, jobsets={1: T})
     assert new.merged(old) == new
     assert old == Marks(eval_id=40, stop_time=T, jobsets={1: T})
+
+
+# --- stored marks -----------------------------------------------------------------------------------------
+
+GOOD = {"eval_id": 42, "stop_time": 1_700_000_000, "jobsets": {"1": 1_700_000_000, "20": 5}}
+
+
+def test_marks_round_trip_through_json() -> None:
+    """What marks_to_json writes, marks_from_json reads back equal (jobset IDs as integers again)."""
+    marks = Marks(eval_id=42, stop_time=T, jobsets={20: 5, 1: T})
+    assert marks_from_json(json.loads(json.dumps(marks_to_json(marks)))) == marks
+    assert marks_from_json(GOOD) == Marks(eval_id=42, stop_time=T, jobsets={1: T, 20: 5})
+
+
+INVALID_MARKS: list[tuple[object, str]] = [
+    ([], "the marks are an array, not a JSON object"),
+    (None, "the marks are null, not a JSON object"),
+    ({**GOOD, "build_id": 3}, "unknown key 'build_id' (written by a newer hydra-otel?)"),
+    ({"eval_id": 1, "stop_time": 2}, "key 'jobsets' is missing"),
+    ({**GOOD, "eval_id": "42"}, "'eval_id' is a string, not an integer"),
+    ({**GOOD, "eval_id": 4.2}, "'eval_id' is a number, not an integer"),
+    ({**GOOD, "stop_time": True}, "'stop_time' is a boolean, not an integer"),
+    ({**GOOD, "stop_time": None}, "'stop_time' is null, not an integer"),
+    ({**GOOD, "eval_id": -1}, f"'eval_id' is -1, outside 0..{MARK_MAX}"),
+    ({**GOOD, "stop_time": 10**20}, f"'stop_time' is {10**20}, outside 0..{MARK_MAX}"),
+    ({**GOOD, "jobsets": [1, 2]}, "'jobsets' is an array, not a JSON object"),
+    ({**GOOD, "jobsets": {"x": 1}}, "'jobsets' has the key 'x', not a jobset ID"),
+    ({**GOOD, "jobsets": {"-1": 1}}, "'jobsets' has the key '-1', not a jobset ID"),
+    ({**GOOD, "jobsets": {"1": "now"}}, "'jobsets'[1] is a string, not an integer"),
+    ({**GOOD, "jobsets": {"99999999999": 1}}, f"jobset ID 99999999999 is 99999999999, outside 0..{MARK_MAX}"),
+]
+
+
+@pytest.mark.parametrize(("data", "reason"), INVALID_MARKS)
+def test_invalid_marks_refused(data: object, reason: str) -> None:
+    """Marks with an unknown or missing key, a wrong type or an out-of-range value are refused, saying which."""
+    with pytest.raises(ValueError, match=re.escape(reason)):
+        marks_from_json(data)

@@ -20,7 +20,9 @@ from hydra_otel.core.logtail import (
     is_failed_step,
     log_attributes,
     log_candidates,
+    log_location,
     log_tail_event,
+    notified_path_agrees,
     render_tail,
     strip_suffix,
     tail_request,
@@ -75,32 +77,66 @@ def test_hydra_layout() -> None:
     assert hydra_log_path("/var/lib/hydra/build-logs/", "abc-x.drv") == "/var/lib/hydra/build-logs/ab/c-x.drv"
 
 
-def test_candidates_without_log_path() -> None:
-    """Without a path from step_finished, Hydra's layout is tried plain, then .bz2, then .zst."""
-    assert log_candidates(request(), "/logs") == (LAID_OUT, LAID_OUT + ".bz2", LAID_OUT + ".zst")
+BUCKET, NAME = "0c", "9x2f6vxg3lnp6j7x6ia1sc3x6i8j5m-hello-2.12.drv"
 
 
-def test_candidates_prefer_the_notified_path() -> None:
-    """The path step_finished gave comes first (its compressed forms too), then the layout."""
-    got = log_candidates(request(log_path="/elsewhere/x.drv.bz2"), "/logs")
-    assert got == (
-        "/elsewhere/x.drv",
-        "/elsewhere/x.drv.bz2",
-        "/elsewhere/x.drv.zst",
-        LAID_OUT,
-        LAID_OUT + ".bz2",
-        LAID_OUT + ".zst",
-    )
+def test_candidates_come_from_the_derivation_only() -> None:
+    """Hydra's layout, plain then .bz2 then .zst, relative to the log directory; a notified path plays no part."""
+    expected = ((BUCKET, NAME), (BUCKET, NAME + ".bz2"), (BUCKET, NAME + ".zst"))
+    assert log_candidates(request()) == expected
+    assert log_candidates(request(log_path="/etc/shadow")) == expected
+    assert log_candidates(request(drv_path=None)) == ()
 
 
-def test_candidates_do_not_repeat() -> None:
-    """When step_finished names the laid-out path, each candidate appears once."""
-    assert log_candidates(request(log_path=LAID_OUT), "/logs") == (
-        LAID_OUT,
-        LAID_OUT + ".bz2",
-        LAID_OUT + ".zst",
-    )
-    assert log_candidates(request(drv_path=None), "/logs") == ()
+@pytest.mark.parametrize(
+    "drv",
+    [
+        "",
+        "/nix/store/..",
+        "/nix/store/.",
+        "/nix/store/x/",
+        "/nix/store/a",
+        "/nix/store/..x",
+        "/x/a\0b.drv",
+        "/x/a b",
+    ],
+)
+def test_a_derivation_path_that_names_no_file(drv: str) -> None:
+    """A base name that would be empty, ``.``, ``..`` or hold characters no store path has gives no place."""
+    assert log_location(drv) is None
+    assert log_candidates(request(drv_path=drv)) == ()
+
+
+def test_locations_are_plain_names() -> None:
+    """The bucket and the file name are single components of store-path characters."""
+    assert log_location(DRV) == (BUCKET, NAME)
+    assert log_location("abc-x.drv") == ("ab", "c-x.drv")
+    assert log_location("/nix/store/ab.c") == ("ab", ".c")  # a dot inside a name is fine
+
+
+@pytest.mark.parametrize(
+    ("notified", "agrees"),
+    [
+        (None, True),
+        ("", True),  # the legacy queue runner sends no path
+        (LAID_OUT, True),
+        (LAID_OUT + ".zst", True),
+        ("/data/hydra/build-logs/0c/9x2f6vxg3lnp6j7x6ia1sc3x6i8j5m-hello-2.12.drv", True),  # another mount
+        ("/etc/shadow", False),
+        ("/logs/0c/another.drv", False),
+        ("/logs/0c/9x2f6vxg3lnp6j7x6ia1sc3x6i8j5m-hello-2.12.drv/../../../etc/passwd", False),
+        ("0c", False),
+    ],
+)
+def test_notified_path_agreement(notified: str | None, agrees: bool) -> None:
+    """A step_finished path agrees when it names the step's log (bucket and file name)."""
+    assert notified_path_agrees(notified, DRV) is agrees
+
+
+def test_notified_path_without_a_usable_derivation() -> None:
+    """With no derivation to compare with, any non-empty path disagrees."""
+    assert notified_path_agrees("/logs/0c/x.drv", None) is False
+    assert notified_path_agrees("", None) is True
 
 
 def test_suffixes() -> None:

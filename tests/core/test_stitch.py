@@ -6,7 +6,20 @@ import pytest
 
 from hydra_otel.core.evals import AddedEval, Attempt, AttemptKind
 from hydra_otel.core.events import EvalAdded, EvalCached, EvalFailed, EvalStarted
-from hydra_otel.core.stitch import EVICTED, EXPIRED, SUPERSEDED, TRANSITIONS, State, Stitcher
+from hydra_otel.core.stitch import (
+    ALREADY_CLOSED,
+    EXPIRED,
+    SUPERSEDE_BURST,
+    SUPERSEDE_REFILL,
+    SUPERSEDED,
+    SUPERSEDED_UNREPORTED,
+    TOO_MANY_OPEN,
+    TRANSITIONS,
+    UNKNOWN_JOBSET,
+    Rejection,
+    State,
+    Stitcher,
+)
 
 CID = "4112.262815283.16494"
 
@@ -22,7 +35,7 @@ def test_added_pairs_with_started() -> None:
     assert s.state(3, CID) is State.OPEN
     out = s.feed(EvalAdded(correlation_id=CID, jobset_id=3, eval_id=42), 5_000, 4.0)
     assert out == [AddedEval(eval_id=42, jobset_id=3, correlation_id=CID, started_ns=1_000, ended_ns=5_000)]
-    assert s.state(3, CID) is State.ABSENT
+    assert s.state(3, CID) is State.CLOSED
     assert s.statistics().closed == 1
 
 
@@ -117,14 +130,27 @@ def test_new_start_of_same_jobset_supersedes() -> None:
 
 
 def test_open_attempts_are_bounded() -> None:
-    """At capacity the oldest open attempt is abandoned to make room."""
+    """At capacity a start is rejected and counted: no live evaluation is reported abandoned."""
     s = make(max_open=2)
     s.feed(EvalStarted(correlation_id="a", jobset_id=1), 1, 0.0)
     s.feed(EvalStarted(correlation_id="b", jobset_id=2), 2, 0.0)
-    (out,) = s.feed(EvalStarted(correlation_id="c", jobset_id=3), 3, 0.0)
+    assert s.feed(EvalStarted(correlation_id="c", jobset_id=3), 3, 0.0) == []
+    assert s.state(3, "c") is State.ABSENT
+    assert (s.state(1, "a"), s.state(2, "b")) == (State.OPEN, State.OPEN)
+    st = s.statistics()
+    assert (st.open, st.abandoned, st.rejected) == (2, {}, {TOO_MANY_OPEN: 1})
+    assert s.take_rejections() == [Rejection(TOO_MANY_OPEN, 1, 3, "c")]
+    assert s.take_rejections() == []
+
+
+def test_supersession_at_capacity_still_opens() -> None:
+    """A start that supersedes its jobset's attempt frees that slot, so capacity does not reject it."""
+    s = make(max_open=1)
+    s.feed(EvalStarted(correlation_id="a", jobset_id=1), 1, 0.0)
+    (out,) = s.feed(EvalStarted(correlation_id="b", jobset_id=1), 2, 1.0)
     assert isinstance(out, Attempt)
-    assert (out.correlation_id, out.abandon_reason) == ("a", EVICTED)
-    assert s.statistics().open == 2
+    assert out.abandon_reason == SUPERSEDED
+    assert s.state(1, "b") is State.OPEN
 
 
 def test_expiry_visits_only_due_attempts_in_order() -> None:
@@ -156,3 +182,95 @@ def test_invalid_limits_are_rejected() -> None:
     """A non-positive lifetime or capacity is a programming error."""
     with pytest.raises(ValueError, match="abandon_after"):
         Stitcher(abandon_after=0, max_open=1)
+
+
+def test_added_before_started_gives_no_abandoned_attempt() -> None:
+    """eval_added overtaking its eval_started: the late start is ignored, counted, never abandoned."""
+    s = make(abandon_after=100.0)
+    (out,) = s.feed(EvalAdded(correlation_id=CID, jobset_id=3, eval_id=42), 5_000, 1.0)
+    assert isinstance(out, AddedEval)
+    assert s.feed(EvalStarted(correlation_id=CID, jobset_id=3), 5_001, 1.1) == []
+    assert s.state(3, CID) is State.CLOSED
+    assert s.next_deadline() is None
+    assert s.expire(1_000.0, 9_000) == []
+    st = s.statistics()
+    assert (st.open, st.abandoned, st.rejected) == (0, {}, {ALREADY_CLOSED: 1})
+
+
+def test_late_start_after_a_paired_close_is_ignored() -> None:
+    """A second (forged or replayed) eval_started after the evaluation closed does not reopen it."""
+    s = make()
+    s.feed(EvalStarted(correlation_id=CID, jobset_id=3), 1_000, 0.0)
+    s.feed(EvalFailed(correlation_id=CID, jobset_id=3), 2_000, 1.0)
+    assert s.feed(EvalStarted(correlation_id=CID, jobset_id=3), 3_000, 2.0) == []
+    assert s.open_jobsets() == frozenset()
+    assert s.statistics().rejected == {ALREADY_CLOSED: 1}
+
+
+def test_closed_memory_expires() -> None:
+    """A closed attempt is remembered for closed_ttl seconds, then a start with its key opens again."""
+    s = Stitcher(abandon_after=100.0, max_open=10, closed_ttl=5.0)
+    s.feed(EvalCached(correlation_id=CID, jobset_id=3, previous_eval_id=1), 1_000, 10.0)
+    assert s.state(3, CID) is State.CLOSED
+    assert s.feed(EvalStarted(correlation_id=CID, jobset_id=3), 2_000, 14.9) == []
+    assert s.feed(EvalStarted(correlation_id=CID, jobset_id=3), 3_000, 15.0) == []
+    assert s.state(3, CID) is State.OPEN
+
+
+def test_closed_memory_is_bounded() -> None:
+    """At most max_closed closed attempts are remembered; the oldest is forgotten first."""
+    s = Stitcher(abandon_after=100.0, max_open=10, max_closed=2)
+    for cid in ("a", "b", "c"):
+        s.feed(EvalFailed(correlation_id=cid, jobset_id=3), 1, 0.0)
+    assert [s.state(3, c) for c in ("a", "b", "c")] == [State.ABSENT, State.CLOSED, State.CLOSED]
+
+
+def test_start_for_unknown_jobset_is_rejected() -> None:
+    """A start whose jobset is not in Hydra's table takes no state and is counted."""
+    s = make()
+    assert s.feed(EvalStarted(correlation_id=CID, jobset_id=999), 1, 0.0, jobset_known=False) == []
+    assert s.state(999, CID) is State.ABSENT
+    assert s.statistics().rejected == {UNKNOWN_JOBSET: 1}
+    assert s.take_rejections() == [Rejection(UNKNOWN_JOBSET, 1, 999, CID)]
+
+
+def test_flood_of_starts_is_bounded() -> None:
+    """10,000 forged starts for one real jobset and 10,000 for unknown ones: one open attempt,
+    at most SUPERSEDE_BURST abandoned reports, everything else counted."""
+    s = make(max_open=100)
+    out = []
+    for i in range(10_000):
+        out += s.feed(EvalStarted(correlation_id=f"f.{i}", jobset_id=1), i, i * 0.001)
+        out += s.feed(
+            EvalStarted(correlation_id=f"u.{i}", jobset_id=10_000 + i), i, i * 0.001, jobset_known=False
+        )
+    assert len(out) == SUPERSEDE_BURST
+    st = s.statistics()
+    assert st.open == 1
+    assert st.rejected == {UNKNOWN_JOBSET: 10_000, SUPERSEDED_UNREPORTED: 10_000 - 1 - SUPERSEDE_BURST}
+    assert {(r.reason, r.count) for r in s.take_rejections()} == set(st.rejected.items())
+
+
+def test_supersession_budget_refills() -> None:
+    """After the burst, one more superseded attempt is reported per SUPERSEDE_REFILL seconds."""
+    s = make(abandon_after=10_000.0)
+    now = 0.0
+    reported = []
+    for i in range(SUPERSEDE_BURST + 3):
+        reported += s.feed(EvalStarted(correlation_id=str(i), jobset_id=1), i, now)
+    assert len(reported) == SUPERSEDE_BURST
+    now += SUPERSEDE_REFILL
+    (one,) = s.feed(EvalStarted(correlation_id="later", jobset_id=1), 99, now)
+    assert isinstance(one, Attempt)
+    assert one.abandon_reason == SUPERSEDED
+    assert s.feed(EvalStarted(correlation_id="again", jobset_id=1), 100, now) == []
+
+
+def test_good_evaluations_pair_during_a_flood() -> None:
+    """A real evaluation of another jobset still pairs while one jobset is flooded."""
+    s = make(max_open=3)
+    for i in range(1_000):
+        s.feed(EvalStarted(correlation_id=f"f.{i}", jobset_id=1), i, 0.0)
+    s.feed(EvalStarted(correlation_id=CID, jobset_id=2), 5_000, 1.0)
+    (out,) = s.feed(EvalAdded(correlation_id=CID, jobset_id=2, eval_id=7), 6_000, 2.0)
+    assert out == AddedEval(eval_id=7, jobset_id=2, correlation_id=CID, started_ns=5_000, ended_ns=6_000)

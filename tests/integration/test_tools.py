@@ -23,6 +23,8 @@ import trio
 
 from hydra_otel import cli, config
 from hydra_otel.adapters import db, queries
+from hydra_otel.adapters.state import FILENAME, StateStore
+from hydra_otel.core.catchup import Marks
 from hydra_otel.sandbox.hydrasim import NewBuild
 from hydra_otel.sandbox.receiver import GrpcOtlpReceiver, HttpOtlpReceiver, ReceivedSpan
 from hydra_otel.tools import (
@@ -158,6 +160,10 @@ def test_tempo_url_form() -> None:
             ("ids", "--eval", "1", "--jaeger-url", "jaeger:16686"),
             "--jaeger-url (or HYDRA_OTEL_JAEGER_URL) must be",
         ),
+        (
+            ("ids", "--eval", "1", "--tempo-url", "https://admin:hun?ter2@grafana"),
+            "--tempo-url (or HYDRA_OTEL_TEMPO_URL) must not hold a user name or password",
+        ),
     ],
 )
 async def test_ids_usage_errors(argv: tuple[str, ...], message: str, tmp_path: Path) -> None:
@@ -166,6 +172,7 @@ async def test_ids_usage_errors(argv: tuple[str, ...], message: str, tmp_path: P
     status, out, err = await run(parse(*argv), cfg)
     assert (status, out) == (2, "")
     assert message in err
+    assert "ter2" not in err
 
 
 async def eval_with_builds(hydra: Hydra, jobs: list[str]) -> tuple[int, list[int]]:
@@ -298,8 +305,13 @@ async def test_check_all_ok(
         "LISTEN/NOTIFY",
         "otlp export",
         f"state directory {tmp_path / 'state'}",
+        "progress store",
     }
     assert lines["hydra schema version"] == "ok   hydra schema version: 87"
+    assert (
+        lines["progress store"]
+        == "ok   progress store: no progress marks yet: the first start begins at the present"
+    )
     assert lines[f"state directory {tmp_path / 'state'}"].endswith(
         "can be created and written (removed again)"
     )
@@ -367,7 +379,12 @@ async def test_check_database_unreachable(
     status, out, err = await run(parse("check"), tool_config(dsn, f"http://{otlp_grpc.endpoint}", tmp_path))
     assert status == 1
     lines = lines_by_name(out)
-    assert set(lines) == {"database connection", "otlp export", f"state directory {tmp_path}"}
+    assert set(lines) == {
+        "database connection",
+        "otlp export",
+        f"state directory {tmp_path}",
+        "progress store",
+    }
     assert lines["database connection"].startswith(
         "FAIL database connection: postgresql://hydra:***@127.0.0.1:"
     )
@@ -402,6 +419,26 @@ async def test_check_privileges_and_state_dir(
         f"FAIL state directory {blocker / 'state'}: Not a directory: {blocker / 'state'}",
     ]
     assert "ok   table builds" in out.splitlines(), "a missing privilege is not reported as a missing column"
+
+
+async def test_check_progress_store(
+    aio_loop: asyncio.AbstractEventLoop, hydra_db: str, otlp_grpc: GrpcOtlpReceiver, tmp_path: Path
+) -> None:
+    """check reads the progress store as the daemon would: good marks are shown, another instance's fail."""
+    store = StateStore(tmp_path, instance="hydra")
+    store.save(Marks(eval_id=12, stop_time=1_700_000_000, jobsets={1: 5}))
+    store.close()
+    endpoint = f"http://{otlp_grpc.endpoint}"
+    status, out, _ = await run(parse("check"), tool_config(hydra_db, endpoint, tmp_path))
+    assert status == 0, out
+    assert "ok   progress store: marks: evaluation 12, stop time 1700000000, 1 jobsets" in out.splitlines()
+    status, out, _ = await run(parse("check"), tool_config(hydra_db, endpoint, tmp_path, instance="other"))
+    assert status == 1
+    failed = [line for line in out.splitlines() if line.startswith("FAIL")]
+    assert len(failed) == 1
+    assert failed[0].startswith(
+        f"FAIL progress store: {tmp_path / FILENAME} holds the progress of instance 'hydra'"
+    )
 
 
 # --- pure parts ---------------------------------------------------------------------------------------

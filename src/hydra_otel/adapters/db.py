@@ -21,8 +21,12 @@ Why the listener looks the way it does (measured, see docs/decisions/0002):
 
 from __future__ import annotations
 
+import asyncio
+import enum
 import hashlib
 import logging
+import re
+import struct
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -35,23 +39,115 @@ import trio_asyncio
 from trio_asyncio import aio_as_trio
 
 from hydra_otel.core.backoff import Backoff
-from hydra_otel.errors import DbUnavailable, LeadershipLost, first_leaf
+from hydra_otel.errors import (
+    DbSettingsError,
+    DbUnavailable,
+    LeadershipLost,
+    PermissionDenied,
+    first_leaf,
+    quote_payload,
+)
+from hydra_otel.log import RateLimitedLog
 from hydra_otel.stats import Stats
 
 log = logging.getLogger("hydra_otel.db")
 
-#: Exceptions that mean "the database is (for now) unreachable".
+#: Exceptions that mean "the database is (for now) unreachable" (for tools that retry on their own;
+#: the daemon's paths use :func:`classify`, which also tells configuration and permission errors apart).
 RETRYABLE: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
     trio.TooSlowError,
 )
 
 
 #: What ends one LISTEN session and starts a reconnect: driver errors, and our own "connection lost".
+#: (Invalid settings never get here: the connect maps them to ConfigError first.)
 _LISTEN_LOST: tuple[type[BaseException], ...] = (*RETRYABLE, DbUnavailable)
+
+
+class DbErrorKind(enum.Enum):
+    """What an error seen while talking to PostgreSQL means for the caller."""
+
+    #: The server is down, restarting, shutting down or unreachable, or the connection broke
+    #: mid-operation: replace the connection, retry with backoff. Nothing is dropped.
+    UNAVAILABLE = "unavailable"
+    #: hydra-otel's role lacks a grant (42501): hold what needs the table, tell the operator.
+    PERMISSION = "permission"
+    #: The connection settings are invalid (``sslmode=bogus``): retrying cannot help; exit 2.
+    CONFIG = "config"
+    #: The query itself is wrong (a bug, or a schema hydra-otel does not know): not retried here.
+    QUERY = "query"
+    #: Not a database error at all.
+    OTHER = "other"
+
+
+#: SQLSTATE classes that mean "the server cannot answer now" rather than "this query is wrong":
+#: connection exceptions, invalid authorization (fixed in pg_hba.conf or the role, without
+#: restarting us), transaction rollback (serialization, deadlock), insufficient resources,
+#: operator intervention (admin shutdown 57P01, crash shutdown 57P02, cannot connect now 57P03,
+#: cancelled by a timeout), system errors.
+_TRANSIENT_SQLSTATE_CLASSES = frozenset({"08", "28", "40", "53", "57", "58"})
+#: Single SQLSTATEs that are transient too: the database does not exist (yet, or while it is
+#: being restored); a lock not available.
+_TRANSIENT_SQLSTATES = frozenset({"3D000", "55P03"})
+_INSUFFICIENT_PRIVILEGE = "42501"
+
+
+def classify(exc: BaseException) -> DbErrorKind:
+    """Say what ``exc``, raised by asyncpg or the OS while connecting or querying, means.
+
+    Everything a connection can raise while it closes or the server shuts down is
+    UNAVAILABLE: asyncpg's InternalClientError (a protocol left mid-operation by a
+    FATAL, e.g. "cannot switch to state 12; another operation (2) is in progress"),
+    InterfaceError ("connection is closed", "another operation is in progress"),
+    ConnectionDoesNotExistError, the 08/57 SQLSTATEs (AdminShutdown, CannotConnectNow),
+    OSError (refused, reset, socket file gone, TLS), and timeouts.
+    """
+    if isinstance(exc, asyncpg.ClientConfigurationError):  # before InterfaceError, its base
+        return DbErrorKind.CONFIG
+    if isinstance(exc, asyncpg.PostgresError):
+        state = str(getattr(exc, "sqlstate", "") or "")
+        if state == _INSUFFICIENT_PRIVILEGE:
+            return DbErrorKind.PERMISSION
+        if state[:2] in _TRANSIENT_SQLSTATE_CLASSES or state in _TRANSIENT_SQLSTATES:
+            return DbErrorKind.UNAVAILABLE
+        if isinstance(exc, asyncpg.PostgresConnectionError):
+            return DbErrorKind.UNAVAILABLE
+        return DbErrorKind.QUERY
+    if isinstance(
+        exc,
+        asyncpg.InterfaceError | asyncpg.InternalClientError | OSError | TimeoutError | trio.TooSlowError,
+    ):
+        return DbErrorKind.UNAVAILABLE
+    return DbErrorKind.OTHER
+
+
+def config_error(exc: BaseException) -> DbSettingsError:
+    """The error for a CONFIG-kind driver error: says where the bad setting may come from."""
+    return DbSettingsError(
+        f"the database connection settings are invalid: {exc} "
+        "(check the database URL's parameters and PG* environment variables such as PGSSLMODE)"
+    )
+
+
+_DENIED = re.compile(r"permission denied for (\w+) (\S+)")
+
+
+def permission_error(exc: asyncpg.PostgresError, role: str) -> PermissionDenied:
+    """The PermissionDenied for a 42501 error: which object, and the GRANT that fixes it."""
+    found = _DENIED.search(str(exc))
+    kind, name = found.groups() if found else ("table", "?")
+    if kind == "schema":
+        return PermissionDenied(f"schema {name}", f"GRANT USAGE ON SCHEMA {name} TO {role};", str(exc))
+    if kind in ("table", "relation", "view"):
+        return PermissionDenied(name, f"GRANT SELECT ON {name} TO {role};", str(exc))
+    return PermissionDenied(
+        f"{kind} {name}", f"GRANT the needed privilege on {kind} {name} TO {role};", str(exc)
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +177,11 @@ class ListenStatistics:
     dropped: int = 0
     connects: int = 0
     connection_losses: int = 0
+    undecodable: int = 0  # notifications whose channel or payload is not UTF-8, dropped
+
+
+#: Bad-input warnings of the LISTEN connection (undecodable payloads), rate-limited.
+_warn = RateLimitedLog(log)
 
 
 class _DirectNotifyConnection(asyncpg.Connection):
@@ -96,20 +197,113 @@ class _DirectNotifyConnection(asyncpg.Connection):
             super()._process_notification(pid, channel, payload)  # type: ignore[misc]  # private, not in the stubs
 
 
+class _UndecodableFilter(asyncio.Protocol):
+    """Sits between the LISTEN connection's transport and asyncpg's protocol; drops undecodable notifications.
+
+    asyncpg decodes a notification's channel and payload as strict UTF-8 inside its
+    protocol. On a database whose server encoding is SQL_ASCII, any role can ``NOTIFY``
+    a payload that is not UTF-8, and the session (client encoding SQL_ASCII, see
+    ``_session``) passes its bytes through; asyncpg's UnicodeDecodeError would then
+    leave the protocol stuck mid-operation (every later query fails, and the LISTEN
+    connection with it). This filter walks the message framing
+    (type byte, 4-byte length) and removes each NotificationResponse that is not UTF-8
+    before asyncpg sees it, reporting it to ``on_undecodable``; everything else passes
+    through unchanged, so the connection and the rest of the delivery survive.
+    """
+
+    def __init__(self, inner: asyncio.Protocol, on_undecodable: Callable[[bytes], None]) -> None:
+        self._inner = inner
+        self._on_undecodable = on_undecodable
+        self._pending = b""  # an incomplete message header, or an incomplete notification
+        self._through = 0  # bytes of the current (other) message still to pass on unexamined
+
+    def data_received(self, data: bytes) -> None:
+        if self._pending:
+            data, self._pending = self._pending + data, b""
+        end = len(data)
+        pos = kept = 0
+        pieces: list[bytes] | None = None  # set once something is dropped
+        while pos < end:
+            if self._through:
+                step = min(self._through, end - pos)
+                pos += step
+                self._through -= step
+                continue
+            if end - pos < 5:
+                break
+            size = 1 + _LENGTH.unpack_from(data, pos + 1)[0]
+            if data[pos] != _NOTIFICATION:
+                self._through = size
+                continue
+            if end - pos < size:
+                break
+            body = data[pos + 5 : pos + size]
+            if not _utf8(body):
+                pieces = [] if pieces is None else pieces
+                pieces.append(data[kept:pos])
+                kept = pos + size
+                self._on_undecodable(body)
+            pos += size
+        if pos < end:
+            self._pending = data[pos:]
+        if pieces is not None:
+            pieces.append(data[kept:pos])
+            data = b"".join(pieces)
+        elif pos < end:
+            data = data[:pos]
+        if data:
+            self._inner.data_received(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._inner.connection_lost(exc)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+
+_NOTIFICATION = ord("A")
+_LENGTH = struct.Struct("!I")
+
+
+def _utf8(body: bytes) -> bool:
+    if body.isascii():
+        return True
+    try:
+        body[4:].decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _filter_undecodable(conn: asyncpg.Connection, stats: ListenStatistics) -> None:
+    """Put an :class:`_UndecodableFilter` in front of ``conn``'s protocol (a private attribute; pinned)."""
+
+    def on_undecodable(body: bytes) -> None:
+        try:  # called from the event loop's read path: must never raise
+            stats.undecodable += 1
+            channel, _, rest = body[4:].partition(b"\0")
+            payload = rest.rstrip(b"\0")
+            _warn.warning(
+                "undecodable",
+                "dropped a notification that is not valid UTF-8 (the database's encoding is SQL_ASCII?)",
+                channel=channel.decode("utf-8", "backslashreplace"),
+                payload=quote_payload(payload),
+            )
+        except Exception:  # noqa: BLE001 - a log failure must not kill the connection
+            pass
+
+    transport = conn._transport  # type: ignore[attr-defined]  # private: asyncpg is pinned
+    transport.set_protocol(_UndecodableFilter(transport.get_protocol(), on_undecodable))
+
+
 def _ignore(*_args: object) -> None:
     """Placeholder listener: add_listener issues LISTEN; delivery goes through the sink."""
-
-
-#: SQLSTATE classes that mean "the server cannot answer now" rather than "this query is wrong":
-#: connection exceptions, insufficient resources, operator intervention (shutdown, restart),
-#: system errors, and authorization problems an operator fixes without restarting us.
-_TRANSIENT_SQLSTATE_CLASSES = ("08", "28", "53", "57", "58")
-_INSUFFICIENT_PRIVILEGE = "42501"
-
-
-def _is_transient(exc: asyncpg.PostgresError) -> bool:
-    state = str(getattr(exc, "sqlstate", "") or "")
-    return state[:2] in _TRANSIENT_SQLSTATE_CLASSES or state == _INSUFFICIENT_PRIVILEGE
 
 
 class Database:
@@ -125,22 +319,100 @@ class Database:
         return self._stats.queries
 
     async def fetch(self, sql: str, *args: object) -> list[asyncpg.Record]:
-        """Run one read-only query and return its rows. Raises DbUnavailable."""
+        """Run one read-only query and return its rows.
+
+        Raises:
+            DbUnavailable: the server is down, restarting or unreachable (retry later).
+            PermissionDenied: hydra-otel's role may not read a table (hold what needs it).
+            ConfigError: the connection settings are invalid.
+            asyncpg.PostgresError: the query itself is wrong (a bug).
+        """
         self._stats.queries += 1
         try:
-            rows: list[asyncpg.Record] = await aio_as_trio(self._pool.fetch)(sql, *args)
-        except (asyncpg.InterfaceError, OSError, TimeoutError, asyncpg.PostgresConnectionError) as exc:
-            raise DbUnavailable(f"database query failed: {exc}") from exc
-        except asyncpg.PostgresError as exc:
-            if not _is_transient(exc):
-                raise  # a bug in a query (syntax, types): let it surface
-            raise DbUnavailable(f"database query failed: {type(exc).__name__}: {exc}") from exc
+            rows: list[asyncpg.Record] = await aio_as_trio(_fetch_on_pool)(self._pool, sql, args)
+        except Exception as exc:
+            kind = classify(exc)
+            if kind is DbErrorKind.UNAVAILABLE:
+                raise DbUnavailable(f"database query failed: {type(exc).__name__}: {exc}") from exc
+            if kind is DbErrorKind.CONFIG:
+                raise config_error(exc) from exc
+            if kind is DbErrorKind.PERMISSION and isinstance(exc, asyncpg.PostgresError):
+                raise self._permission_denied(exc) from exc
+            raise  # a bug in a query (syntax, types): let it surface
+        if self._stats.denied_tables:
+            self._granted(sql)
         return rows
 
     async def fetchval(self, sql: str, *args: object) -> Any:
         """Run one query and return the first column of its first row."""
         rows = await self.fetch(sql, *args)
         return rows[0][0] if rows else None
+
+    def _permission_denied(self, exc: asyncpg.PostgresError) -> PermissionDenied:
+        denied = permission_error(exc, getattr(exc, "hydra_otel_role", None) or "<hydra-otel's role>")
+        self._stats.permission_denied[denied.table] += 1
+        if denied.table not in self._stats.denied_tables:
+            log.error(str(denied), extra={"table": denied.table, "grant": denied.grant})
+        self._stats.denied_tables[denied.table] = denied.grant
+        return denied
+
+    def _granted(self, sql: str) -> None:
+        """A query succeeded: every denied table it reads (FROM or JOIN, not a mere mention) is readable again."""
+        for table in list(self._stats.denied_tables):
+            name = table.removeprefix("schema ")  # any success shows the schema is usable
+            if name != table or re.search(rf"(?i)\b(?:FROM|JOIN)\s+{re.escape(name)}\b", sql):
+                del self._stats.denied_tables[table]
+                log.info("permission granted: reading the table again", extra={"table": table})
+
+
+async def _fetch_on_pool(pool: asyncpg.Pool, sql: str, args: Sequence[object]) -> list[asyncpg.Record]:
+    """Pool.fetch, except that a connection that failed mid-operation never goes back to the pool.
+
+    A FATAL from a shutting-down server can leave asyncpg's protocol waiting for a
+    ReadyForQuery that never comes while the socket is not closed yet; such a
+    connection, handed back, fails the next query with InternalClientError ("cannot
+    switch to state 12; another operation (2) is in progress"). Only an ordinary query
+    error (the server answered and is ready again) leaves the connection usable.
+    """
+    con = await pool.acquire()
+    try:
+        return await con.fetch(sql, *args)
+    except BaseException as exc:
+        kind = classify(exc) if isinstance(exc, Exception) else DbErrorKind.OTHER
+        if kind is DbErrorKind.PERMISSION:
+            exc.hydra_otel_role = _role_of(con)  # type: ignore[attr-defined]  # read by Database
+        elif kind is not DbErrorKind.QUERY:
+            con.terminate()  # a cancelled or broken operation: replace the connection
+        raise
+    finally:
+        await pool.release(con)
+
+
+def _role_of(con: Any) -> str | None:
+    """The session's role (quoted if need be), as the server reported it at connect (no query needed)."""
+    try:
+        role = str(con.get_settings().session_authorization)
+    except AttributeError:
+        return None
+    return role if re.fullmatch(r"[a-z_][a-z0-9_$]*", role) else '"' + role.replace('"', '""') + '"'
+
+
+async def _connect(dsn: str, **kwargs: Any) -> Any:
+    """asyncpg.connect, with its errors classified: ConfigError, DbUnavailable, or a bug.
+
+    At connect time every refusal by the server (authentication, no such database, no
+    CONNECT privilege, too many connections) is something an operator fixes while
+    hydra-otel waits, so it is "unavailable"; invalid settings are not.
+    """
+    try:
+        return await aio_as_trio(asyncpg.connect)(dsn, timeout=10, **kwargs)
+    except Exception as exc:
+        kind = classify(exc)
+        if kind is DbErrorKind.CONFIG:
+            raise config_error(exc) from exc
+        if kind is DbErrorKind.OTHER:
+            raise
+        raise DbUnavailable(f"cannot connect to the database: {type(exc).__name__}: {exc}") from exc
 
 
 async def _no_reset(_conn: asyncpg.Connection) -> None:
@@ -188,10 +460,7 @@ class Connection:
 @asynccontextmanager
 async def open_connection(dsn: str) -> AsyncIterator[Connection]:
     """A dedicated connection, closed (shielded) on exit. Raises DbUnavailable."""
-    try:
-        conn = await aio_as_trio(asyncpg.connect)(dsn, timeout=10)
-    except RETRYABLE as exc:
-        raise DbUnavailable(f"cannot connect to the database: {exc}") from exc
+    conn = await _connect(dsn)
     try:
         yield Connection(conn)
     finally:
@@ -274,9 +543,9 @@ async def _connect_retrying(dsn: str) -> asyncpg.Connection:
     backoff = Backoff(base=0.5, cap=10.0)
     while True:
         try:
-            conn: asyncpg.Connection = await aio_as_trio(asyncpg.connect)(dsn, timeout=10)
+            conn: asyncpg.Connection = await _connect(dsn)
             return conn
-        except RETRYABLE as exc:
+        except DbUnavailable as exc:
             delay = backoff.next_delay()
             log.warning(
                 "cannot connect to the database; retrying",
@@ -352,11 +621,18 @@ async def _session(
     consume: Callable[[str, str], bool] | None = None,
 ) -> None:
     """One connection's life: returns never, raises DbUnavailable (or a driver error) when lost."""
-    conn: _DirectNotifyConnection = await aio_as_trio(asyncpg.connect)(
-        dsn, timeout=10, connection_class=_DirectNotifyConnection
-    )
+    conn: _DirectNotifyConnection = await _connect(dsn, connection_class=_DirectNotifyConnection)
     flags = _Flags()
     try:
+        if getattr(conn.get_settings(), "server_encoding", "") == "SQL_ASCII":
+            # Any role can NOTIFY bytes that are not UTF-8 into a SQL_ASCII database. With a UTF8
+            # client encoding the server checks what it sends and ends this session with a FATAL
+            # at the first such notification, losing the rest of the delivery; with SQL_ASCII on
+            # both sides it passes bytes through, and the filter drops the undecodable ones.
+            # (Any other server encoding validates payloads on NOTIFY or converts them to UTF-8,
+            # so the filter's ~1 µs per notification is spent only here.)
+            _filter_undecodable(conn, stats)
+            await aio_as_trio(conn.execute)("SET client_encoding TO 'SQL_ASCII'")
 
         def sink(channel: str, payload: str) -> None:
             # Runs in the trio thread from asyncpg's protocol; must never raise or block.

@@ -62,6 +62,21 @@ FROM jobsets j
 WHERE j.id = ANY($1::int[])
 """
 
+EXISTING_JOBSETS_SQL = "SELECT id FROM jobsets WHERE id = ANY($1::int[])"
+ALL_JOBSETS_SQL = "SELECT id FROM jobsets"
+
+
+async def all_jobsets(db: Database) -> set[int]:
+    """Every jobset ID in Hydra's ``jobsets`` table."""
+    return {r["id"] for r in await db.fetch(ALL_JOBSETS_SQL)}
+
+
+async def existing_jobsets(db: Database, jobset_ids: Sequence[int]) -> set[int]:
+    """Those of ``jobset_ids`` that are rows of Hydra's ``jobsets`` table."""
+    if not jobset_ids:
+        return set()
+    return {r["id"] for r in await db.fetch(EXISTING_JOBSETS_SQL, sorted(set(jobset_ids)))}
+
 
 async def eval_facts(
     db: Database, eval_ids: Sequence[int], *, budget: int, max_links: int
@@ -148,11 +163,14 @@ LEFT JOIN LATERAL (
 WHERE b.id = ANY($1::int[])
 """
 
-# The first new build of each evaluation beyond the trace budget (OFFSET = budget), or NULL.
+# The first new build of each evaluation beyond the trace budget (OFFSET = budget), or NULL, and
+# how many new builds the evaluation's trace holds (they share its span budget; at most $2).
 BUDGET_SQL = """
 SELECT e.id,
        (SELECT m.build FROM jobsetevalmembers m WHERE m.eval = e.id AND m.isnew = 1
-        ORDER BY m.build OFFSET $2 LIMIT 1) AS first_beyond
+        ORDER BY m.build OFFSET $2 LIMIT 1) AS first_beyond,
+       (SELECT count(*) FROM (SELECT 1 FROM jobsetevalmembers m WHERE m.eval = e.id AND m.isnew = 1
+        LIMIT $2) AS k) AS in_trace
 FROM unnest($1::int[]) AS e(id)
 """
 
@@ -188,7 +206,7 @@ class BuildQueries:
         self._db = db
         self._budget = budget
         self._cache_size = cache_size
-        self._first_beyond: dict[int, int | None] = {}
+        self._first_beyond: dict[int, tuple[int | None, int]] = {}  # eval -> (first beyond, builds in trace)
         self._resolved: str | None = None
 
     async def builds(self, build_ids: Sequence[int]) -> dict[int, BuildFacts]:
@@ -220,19 +238,20 @@ class BuildQueries:
             self._resolved = "s.resolveddrvpath" if has else "NULL::text"
         return self._resolved
 
-    async def _budget_of(self, eval_ids: set[int]) -> dict[int, int | None]:
+    async def _budget_of(self, eval_ids: set[int]) -> dict[int, tuple[int | None, int]]:
         missing = [e for e in eval_ids if e not in self._first_beyond]
         if missing:
             if len(self._first_beyond) + len(missing) > self._cache_size:
                 self._first_beyond.clear()  # evaluations age out together; a re-query is cheap
             for row in await self._db.fetch(BUDGET_SQL, missing, self._budget):
-                self._first_beyond[row["id"]] = row["first_beyond"]
-        return {e: self._first_beyond.get(e) for e in eval_ids}
+                self._first_beyond[row["id"]] = (row["first_beyond"], row["in_trace"])
+        return {e: self._first_beyond.get(e, (None, 1)) for e in eval_ids}
 
 
-def _build_facts(row: asyncpg.Record, beyond: dict[int, int | None]) -> BuildFacts:
+def _build_facts(row: asyncpg.Record, beyond: dict[int, tuple[int | None, int]]) -> BuildFacts:
     eval_id = row["eval_id"]
-    first_beyond = beyond.get(eval_id) if eval_id is not None else None
+    first_beyond, in_trace = beyond.get(eval_id, (None, 1)) if eval_id is not None else (None, 1)
+    in_eval_trace = first_beyond is None or row["id"] < first_beyond
     return BuildFacts(
         build_id=row["id"],
         finished=row["finished"] == 1,
@@ -254,7 +273,8 @@ def _build_facts(row: asyncpg.Record, beyond: dict[int, int | None]) -> BuildFac
         closure_size=row["closuresize"],
         release_name=row["releasename"],
         eval_id=eval_id,
-        in_eval_trace=first_beyond is None or row["id"] < first_beyond,
+        in_eval_trace=in_eval_trace,
+        trace_builds=max(1, in_trace) if in_eval_trace else 1,
     )
 
 

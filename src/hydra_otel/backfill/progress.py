@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Final, TextIO
 
@@ -21,6 +21,8 @@ from hydra_otel.adapters.otlp import SpanSink
 from hydra_otel.backfill.options import LOCK_FILE, PROGRESS_FILE, TTY_REFRESH, BackfillError
 from hydra_otel.core import semconv as sc
 from hydra_otel.core.spans import SpanRecord
+
+_log = logging.getLogger("hydra_otel.backfill")
 
 
 class TokenBucket:
@@ -132,40 +134,136 @@ class SavedProgress:
     updated: str = ""
 
 
+_INT64 = 2**63 - 1
+#: Evaluation IDs and counts are PostgreSQL ``integer``s.
+_INT32 = 2**31 - 1
+
+
+def saved_from_json(entry: object) -> SavedProgress:
+    """Validate one selection's stored entry (keys, types, ranges); entries of earlier versions lack some.
+
+    Args:
+        entry: the decoded JSON of the entry.
+
+    Returns:
+        The progress.
+
+    Raises:
+        ValueError: what is wrong, naming the key.
+    """
+    if not isinstance(entry, dict):
+        raise ValueError("the entry is not a JSON object")
+    known = {f.name for f in fields(SavedProgress)}
+    unknown = sorted(str(k) for k in entry if k not in known)
+    if unknown:
+        raise ValueError(f"unknown key {unknown[0]!r} (written by a newer hydra-otel?)")
+    for key in ("since", "until", "jobsets"):
+        if key not in entry:
+            raise ValueError(f"key {key!r} is missing")
+    jobsets = entry["jobsets"]
+    if not isinstance(jobsets, list) or not all(isinstance(j, str) for j in jobsets):
+        raise ValueError("'jobsets' is not a list of jobset names")
+    for key, low, high in (("since", -_INT64, _INT64), ("until", -_INT64, _INT64),
+                           ("last_eval_id", 0, _INT32), ("evals_done", 0, _INT32)):  # fmt: skip
+        value = entry.get(key, 0)
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise ValueError(f"{key!r} is {json.dumps(value)[:30]}, not an integer from {low} to {high}")
+    if not isinstance(entry.get("complete", False), bool) or not isinstance(entry.get("updated", ""), str):
+        raise ValueError("'complete' is not true or false, or 'updated' is not a string")
+    return SavedProgress(**{**entry, "jobsets": tuple(jobsets)})
+
+
 class ProgressFile:
     """``<state dir>/backfill.json``: ``{"version": 1, "selections": {key: SavedProgress}}`` (blocking).
 
     Every write replaces the whole file atomically (temporary file, fsync, rename, fsync of the
-    directory), so a kill at any moment leaves the previous or the new version.
+    directory), so a kill at any moment leaves the previous or the new version. What is read is
+    validated: a file or entry hydra-otel cannot use stops the backfill with exit code 2 and a
+    message saying so, never with a traceback.
     """
 
     VERSION: Final = 1
 
     def __init__(self, state_dir: Path) -> None:
         self.path = state_dir / PROGRESS_FILE
+        self.failing = False  # the last checkpoint could not be written
 
     def _read(self) -> dict[str, Any]:
+        fix = "repair or delete it (it holds only backfill progress)"
         try:
             data = json.loads(self.path.read_text())
         except FileNotFoundError:
             return {"version": self.VERSION, "selections": {}}
         except (OSError, ValueError) as exc:
+            raise BackfillError(f"cannot read {self.path}: {exc}; {fix}", 2) from None
+        version = data.get("version") if isinstance(data, dict) else None
+        if isinstance(version, int) and not isinstance(version, bool) and version > self.VERSION:
             raise BackfillError(
-                f"cannot read {self.path}: {exc}; repair or delete it (it holds only backfill progress)", 2
-            ) from None
-        if not isinstance(data, dict) or not isinstance(data.get("selections"), dict):
-            raise BackfillError(f"{self.path} is not a backfill progress file; repair or delete it", 2)
+                f"{self.path} has format {version}, written by a newer hydra-otel (this one reads "
+                f"format {self.VERSION}): run that version, or {fix}",
+                2,
+            )
+        if (
+            not isinstance(data, dict)
+            or version != self.VERSION
+            or not isinstance(data.get("selections"), dict)
+        ):
+            raise BackfillError(f"{self.path} is not a backfill progress file; {fix}", 2)
         return data
 
     def load(self, key: str) -> SavedProgress | None:
-        """The stored progress of selection ``key``, if any."""
+        """The stored progress of selection ``key``, if any.
+
+        Raises:
+            BackfillError: the file, or the selection's entry, is not valid (exit code 2).
+        """
         entry = self._read()["selections"].get(key)
-        if not isinstance(entry, dict):
+        if entry is None:
             return None
         try:
-            return SavedProgress(**{**entry, "jobsets": tuple(entry.get("jobsets", ()))})
-        except TypeError:
-            return None  # an entry from another version: start the selection again
+            return saved_from_json(entry)
+        except ValueError as exc:
+            raise BackfillError(
+                f"{self.path}: the progress of this selection is not valid: {exc}; run with --restart "
+                "to start the selection again, or repair or delete the file",
+                2,
+            ) from None
+
+    def store(self, key: str, progress: SavedProgress) -> None:
+        """:meth:`save`, for the first and last write of a run, which cannot wait for a later checkpoint.
+
+        Raises:
+            BackfillError: the write failed (exit code 2); the message says what to do.
+        """
+        try:
+            self.save(key, progress)
+        except OSError as exc:
+            raise BackfillError(
+                f"cannot write {self.path}: {exc.strerror or exc}; free space, or set --state-dir / "
+                "HYDRA_OTEL_STATE_DIR to a writable directory, then run the same command again",
+                2,
+            ) from None
+
+    def checkpoint(self, key: str, progress: SavedProgress) -> bool:
+        """:meth:`save`, except that a failed write (a full disk) is logged once per outage and returns False.
+
+        The next checkpoint writes everything again, so nothing needs to be remembered; until then a
+        run started anew resumes from the last progress written.
+        """
+        try:
+            self.save(key, progress)
+        except OSError as exc:
+            if not self.failing:
+                _log.warning(
+                    "cannot write the backfill progress; exporting goes on and every checkpoint tries again",
+                    extra={"path": str(self.path), "error": str(exc)},
+                )
+            self.failing = True
+            return False
+        if self.failing:
+            _log.info("backfill progress written again", extra={"path": str(self.path)})
+        self.failing = False
+        return True
 
     def save(self, key: str, progress: SavedProgress) -> None:
         """Store ``progress`` for selection ``key`` (keeping the other selections)."""

@@ -51,6 +51,7 @@ from hydra_otel.core.events import BuildFinished
 from hydra_otel.core.spans import SpanRecord
 from hydra_otel.core.stitch import Work
 from hydra_otel.errors import first_leaf
+from hydra_otel.log import Redactor
 from hydra_otel.service import make_sink, render_config
 from hydra_otel.stats import Stats
 from hydra_otel.tasks.exporter import run_exporter
@@ -226,7 +227,7 @@ class Backfill:
                     # Recorded at once: a run interrupted before its first page then resumes with the
                     # same "now", and an interrupted --restart does not leave an old "complete" behind.
                     start = replace(saving, updated=_now_iso())
-                    await trio.to_thread.run_sync(store.save, key, start)
+                    await trio.to_thread.run_sync(store.store, key, start)
                 try:
                     await self._pipeline(database, store, key, saving, jobset_ids, after)
                 except* BackfillError as group:  # the progress file became unusable mid-run
@@ -242,7 +243,7 @@ class Backfill:
                     complete=True,
                     updated=_now_iso(),
                 )
-                await trio.to_thread.run_sync(store.save, key, done)
+                await trio.to_thread.run_sync(store.store, key, done)
         finally:
             result.seconds = trio.current_time() - self._started
             result.skipped = self.stats.not_finished + sum(self.stats.missing_rows.values())
@@ -301,6 +302,7 @@ class Backfill:
         async def commit(marks: Marks) -> None:
             self.result.last_eval_id = marks.eval_id
             self.result.evals_done = self._done_at.pop(marks.eval_id, self.result.evals_done)
+            stored = True
             if not opts.dry_run:
                 progress = SavedProgress(
                     since=saving.since,
@@ -310,8 +312,11 @@ class Backfill:
                     evals_done=self.result.evals_done,
                     updated=_now_iso(),
                 )
-                await trio.to_thread.run_sync(store.save, key, progress)
-            self.stats.checkpoints += 1
+                stored = await trio.to_thread.run_sync(store.checkpoint, key, progress)
+            if stored:
+                self.stats.checkpoints += 1
+            else:
+                self.stats.marks_store_failures += 1  # logged once; the next checkpoint writes again
             self._draw()
 
         async def export() -> None:
@@ -490,7 +495,7 @@ def run_backfill(
     except KeyboardInterrupt:
         interrupted = True
     if error is not None:
-        print(f"hydra-otel backfill: {error}", file=err)
+        print(Redactor(cfg.secrets)(f"hydra-otel backfill: {error}"), file=err)  # a driver may quote the URL
         return error.status
     if interrupted or not runner.result.complete:
         print(runner.result.summary(opts.rate), file=err)

@@ -40,7 +40,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from hydra_otel.core import ids
+from hydra_otel.core import budget, ids
 from hydra_otel.core import semconv as sc
 from hydra_otel.core.evals import RenderConfig
 from hydra_otel.core.spans import (
@@ -83,6 +83,7 @@ class BuildFacts:
     release_name: str | None
     eval_id: int | None  # the evaluation that created the build (None: no membership row)
     in_eval_trace: bool  # False: beyond the evaluation's trace budget
+    trace_builds: int = 1  # builds sharing the trace: they split its span budget (core/budget.py)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -181,6 +182,17 @@ def _previous_attempt_end(b: BuildFacts, steps: Sequence[StepFacts], attempt: in
     """When attempt ``attempt - 1`` ended (its ending step's stop time), else the queue time."""
     ends = sorted((s.stepnr, s.stoptime) for s in steps if _ends_attempt(b, s) and s.stoptime is not None)
     return ends[attempt - 1][1] if 0 < attempt <= len(ends) else b.timestamp
+
+
+def step_in_budget(cfg: RenderConfig, b: BuildFacts, steps: Sequence[StepFacts], s: StepFacts) -> bool:
+    """Whether step ``s`` fits its build's share of the trace budget (see core/budget.py).
+
+    ``steps`` must hold the build's attempt-ending steps below ``s`` (as both queries give).
+    """
+    ends = sorted(t.stepnr for t in steps if _ends_attempt(b, t) and t.stepnr < s.stepnr)
+    position = s.stepnr - (ends[-1] if ends else 0)
+    share = budget.build_share(cfg.max_spans_per_trace, b.trace_builds, own_trace=placement(cfg, b).own_trace)
+    return budget.step_kept(budget.step_limit(share), position, ends_attempt=_ends_attempt(b, s))
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,6 +305,7 @@ def _attempt_spans(
 ) -> list[SpanRecord]:
     """Build span, ``queued`` and steps of one attempt, finished as row ``b`` says."""
     assert b.stoptime is not None
+    kept = _kept_steps(cfg, b, steps, mine)
     starts = [s.starttime for s in mine if s.starttime is not None]
     if attempt == 0:
         start = b.timestamp
@@ -309,7 +322,7 @@ def _attempt_spans(
         kind=Kind.INTERNAL,
         start_ns=seconds_ns(start),
         end_ns=seconds_ns(end),
-        attributes=attributes(_build_attributes(cfg, b, attempt, where.own_trace)),
+        attributes=attributes(_build_attributes(cfg, b, attempt, where.own_trace, len(mine) - len(kept))),
         status=Status.OK if info.error_type is None else Status.ERROR,
         status_message="" if info.error_type is None else info.name,
         links=_build_links(cfg, b, where, cause),
@@ -319,8 +332,23 @@ def _attempt_spans(
     if first_step is not None and first_step > start:  # a zero-length wait is noise, not a span
         out.append(_queued_span(where, b, attempt, tid, span, start, first_step))
     parent = (where, tid, span)
-    out.extend(step_span(cfg, b, s, attempt, parent=parent) for s in mine)
+    out.extend(step_span(cfg, b, s, attempt, parent=parent) for s in kept)
     return out
+
+
+def _kept_steps(
+    cfg: RenderConfig, b: BuildFacts, steps: Sequence[StepFacts], mine: Sequence[StepFacts]
+) -> list[StepFacts]:
+    """The steps of ``mine`` (one attempt) within the build's share: :func:`step_in_budget`, in O(n)."""
+    share = budget.build_share(cfg.max_spans_per_trace, b.trace_builds, own_trace=placement(cfg, b).own_trace)
+    limit = budget.step_limit(share)
+    if not mine:
+        return []
+    first = min(s.stepnr for s in mine)
+    previous_end = max((t.stepnr for t in steps if _ends_attempt(b, t) and t.stepnr < first), default=0)
+    return [
+        s for s in mine if budget.step_kept(limit, s.stepnr - previous_end, ends_attempt=_ends_attempt(b, s))
+    ]
 
 
 def _queued_span(
@@ -339,7 +367,7 @@ def _queued_span(
 
 
 def _build_attributes(
-    cfg: RenderConfig, b: BuildFacts, attempt: int, own_trace: bool
+    cfg: RenderConfig, b: BuildFacts, attempt: int, own_trace: bool, omitted: int = 0
 ) -> dict[str, AttrValue | None]:
     info = status_info(b.status)
     return {
@@ -368,6 +396,7 @@ def _build_attributes(
         sc.HYDRA_BUILD_RELEASE_NAME: b.release_name,
         sc.HYDRA_BUILD_ATTEMPT: attempt,
         sc.HYDRA_BUILD_OWN_TRACE: own_trace or None,
+        sc.HYDRA_BUILD_STEPS_OMITTED: omitted or None,
     }
 
 

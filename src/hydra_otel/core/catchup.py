@@ -103,3 +103,68 @@ def jobset_failures(
                 )
             )
     return out, updated
+
+
+# --- stored form ------------------------------------------------------------------------------------------
+
+#: Marks are Hydra IDs and Unix seconds, PostgreSQL ``integer`` columns; a value outside is no mark.
+MARK_MAX = 2**31 - 1
+_MARK_KEYS = ("eval_id", "stop_time", "jobsets")
+
+
+def marks_to_json(marks: Marks) -> dict[str, object]:
+    """The JSON object :func:`marks_from_json` reads back (jobset IDs become string keys)."""
+    jobsets = {str(k): v for k, v in sorted(marks.jobsets.items())}
+    return {"eval_id": marks.eval_id, "stop_time": marks.stop_time, "jobsets": jobsets}
+
+
+def marks_from_json(data: object) -> Marks:
+    """Validate stored marks: exactly the known keys, each an integer from 0 to :data:`MARK_MAX`.
+
+    A mark that is wrong would make catch-up scan from a wrong place (all of history, or
+    nothing), so nothing is guessed: the caller refuses to start with the reason.
+
+    Args:
+        data: the decoded JSON of stored marks.
+
+    Returns:
+        The marks.
+
+    Raises:
+        ValueError: what is wrong, naming the key, in words an operator can act on.
+    """
+    if not isinstance(data, dict):
+        raise ValueError(f"the marks are {_kind(data)}, not a JSON object")
+    unknown = sorted(str(k) for k in data if k not in _MARK_KEYS)
+    if unknown:
+        raise ValueError(f"unknown key {unknown[0]!r} (written by a newer hydra-otel?)")
+    missing = [k for k in _MARK_KEYS if k not in data]
+    if missing:
+        raise ValueError(f"key {missing[0]!r} is missing")
+    jobsets = data["jobsets"]
+    if not isinstance(jobsets, dict):
+        raise ValueError(f"'jobsets' is {_kind(jobsets)}, not a JSON object")
+    checked: dict[int, int] = {}
+    for key, value in jobsets.items():
+        if not (isinstance(key, str) and key.isascii() and key.isdigit()):
+            raise ValueError(f"'jobsets' has the key {str(key)[:20]!r}, not a jobset ID")
+        checked[_mark(int(key), f"jobset ID {key}")] = _mark(value, f"'jobsets'[{key}]")
+    return Marks(
+        eval_id=_mark(data["eval_id"], "'eval_id'"),
+        stop_time=_mark(data["stop_time"], "'stop_time'"),
+        jobsets=checked,
+    )
+
+
+def _mark(value: object, what: str) -> int:
+    # bool is an int subclass, but a stored `true` is no mark.
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{what} is {_kind(value)}, not an integer")
+    if not 0 <= value <= MARK_MAX:
+        raise ValueError(f"{what} is {value}, outside 0..{MARK_MAX}")
+    return value
+
+
+def _kind(value: object) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", float: "a number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)

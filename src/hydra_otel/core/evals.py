@@ -55,6 +55,8 @@ class RenderConfig:
     max_builds_per_trace: int = 1000
     #: Links an evaluation span carries to builds in their own traces, and to cached builds.
     max_links: int = 32
+    #: Spans one trace may hold, split between its builds (core/budget.py, docs/spans.md).
+    max_spans_per_trace: int = 6000
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -8,11 +8,18 @@ why. The I/O lives in ``adapters/steplogs.py``; this module decides:
   skipping those that never ran a builder and so have no log of their own:
   propagated failures (the cause's step has the log), cached failures (8),
   unsupported systems (9) and substitutions;
-* **where** (:func:`log_candidates`): the path ``step_finished`` gave, else
-  Hydra's layout ``<log dir>/<first two characters of the derivation's base
+* **where** (:func:`log_candidates`): only from the step row's derivation,
+  in Hydra's layout ``<log dir>/<first two characters of the derivation's base
   name>/<the rest>`` (queue runner ``construct_log_file_path``, web
-  ``getDrvLogPath``), each tried as is, then with ``.bz2`` and ``.zst``: Hydra's
-  CompressLog plugin compresses a log in place right after the step finishes;
+  ``getDrvLogPath``), tried as is, then with ``.bz2`` and ``.zst``: Hydra's
+  CompressLog plugin compresses a log in place right after the step finishes.
+  Candidates are names *relative to* the log directory, each one a plain file
+  name (:func:`log_location`), so the reader can open them below the directory
+  without ever resolving a path. The path a ``step_finished`` payload carries
+  is never opened: any role that can connect to Hydra's database can send that
+  notification (docs/operations.md, "Trust model"). It is only compared with
+  the layout (:func:`notified_path_agrees`), so a forged or misconfigured one
+  is noticed;
 * **how much** (:class:`TailBuffer`, :func:`render_tail`): the last
   ``max_bytes`` of decompressed text, then at most ``max_lines`` lines of it,
   decoded as UTF-8 with replacement characters (build output is bytes).
@@ -26,6 +33,7 @@ from __future__ import annotations
 
 import enum
 import posixpath
+import re
 from dataclasses import dataclass
 from typing import Final
 
@@ -71,6 +79,7 @@ class TailRequest:
     build_id: int
     step_nr: int
     drv_path: str | None
+    #: The path ``step_finished`` carried: untrusted, never opened (see :func:`notified_path_agrees`).
     log_path: str | None
     at_ns: int
 
@@ -130,7 +139,7 @@ def tail_request(record: SpanRecord, log_path: str | None = None) -> TailRequest
 
 
 def hydra_log_path(logs_dir: str, drv_path: str) -> str:
-    """Where Hydra writes the (uncompressed) log of ``drv_path``.
+    """Where Hydra writes the (uncompressed) log of ``drv_path``, for display.
 
     ``/nix/store/abc…-hello.drv`` -> ``<logs_dir>/ab/c…-hello.drv``.
     """
@@ -138,22 +147,64 @@ def hydra_log_path(logs_dir: str, drv_path: str) -> str:
     return posixpath.join(logs_dir, base[:2], base[2:])
 
 
-def log_candidates(request: TailRequest, logs_dir: str) -> tuple[str, ...]:
-    """Paths to try for ``request``'s log, in order, without repeats.
+#: Characters of a Nix store path name (Nix's ``checkName``), hence of a derivation's base name.
+_STORE_NAME = re.compile(r"[A-Za-z0-9+\-._?=]+")
 
-    Args:
-        request: the step.
-        logs_dir: Hydra's ``build-logs`` directory.
+#: A log's place below the log directory: (bucket directory, file name), both plain names.
+LogLocation = tuple[str, str]
+
+
+def log_location(drv_path: str | None) -> LogLocation | None:
+    """The (bucket, file name) of ``drv_path``'s uncompressed log below the log directory.
+
+    Both parts are single path components made of store-path characters, neither ``.`` nor
+    ``..``: whatever the row holds, the result cannot name anything outside the directory.
 
     Returns:
-        The given path, then Hydra's layout, each as is and with every suffix in :data:`SUFFIXES`.
+        None when ``drv_path`` has no usable base name (empty, ``..``, a slash at the end, a
+        character no store path has).
     """
-    bases = []
-    if request.log_path:
-        bases.append(strip_suffix(request.log_path))
-    if request.drv_path and posixpath.basename(request.drv_path):
-        bases.append(hydra_log_path(logs_dir, request.drv_path))
-    return tuple(dict.fromkeys(base + suffix for base in bases for suffix in SUFFIXES))
+    if not drv_path:
+        return None
+    base = posixpath.basename(drv_path)
+    bucket, name = base[:2], base[2:]
+    for part in (bucket, name):
+        if part in {".", ".."} or not _STORE_NAME.fullmatch(part):
+            return None
+    return bucket, name
+
+
+def log_candidates(request: TailRequest) -> tuple[LogLocation, ...]:
+    """Places to try for ``request``'s log below the log directory, in order.
+
+    Args:
+        request: the step (its derivation comes from the step row).
+
+    Returns:
+        Hydra's layout as is, then with every suffix in :data:`SUFFIXES`; empty when the
+        derivation cannot name a log (:func:`log_location`).
+    """
+    loc = log_location(request.drv_path)
+    if loc is None:
+        return ()
+    bucket, name = loc
+    return tuple((bucket, name + suffix) for suffix in SUFFIXES)
+
+
+def notified_path_agrees(log_path: str | None, drv_path: str | None) -> bool:
+    """Whether the path ``step_finished`` carried names the same log as the step row's derivation.
+
+    Only the last two components are compared (the bucket and the file name, without a
+    compression suffix): the queue runner may see the log directory under another name (a
+    symbolic link, a bind mount). An empty path (the legacy queue runner) agrees.
+    """
+    if not log_path:
+        return True
+    loc = log_location(drv_path)
+    if loc is None:
+        return False
+    parts = posixpath.normpath(strip_suffix(log_path)).split("/")
+    return tuple(parts[-2:]) == loc
 
 
 def strip_suffix(path: str) -> str:

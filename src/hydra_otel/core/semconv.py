@@ -72,6 +72,7 @@ HYDRA_BUILD_CLOSURE_SIZE = "hydra.build.closure_size_bytes"
 HYDRA_BUILD_RELEASE_NAME = "hydra.build.release_name"
 HYDRA_BUILD_ATTEMPT = "hydra.build.attempt"
 HYDRA_BUILD_OWN_TRACE = "hydra.build.own_trace"
+HYDRA_BUILD_STEPS_OMITTED = "hydra.build.steps_omitted"
 HYDRA_EVAL_BUILDS_OWN_TRACES = "hydra.eval.builds.own_traces"
 
 HYDRA_STEP_NR = "hydra.step.nr"

@@ -10,23 +10,45 @@ monotonic ``now`` (seconds, for deadlines).
 
 States of one attempt key, and the transition table :data:`TRANSITIONS`::
 
-    ABSENT --eval_started--> OPEN --eval_added/cached/failed--> (gone, outcome)
-    ABSENT --eval_added/cached/failed--> (gone, outcome without start: "orphan")
+    ABSENT --eval_started--> OPEN --eval_added/cached/failed--> CLOSED (outcome)
+    ABSENT --eval_added/cached/failed--> CLOSED (outcome without start: "orphan")
+    CLOSED --eval_added/cached/failed--> CLOSED (another orphan outcome; exact repeats are filtered later)
+    CLOSED --eval_started--> CLOSED (late start: ignored and counted, never opened)
     OPEN   --eval_started--> OPEN (duplicate, ignored)
-    OPEN   --deadline passed / newer eval_started of the jobset / capacity--> (gone, abandoned)
+    OPEN   --deadline passed / newer eval_started of the jobset--> ABSENT (abandoned)
+    CLOSED --closed_ttl passed, or forgotten to stay within max_closed--> ABSENT
 
-Rules that keep it bounded and honest:
+NOTIFY is not ordered across connections, so ``eval_added`` can overtake its
+``eval_started``; the CLOSED state keeps that start (or a forged one) from
+opening an attempt that could only end as a false "abandoned".
 
+Any database role can NOTIFY, so ``eval_started`` payloads are not trusted.
+Rules that keep the stitcher bounded and honest:
+
+* The caller says whether the jobset exists in Hydra's ``jobsets`` table; a
+  start for one that does not is rejected. Only real jobsets take state.
 * Hydra runs one evaluation per jobset at a time, so a new ``eval_started``
-  for a jobset proves the previous open attempt of that jobset is dead.
-* At most ``max_open`` attempts are open; the oldest is abandoned to make room.
+  for a jobset proves the previous open attempt of that jobset is dead: at
+  most one attempt per jobset is open. The dead one is reported abandoned
+  while the jobset's supersession budget lasts (a token bucket: a burst of
+  ``SUPERSEDE_BURST``, one more every ``SUPERSEDE_REFILL`` seconds); beyond
+  it, it is dropped and counted, so a flood of starts cannot become a flood
+  of error spans.
+* At most ``max_open`` attempts are open; a start beyond that is rejected
+  (counted), never an eviction that would report a live evaluation abandoned.
 * Every attempt has the same lifetime, so insertion order is deadline order
-  and expiry looks only at the front of the table.
+  and expiry looks only at the front of the table; the same holds for the
+  CLOSED memory.
+
+Everything not opened or not reported is counted by reason
+(:attr:`StitchStatistics.rejected`) and handed to the caller once through
+:meth:`Stitcher.take_rejections`, for a log line.
 """
 
 from __future__ import annotations
 
 import enum
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -51,7 +73,22 @@ AttemptKey = tuple[int, str]
 
 SUPERSEDED = "superseded by a newer evaluation of the jobset"
 EXPIRED = "no closing notification before the abandon limit"
-EVICTED = "too many open evaluations"
+
+# Why an eval_started was not opened, or an attempt was not reported (the counter's label).
+#: The jobset is not in Hydra's ``jobsets`` table.
+UNKNOWN_JOBSET = "unknown_jobset"
+#: The attempt already closed (a start that lost the race with its closing event, or a forged one).
+ALREADY_CLOSED = "already_closed"
+#: ``max_open`` attempts are open.
+TOO_MANY_OPEN = "too_many_open"
+#: A superseded attempt beyond the jobset's supersession budget: dropped, not reported abandoned.
+SUPERSEDED_UNREPORTED = "superseded_unreported"
+
+#: Superseded attempts of one jobset reported abandoned in a burst ...
+SUPERSEDE_BURST = 3
+#: ... and the seconds after which one more may be (hydra-evaluator re-checks a jobset every
+#: few minutes at most; a faster stream of starts for one jobset is not Hydra's).
+SUPERSEDE_REFILL = 60.0
 
 
 class State(enum.Enum):
@@ -59,6 +96,7 @@ class State(enum.Enum):
 
     ABSENT = "absent"
     OPEN = "open"
+    CLOSED = "closed"
 
 
 @dataclass(slots=True)
@@ -79,6 +117,21 @@ class StitchStatistics:
     orphans: int
     duplicates: int
     abandoned: dict[str, int] = field(default_factory=dict)
+    #: Starts not opened and attempts not reported, by reason (the constants above).
+    rejected: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """Events the stitcher did not act on (or attempts it did not report) for one reason.
+
+    ``count`` of them since the last :meth:`Stitcher.take_rejections`; the IDs are the first one's.
+    """
+
+    reason: str
+    count: int
+    jobset_id: int
+    correlation_id: str
 
 
 Handler = Callable[["Stitcher", EvalEvent, int, float], list[Outcome]]
@@ -87,22 +140,53 @@ Handler = Callable[["Stitcher", EvalEvent, int, float], list[Outcome]]
 class Stitcher:
     """Pairs evaluation notifications; see the module docstring."""
 
-    def __init__(self, *, abandon_after: float, max_open: int) -> None:
+    def __init__(
+        self,
+        *,
+        abandon_after: float,
+        max_open: int,
+        closed_ttl: float | None = None,
+        max_closed: int | None = None,
+    ) -> None:
+        """Args:
+        abandon_after: seconds an attempt stays open without a closing event.
+        max_open: bound on open attempts.
+        closed_ttl: seconds a closed attempt is remembered (default ``abandon_after``).
+        max_closed: bound on remembered closed attempts (default ``max_open``).
+        """
         if abandon_after <= 0 or max_open < 1:
             raise ValueError("abandon_after must be > 0 and max_open >= 1")
         self._abandon_after = abandon_after
         self._max_open = max_open
+        self._closed_ttl = abandon_after if closed_ttl is None else closed_ttl
+        self._max_closed = max_open if max_closed is None else max(1, max_closed)
         self._open: dict[AttemptKey, _Open] = {}
         self._by_jobset: dict[int, AttemptKey] = {}
-        self._opened = self._closed = self._orphans = self._duplicates = 0
+        self._closed: OrderedDict[AttemptKey, float] = OrderedDict()
+        self._tokens: dict[int, tuple[float, float]] = {}  # jobset -> (supersession tokens, as of)
+        self._opened = self._closed_count = self._orphans = self._duplicates = 0
         self._abandoned: dict[str, int] = {}
+        self._rejected: dict[str, int] = {}
+        self._pending: dict[str, Rejection] = {}  # by reason: bounded by the number of reasons
+        # The current feed()'s verdict on the event's jobset, read by _on_start: every handler in
+        # TRANSITIONS has the same signature, and only that one needs it.
+        self._jobset_known = True
 
     def state(self, jobset_id: int, correlation_id: str) -> State:
         """The state of one attempt key."""
-        return State.OPEN if (jobset_id, correlation_id) in self._open else State.ABSENT
+        key = (jobset_id, correlation_id)
+        if key in self._open:
+            return State.OPEN
+        return State.CLOSED if key in self._closed else State.ABSENT
 
-    def feed(self, event: EvalEvent, at_ns: int, now: float) -> list[Outcome]:
-        """Apply one evaluation event received at ``at_ns`` (wall clock) / ``now`` (monotonic)."""
+    def feed(self, event: EvalEvent, at_ns: int, now: float, *, jobset_known: bool = True) -> list[Outcome]:
+        """Apply one evaluation event received at ``at_ns`` (wall clock) / ``now`` (monotonic).
+
+        ``jobset_known`` says whether the event's jobset is in Hydra's ``jobsets`` table; it
+        matters only for a start (closing events are resolved against the table later).
+        """
+        self._forget_closed(now)
+        self._jobset_known = jobset_known
         handler = TRANSITIONS[(self.state(event.jobset_id, event.correlation_id), type(event))]
         return handler(self, event, at_ns, now)
 
@@ -117,7 +201,7 @@ class Stitcher:
             key, rec = next(iter(self._open.items()))
             if rec.deadline > now:
                 break
-            out.append(self._abandon(key, now_ns, EXPIRED))
+            out.append(self._abandon(self._pop(key), now_ns, EXPIRED))
         return out
 
     def next_deadline(self) -> float | None:
@@ -126,26 +210,39 @@ class Stitcher:
             return None
         return next(iter(self._open.values())).deadline
 
+    def take_rejections(self) -> list[Rejection]:
+        """Rejections since the last call, one entry per reason (all are also in :meth:`statistics`)."""
+        out = list(self._pending.values())
+        self._pending.clear()
+        return out
+
     def statistics(self) -> StitchStatistics:
         """Counters since construction."""
         return StitchStatistics(
             open=len(self._open),
             opened=self._opened,
-            closed=self._closed,
+            closed=self._closed_count,
             orphans=self._orphans,
             duplicates=self._duplicates,
             abandoned=dict(self._abandoned),
+            rejected=dict(self._rejected),
         )
 
     # Transition handlers. Each is called only from its row of TRANSITIONS.
 
     def _on_start(self, event: EvalEvent, at_ns: int, now: float) -> list[Outcome]:
+        if not self._jobset_known:
+            return self._reject(UNKNOWN_JOBSET, event.jobset_id, event.correlation_id)
         out: list[Outcome] = []
         previous = self._by_jobset.get(event.jobset_id)
         if previous is not None:
-            out.append(self._abandon(previous, at_ns, SUPERSEDED))
-        if len(self._open) >= self._max_open:
-            out.append(self._abandon(next(iter(self._open)), at_ns, EVICTED))
+            dead = self._pop(previous)
+            if self._take_token(event.jobset_id, now):
+                out.append(self._abandon(dead, at_ns, SUPERSEDED))
+            else:
+                self._reject(SUPERSEDED_UNREPORTED, dead.jobset_id, dead.correlation_id)
+        elif len(self._open) >= self._max_open:
+            return self._reject(TOO_MANY_OPEN, event.jobset_id, event.correlation_id)
         key = (event.jobset_id, event.correlation_id)
         self._open[key] = _Open(event.jobset_id, event.correlation_id, at_ns, now + self._abandon_after)
         self._by_jobset[event.jobset_id] = key
@@ -156,14 +253,22 @@ class Stitcher:
         self._duplicates += 1
         return []
 
+    def _on_late_start(self, event: EvalEvent, at_ns: int, now: float) -> list[Outcome]:
+        return self._reject(ALREADY_CLOSED, event.jobset_id, event.correlation_id)
+
     def _on_close(self, event: EvalEvent, at_ns: int, now: float) -> list[Outcome]:
-        rec = self._pop((event.jobset_id, event.correlation_id))
-        self._closed += 1
+        key = (event.jobset_id, event.correlation_id)
+        rec = self._pop(key)
+        self._remember_closed(key, now)
+        self._closed_count += 1
         return [_outcome(event, rec.started_ns, at_ns)]
 
     def _on_orphan_close(self, event: EvalEvent, at_ns: int, now: float) -> list[Outcome]:
+        self._remember_closed((event.jobset_id, event.correlation_id), now)
         self._orphans += 1
         return [_outcome(event, None, at_ns)]
+
+    # Bookkeeping.
 
     def _pop(self, key: AttemptKey) -> _Open:
         rec = self._open.pop(key)
@@ -171,8 +276,7 @@ class Stitcher:
             del self._by_jobset[rec.jobset_id]
         return rec
 
-    def _abandon(self, key: AttemptKey, at_ns: int, reason: str) -> Attempt:
-        rec = self._pop(key)
+    def _abandon(self, rec: _Open, at_ns: int, reason: str) -> Attempt:
         self._abandoned[reason] = self._abandoned.get(reason, 0) + 1
         return Attempt(
             kind=AttemptKind.ABANDONED,
@@ -182,6 +286,44 @@ class Stitcher:
             ended_ns=max(at_ns, rec.started_ns),
             abandon_reason=reason,
         )
+
+    def _reject(self, reason: str, jobset_id: int, correlation_id: str) -> list[Outcome]:
+        self._rejected[reason] = self._rejected.get(reason, 0) + 1
+        first = self._pending.get(reason)
+        if first is None:
+            self._pending[reason] = Rejection(reason, 1, jobset_id, correlation_id)
+        else:
+            self._pending[reason] = Rejection(reason, first.count + 1, first.jobset_id, first.correlation_id)
+        return []
+
+    def _remember_closed(self, key: AttemptKey, now: float) -> None:
+        self._closed.pop(key, None)
+        self._closed[key] = now + self._closed_ttl
+        while len(self._closed) > self._max_closed:
+            self._closed.popitem(last=False)
+
+    def _forget_closed(self, now: float) -> None:
+        while self._closed:
+            key, until = next(iter(self._closed.items()))
+            if until > now:
+                break
+            del self._closed[key]
+
+    def _take_token(self, jobset_id: int, now: float) -> bool:
+        """Spend one of the jobset's supersession tokens, if it has one (see the module docstring)."""
+        tokens, since = self._tokens.get(jobset_id, (float(SUPERSEDE_BURST), now))
+        tokens = min(float(SUPERSEDE_BURST), tokens + max(0.0, now - since) / SUPERSEDE_REFILL)
+        ok = tokens >= 1.0
+        self._tokens[jobset_id] = (tokens - 1.0 if ok else tokens, now)
+        if len(self._tokens) > self._max_open:  # forget jobsets whose bucket has refilled
+            full = [
+                j
+                for j, (t, at) in self._tokens.items()
+                if t + (now - at) / SUPERSEDE_REFILL >= SUPERSEDE_BURST
+            ]
+            for j in full:
+                del self._tokens[j]
+        return ok
 
 
 def _outcome(event: EvalEvent, started_ns: int | None, at_ns: int) -> Outcome:
@@ -207,10 +349,14 @@ def _outcome(event: EvalEvent, started_ns: int | None, at_ns: int) -> Outcome:
 TRANSITIONS: dict[tuple[State, type[EvalEvent]], Handler] = {
     (State.ABSENT, EvalStarted): Stitcher._on_start,
     (State.OPEN, EvalStarted): Stitcher._on_duplicate_start,
+    (State.CLOSED, EvalStarted): Stitcher._on_late_start,
     (State.OPEN, EvalAdded): Stitcher._on_close,
     (State.OPEN, EvalCached): Stitcher._on_close,
     (State.OPEN, EvalFailed): Stitcher._on_close,
     (State.ABSENT, EvalAdded): Stitcher._on_orphan_close,
     (State.ABSENT, EvalCached): Stitcher._on_orphan_close,
     (State.ABSENT, EvalFailed): Stitcher._on_orphan_close,
+    (State.CLOSED, EvalAdded): Stitcher._on_orphan_close,
+    (State.CLOSED, EvalCached): Stitcher._on_orphan_close,
+    (State.CLOSED, EvalFailed): Stitcher._on_orphan_close,
 }

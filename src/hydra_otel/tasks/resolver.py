@@ -13,6 +13,7 @@ are skipped by :class:`~hydra_otel.core.dedup.RecentSpans`.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -22,6 +23,7 @@ from hydra_otel.adapters import queries
 from hydra_otel.adapters.db import Database
 from hydra_otel.adapters.steplogs import StepLogs
 from hydra_otel.core.backoff import Backoff
+from hydra_otel.core.budget import steps_omitted
 from hydra_otel.core.builds import (
     BuildFacts,
     Cause,
@@ -32,6 +34,7 @@ from hydra_otel.core.builds import (
     build_spans,
     propagated_from,
     step_attempt,
+    step_in_budget,
     step_needs_build,
     step_span,
 )
@@ -48,7 +51,7 @@ from hydra_otel.core.evals import (
 from hydra_otel.core.events import BuildFinished, StepFinished
 from hydra_otel.core.spans import SpanRecord
 from hydra_otel.core.stitch import Work
-from hydra_otel.errors import DbUnavailable
+from hydra_otel.errors import DbUnavailable, PermissionDenied
 from hydra_otel.log import RateLimitedLog
 from hydra_otel.stats import Stats
 from hydra_otel.tasks.channels import receive_some
@@ -116,6 +119,7 @@ class Resolver:
         records += await self._finished(finished)
         fresh = [r for r in records if self.recent.fresh(r)]
         self.stats.spans_deduplicated += len(records) - len(fresh)
+        self.stats.spans_over_budget += sum(steps_omitted(r) for r in fresh)
         if self.step_logs is not None:  # after the duplicate filter, so each tail is read once
             paths = {
                 (w.build_id, w.step_nr): w.log_path
@@ -190,6 +194,8 @@ class Resolver:
             if step_needs_build(b, rows, attempt):
                 with_build.append(BuildFinished(build_id=b.build_id, dependents=()))
                 continue
+            if not step_in_budget(self.cfg, b, rows, step):
+                continue  # beyond the build's share of its trace; counted when the build finishes
             out.append(step_span(self.cfg, b, step, attempt))
         return out + await self._finished(with_build)
 
@@ -251,6 +257,46 @@ class Resolver:
         return out
 
 
+#: Work items held for want of a grant at most; beyond it the resolver stops taking new work
+#: (backpressure) until the grant is given, so memory stays bounded.
+HELD_LIMIT = 100_000
+
+
+@dataclass(slots=True)
+class Held:
+    """Work that needs a table hydra-otel may not read (SQLSTATE 42501), kept until a GRANT.
+
+    Checkpoints that arrive while anything is held are merged here instead of being
+    passed on: progress marks must not move past work that was not exported. The held
+    work is retried with backoff (1 s doubling to 30 s); once it resolves, the merged
+    marks follow its spans.
+    """
+
+    work: list[Work] = field(default_factory=list)
+    #: Kinds of work (AddedEval, Attempt, StepFinished, BuildFinished) whose tables are denied.
+    kinds: set[type] = field(default_factory=set)
+    marks: Marks | None = None
+    retry_at: float = math.inf
+    backoff: Backoff = field(default_factory=lambda: Backoff(base=1.0, factor=2.0, cap=30.0, jitter=0.2))
+
+    def due(self) -> bool:
+        return bool(self.work) and trio.current_time() >= self.retry_at
+
+    def hold(self, work: list[Work]) -> None:
+        if not self.work:
+            log.warning(
+                "holding work that needs a table hydra-otel cannot read; exporting the rest",
+                extra={"kinds": sorted(k.__name__ for k in {type(w) for w in work})},
+            )
+        self.work += work
+        self.kinds |= {type(w) for w in work}
+        self.retry_at = trio.current_time() + self.backoff.next_delay()
+
+    def take(self) -> list[Work]:
+        work, self.work, self.kinds = self.work, [], set()
+        return work
+
+
 async def run_resolver(
     work: trio.MemoryReceiveChannel[Work | Checkpoint],
     spans: trio.MemorySendChannel[Sequence[SpanRecord] | Checkpoint],
@@ -259,39 +305,95 @@ async def run_resolver(
     backoff: Backoff,
     batch_size: int = RESOLVE_BATCH,
     gather: float = 0.05,
+    held_limit: int = HELD_LIMIT,
 ) -> None:
     """Consume ``work`` until it closes; closes ``spans`` when done. Checkpoints keep their place."""
+    held = Held()
+
+    async def checkpoint(marks: Marks) -> None:
+        if held.work:  # not past work that is still held
+            held.marks = marks if held.marks is None else held.marks.merged(marks)
+            return
+        if held.marks is not None:
+            marks, held.marks = held.marks.merged(marks), None
+        await spans.send(Checkpoint(marks))
+
     async with work, spans:
-        while True:
-            try:
-                batch = await receive_some(work, batch_size)
-            except trio.EndOfChannel:
-                break
-            # Wait a moment for more: in a burst, one query then serves hundreds of events.
-            with trio.move_on_after(gather):
-                while len(batch) < batch_size:
+        closed = False
+        while not closed:
+            batch: list[Work | Checkpoint] = []
+            if len(held.work) < held_limit:
+                with trio.move_on_at(held.retry_at if held.work else math.inf):
                     try:
-                        batch += await receive_some(work, batch_size - len(batch))
+                        batch = await receive_some(work, batch_size)
                     except trio.EndOfChannel:
-                        break
+                        closed = True
+                # Wait a moment for more: in a burst, one query then serves hundreds of events.
+                with trio.move_on_after(gather if batch else 0):
+                    while batch and len(batch) < batch_size:
+                        try:
+                            batch += await receive_some(work, batch_size - len(batch))
+                        except trio.EndOfChannel:
+                            break
+            else:
+                await trio.sleep_until(held.retry_at)  # full: take nothing new until the grant
             segment: list[Work] = []
             for item in [*batch, None]:
                 if isinstance(item, Checkpoint) or item is None:
-                    records = await _resolve_with_retry(resolver, segment, backoff) if segment else []
-                    if records:
-                        await spans.send(records)
+                    if segment or held.due() or (closed and held.work):
+                        records = await _resolve_with_retry(resolver, segment, backoff, held)
+                        if records:
+                            await spans.send(records)
                     segment = []
                     if resolver.unsent_jobsets:
                         # Live evaluation outcomes become a (partial) checkpoint behind their spans.
-                        await spans.send(Checkpoint(Marks(jobsets=dict(resolver.unsent_jobsets))))
+                        await checkpoint(Marks(jobsets=dict(resolver.unsent_jobsets)))
                         resolver.unsent_jobsets.clear()
                     if item is not None:
-                        await spans.send(item)
+                        await checkpoint(item.marks)
+                    elif held.marks is not None and not held.work:
+                        await checkpoint(Marks())  # the held work went out: its withheld marks follow
                 else:
                     segment.append(item)
+        if held.work:
+            log.warning(
+                "stopping with work held for want of a grant: not exported now, and its progress "
+                "marks were not stored, so the next start exports it once the grant is given",
+                extra={"held": len(held.work)},
+            )
 
 
-async def _resolve_with_retry(resolver: Resolver, batch: list[Work], backoff: Backoff) -> list[SpanRecord]:
+async def _resolve_with_retry(
+    resolver: Resolver, batch: list[Work], backoff: Backoff, held: Held
+) -> list[SpanRecord]:
+    """Spans for ``batch`` (and the held work, when its retry is due); denied kinds are held."""
+    if held.due():
+        batch = held.take() + batch
+    elif held.kinds:  # their tables are still denied: do not ask again before the retry time
+        batch, waiting = [w for w in batch if type(w) not in held.kinds], batch
+        held.work += [w for w in waiting if type(w) in held.kinds]
+    try:
+        records = await _resolve_until_db_answers(resolver, batch, backoff)
+    except PermissionDenied:
+        records = []
+        # Some kind of work needs a table we may not read: resolve each kind alone, hold the denied.
+        kinds: dict[type, list[Work]] = {}
+        for w in batch:
+            kinds.setdefault(type(w), []).append(w)
+        for group in kinds.values():
+            try:
+                records += await _resolve_until_db_answers(resolver, group, backoff)
+            except PermissionDenied:
+                held.hold(group)
+    if not held.work and held.kinds == set() and held.backoff.attempt:
+        held.backoff.reset()
+        log.info("held work resolved: the missing grant was given")
+    return records
+
+
+async def _resolve_until_db_answers(
+    resolver: Resolver, batch: list[Work], backoff: Backoff
+) -> list[SpanRecord]:
     while True:
         try:
             records = await resolver.resolve(batch)

@@ -2,6 +2,9 @@
 
 Work that only reads Hydra's tables can always be done later: while the
 database is down it is held, not dropped, and retried with capped backoff.
+A table hydra-otel may not read (a missing GRANT) is waited out the same way;
+the database adapter has already logged the GRANT to run, once, and made
+health unhealthy, so the retries are not logged again.
 """
 
 from __future__ import annotations
@@ -13,14 +16,15 @@ from typing import TypeVar
 import trio
 
 from hydra_otel.core.backoff import Backoff
-from hydra_otel.errors import DbUnavailable
+from hydra_otel.errors import DbUnavailable, PermissionDenied
 
 log = logging.getLogger("hydra_otel.retry")
 T = TypeVar("T")
 
 
 async def until_db_answers(step: Callable[[], Awaitable[T]], *, waiting: str) -> T:
-    """Run ``step`` until it no longer raises :class:`DbUnavailable`; log ``waiting`` on each failure."""
+    """Run ``step`` until it raises neither :class:`DbUnavailable` (``waiting`` is logged on each)
+    nor :class:`PermissionDenied`."""
     backoff = Backoff(base=0.5, cap=30.0)
     while True:
         try:
@@ -29,3 +33,5 @@ async def until_db_answers(step: Callable[[], Awaitable[T]], *, waiting: str) ->
             delay = backoff.next_delay()
             log.warning(waiting, extra={"error": str(exc), "retry_in_s": round(delay, 2)})
             await trio.sleep(delay)
+        except PermissionDenied:
+            await trio.sleep(backoff.next_delay())

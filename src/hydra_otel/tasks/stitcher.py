@@ -5,6 +5,11 @@ passes finished-step and finished-build events through unchanged and in
 order, wakes at the earliest abandon deadline to expire attempts that never closed,
 and forwards the outcomes. When its input closes, attempts still open are
 left open: they are live evaluations, not abandoned ones.
+
+``eval_started`` payloads come from any role that can connect, so before a
+start is fed the task asks :class:`KnownJobsets` whether its jobset is a row
+of Hydra's ``jobsets`` table. What the stitcher rejects is counted in
+``Stats.notifications_rejected`` and logged, rate-limited per reason.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
@@ -25,18 +32,112 @@ from hydra_otel.core.events import (
     StepFinished,
 )
 from hydra_otel.core.stitch import Stitcher, Work
+from hydra_otel.errors import DbUnavailable, PermissionDenied
+from hydra_otel.log import RateLimitedLog
+from hydra_otel.stats import Stats
 from hydra_otel.tasks.channels import receive_some, send_all
 
 log = logging.getLogger("hydra_otel.stitcher")
+
+#: Looks up which of the given jobset IDs exist (one query for the whole list).
+JobsetLookup = Callable[[Sequence[int]], Awaitable[set[int]]]
+
+
+class KnownJobsets:
+    """Which jobset IDs are rows of Hydra's ``jobsets`` table, cached (Trio-flavoured).
+
+    A jobset once found is remembered for good (Hydra's jobsets are few and deleting one
+    only leaves a harmless entry). An ID not found is remembered for ``negative_ttl``
+    seconds, at most ``max_negative`` of them, so a flood of made-up IDs costs at most one
+    query per batch of notifications. While the database is unreachable every ID counts
+    as known: the other bounds of the stitcher still hold, and a live evaluation is not
+    lost for want of a lookup.
+    """
+
+    def __init__(
+        self,
+        lookup: JobsetLookup,
+        *,
+        every: Callable[[], Awaitable[set[int]]] | None = None,
+        negative_ttl: float = 60.0,
+        max_negative: int = 10_000,
+    ) -> None:
+        """Args:
+        lookup: which of the given IDs exist (one query).
+        every: every jobset ID, for :meth:`preload` (None: nothing to preload).
+        negative_ttl: seconds an ID not found is remembered as unknown.
+        max_negative: bound on IDs remembered as unknown.
+        """
+        self._lookup = lookup
+        self._every = every
+        self._known: set[int] = set()
+        self._unknown: OrderedDict[int, float] = OrderedDict()
+        self._ttl = negative_ttl
+        self._max_negative = max_negative
+        self._warn = RateLimitedLog(log)
+
+    async def preload(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109 - one bounded start-up step
+        """Learn every existing jobset at once, so the first start of each is not held up by a
+        lookup (during which the catch-up would not see its evaluation as open). Gives up quietly
+        after ``timeout`` seconds or when the database is unreachable: lookups then happen lazily."""
+        if self._every is None:
+            return
+        with trio.move_on_after(timeout):
+            try:
+                self._known |= await self._every()
+            except (DbUnavailable, PermissionDenied) as exc:  # a missing grant is logged by the db
+                self._warn.warning(
+                    "db", "cannot read the jobsets yet; looking them up as they come", error=str(exc)
+                )
+
+    async def known(self, jobset_ids: set[int]) -> set[int]:
+        """The subset of ``jobset_ids`` that exist; at most one query."""
+        now = trio.current_time()
+        while self._unknown and next(iter(self._unknown.values())) <= now:
+            self._unknown.popitem(last=False)
+        ask = sorted(j for j in jobset_ids if j not in self._known and j not in self._unknown)
+        if ask:
+            try:
+                found = await self._lookup(ask)
+            except (DbUnavailable, PermissionDenied) as exc:  # a missing grant is logged by the db
+                self._warn.warning(
+                    "db", "cannot check jobsets of eval_started; accepting them", error=str(exc)
+                )
+                return set(jobset_ids)
+            self._known |= found
+            for j in ask:
+                if j not in found:
+                    self._unknown[j] = now + self._ttl
+            while len(self._unknown) > self._max_negative:
+                self._unknown.popitem(last=False)
+        return {j for j in jobset_ids if j in self._known}
 
 
 async def run_stitcher(
     events: trio.MemoryReceiveChannel[Received],
     outcomes: trio.MemorySendChannel[Work],
     stitcher: Stitcher,
+    *,
+    stats: Stats | None = None,
+    jobsets: KnownJobsets | None = None,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Consume ``events`` until it closes; closes ``outcomes`` when done."""
+    """Consume ``events`` until it closes; closes ``outcomes`` when done.
+
+    Reports started once the jobsets are preloaded (or that gave up), before any event is read.
+
+    Args:
+        events: parsed notifications from the intake.
+        outcomes: stitched work for the resolver.
+        stitcher: the pure state machine.
+        stats: where rejections are counted (``notifications_rejected``), if anywhere.
+        jobsets: the jobset existence check for ``eval_started``; None trusts every start.
+    """
+    warn = RateLimitedLog(log)
     async with events, outcomes:
+        if jobsets is not None:
+            await jobsets.preload()
+        task_status.started()
         while True:
             deadline = stitcher.next_deadline()
             batch: list[Received] | None = None
@@ -48,6 +149,8 @@ async def run_stitcher(
             if batch is None:
                 await send_all(outcomes, stitcher.expire(trio.current_time(), time.time_ns()))
                 continue
+            starts = {r.event.jobset_id for r in batch if isinstance(r.event, EvalStarted)}
+            known = starts if jobsets is None or not starts else await jobsets.known(starts)
             out: list[Work] = []
             for received in batch:
                 event = received.event
@@ -57,8 +160,25 @@ async def run_stitcher(
                     assert isinstance(
                         event, EvalStarted | EvalAdded | EvalCached | EvalFailed
                     )  # intake's contract
-                    out += stitcher.feed(event, received.at_ns, trio.current_time())
+                    out += stitcher.feed(
+                        event, received.at_ns, trio.current_time(), jobset_known=event.jobset_id in known
+                    )
+            _report_rejections(stitcher, stats, warn)
             await send_all(outcomes, out)
-        stats = stitcher.statistics()
-        if stats.open:
-            log.info("evaluations still running at shutdown are not exported", extra={"open": stats.open})
+        st = stitcher.statistics()
+        if st.open:
+            log.info("evaluations still running at shutdown are not exported", extra={"open": st.open})
+
+
+def _report_rejections(stitcher: Stitcher, stats: Stats | None, warn: RateLimitedLog) -> None:
+    for r in stitcher.take_rejections():
+        if stats is not None:
+            stats.notifications_rejected[r.reason] += r.count
+        warn.warning(
+            r.reason,
+            "ignored evaluation notifications",
+            reason=r.reason,
+            count=r.count,
+            first_jobset_id=r.jobset_id,
+            first_correlation_id=r.correlation_id[:64],
+        )

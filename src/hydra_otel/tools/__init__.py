@@ -31,6 +31,7 @@ import trio
 from hydra_otel import config
 from hydra_otel.adapters import db
 from hydra_otel.config import Config
+from hydra_otel.log import Redactor
 from hydra_otel.tools.check import (
     CheckResult,
     run_checks,
@@ -148,17 +149,18 @@ async def run_tool_async(
     """:func:`run_tool` for callers already in trio (Trio-flavoured: needs ``open_loop()``)."""
     out = out or sys.stdout
     err = err or sys.stderr
+    redact = Redactor(cfg.secrets)  # a driver's error text may quote the connection string
     try:
         if args.tool == "ids":
             return await ids_command(args, cfg, out, err, os.environ if environ is None else environ)
         if args.tool == "check":
-            results = await run_checks(cfg, lambda r: print(r.line(), file=out, flush=True))
+            results = await run_checks(cfg, lambda r: print(redact(r.line()), file=out, flush=True))
             return 0 if all(r.ok for r in results) else 1
     except UsageError as exc:
-        print(f"hydra-otel {args.tool}: {exc}", file=err)
+        print(redact(f"hydra-otel {args.tool}: {exc}"), file=err)
         return 2
     except ToolError as exc:
-        print(f"hydra-otel {args.tool}: {exc}", file=err)
+        print(redact(f"hydra-otel {args.tool}: {exc}"), file=err)
         return 1
     raise ValueError(f"unknown tool {args.tool!r}")
 

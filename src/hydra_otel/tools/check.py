@@ -19,6 +19,7 @@ from hydra_otel.adapters import db, state
 from hydra_otel.config import Config
 from hydra_otel.core.backoff import Backoff
 from hydra_otel.core.spans import Kind, SpanRecord
+from hydra_otel.errors import StateDirError
 from hydra_otel.service import make_sink
 from hydra_otel.tools.common import (
     ADDED_IN,
@@ -146,6 +147,7 @@ async def run_checks(cfg: Config, emit: Emit | None = None) -> list[CheckResult]
     await _check_database(cfg, add)
     add(await _check_otlp(cfg))
     add(await _check_state_dir(cfg.state_dir))
+    add(await _check_progress(cfg))
     return results
 
 
@@ -329,6 +331,20 @@ async def _check_state_dir(path: Path) -> CheckResult:
         detail = await trio.to_thread.run_sync(state_dir_writable, path)
     except OSError as exc:
         return CheckResult(name=name, ok=False, detail=f"{exc.strerror or exc}: {exc.filename or path}")
+    return CheckResult(name=name, ok=True, detail=detail)
+
+
+async def _check_progress(cfg: Config) -> CheckResult:
+    """Would the daemon accept the progress store (format, instance, marks)? Read-only, without the lock."""
+    name = "progress store"
+    try:
+        detail = await trio.to_thread.run_sync(state.inspect, cfg.state_dir, cfg.stitch.instance)
+    except StateDirError as exc:
+        return CheckResult(name=name, ok=False, detail=str(exc))
+    except OSError as exc:
+        return CheckResult(
+            name=name, ok=False, detail=f"{exc.strerror or exc}: {exc.filename or cfg.state_dir}"
+        )
     return CheckResult(name=name, ok=True, detail=detail)
 
 

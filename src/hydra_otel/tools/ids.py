@@ -16,6 +16,7 @@ from hydra_otel.adapters.queries import BuildQueries
 from hydra_otel.config import Config
 from hydra_otel.core import ids
 from hydra_otel.core.builds import build_attempt, build_span_id, placement
+from hydra_otel.dsn import has_userinfo
 from hydra_otel.service import render_config
 from hydra_otel.tools.common import (
     DB_ERRORS,
@@ -95,6 +96,9 @@ def _link_bases(args: argparse.Namespace, environ: Mapping[str, str]) -> _LinkBa
         parts = urlsplit(value or "")
         if value and (parts.scheme not in ("http", "https") or not parts.hostname):
             raise UsageError(f"{flag} (or {env}) must be an http(s) URL")
+        if value and has_userinfo(value):
+            # Printed links get pasted into tickets and chats: they must not carry a password.
+            raise UsageError(f"{flag} (or {env}) must not hold a user name or password")
         found[key] = value
     datasource = args.tempo_datasource or environ.get(TEMPO_DATASOURCE_ENV) or "tempo"
     return _LinkBases(jaeger=found["jaeger"], tempo=found["tempo"], datasource=datasource)
