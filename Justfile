@@ -15,6 +15,11 @@ test *args:
 test-unit *args:
     {{venv}}/pytest -m "not integration" {{args}}
 
+# The tests against a real OpenTelemetry Collector and Jaeger v2 (built from Go modules, cached; needs Go).
+test-peers *args:
+    bash tests/peers/build.sh
+    {{venv}}/pytest tests/peers {{args}}
+
 # Format check, lint, strict typing, then the tests.
 check:
     {{venv}}/ruff format --check .

@@ -52,7 +52,7 @@ def main(endpoint: str, layout: dict[str, Any], batch: int, mode: str) -> dict[s
 
         def send(i: int) -> bool:  # as OtlpSink does it
             parts = encoder.requests(records[i : i + batch], DEFAULT_MAX_REQUEST_BYTES)
-            return all(exporter.export_encoded(request) for request in parts)
+            return all(exporter.export_encoded(request).ok for request in parts)
 
     print(json.dumps({"ready": len(records)}), flush=True)
     if sys.stdin.readline().strip() != "go":

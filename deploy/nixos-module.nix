@@ -40,7 +40,7 @@ let
     $$;
     GRANT CONNECT ON DATABASE ${dbName} TO ${dbRole};
     GRANT USAGE ON SCHEMA public TO ${dbRole};
-    GRANT SELECT ON schemaversion, projects, jobsets, jobsetevals, jobsetevalmembers,
+    GRANT SELECT ON schemaversion, projects, jobsets, jobsetevals, jobsetevalmembers, jobsetevalinputs,
                     evaluationerrors, builds, buildsteps TO ${dbRole};
   '';
 
@@ -164,7 +164,7 @@ in
       example = {
         HYDRA_OTEL_MAX_BUILDS_PER_TRACE = "1000";
         OTEL_EXPORTER_OTLP_COMPRESSION = "gzip";
-        OTEL_RESOURCE_ATTRIBUTES = "deployment.environment=production";
+        OTEL_RESOURCE_ATTRIBUTES = "deployment.environment.name=production";
       };
       description = ''
         Further environment variables of the service (docs/configuration.md). They override the

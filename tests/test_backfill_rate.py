@@ -16,6 +16,7 @@ import pytest
 import trio
 import trio.testing
 
+from hydra_otel.adapters.otlp import DELIVERED, Delivery
 from hydra_otel.backfill import (
     BackfillOptions,
     BackfillResult,
@@ -137,12 +138,12 @@ class _Recorder:
         self.times: list[float] = []
         self.failures = failures
 
-    async def export(self, batch: Sequence[SpanRecord]) -> bool:
+    async def export(self, batch: Sequence[SpanRecord]) -> Delivery:
         if self.failures:
             self.failures -= 1
-            return False
+            return Delivery(done=False)
         self.times.append(trio.current_time())
-        return True
+        return DELIVERED
 
     def shutdown(self) -> None:
         pass
@@ -153,9 +154,9 @@ async def test_metered_sink_limits_and_counts(autojump_clock: trio.testing.MockC
     inner, tally = _Recorder(failures=1), Tally()
     sink = _MeteredSink(inner, TokenBucket(1000), tally)
     batch = [span("step x", {"hydra.step.nr": 1})] * 512
-    assert not await sink.export(batch)  # rejected: nothing counted
+    assert not (await sink.export(batch)).done  # rejected: nothing counted
     for _ in range(3):
-        assert await sink.export(batch)
+        assert (await sink.export(batch)).done
     assert inner.times == pytest.approx([0.024, 0.536, 1.048])
     assert (tally.steps, tally.spans) == (3 * 512, 3 * 512)
 
@@ -164,7 +165,7 @@ async def test_dry_run_sink_acknowledges_without_waiting(autojump_clock: trio.te
     """Without an inner sink or a bucket, every batch is counted at once."""
     tally = Tally()
     sink = _MeteredSink(None, None, tally)
-    assert await sink.export([span("eval p:j", {"cicd.pipeline.run.id": "1"})] * 10_000)
+    assert (await sink.export([span("eval p:j", {"cicd.pipeline.run.id": "1"})] * 10_000)).done
     assert trio.current_time() == 0
     assert (tally.evaluations, tally.spans) == (10_000, 10_000)
 

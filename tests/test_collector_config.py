@@ -247,6 +247,15 @@ def test_spanmetrics_connects_traces_to_metrics(config: dict[str, Node]) -> None
     assert kinds == {("traces", "exporters"), ("metrics", "receivers")}
 
 
+def test_every_signal_hydra_otel_sends_has_a_pipeline(config: dict[str, Node]) -> None:
+    """Traces, hydra-otel's own metrics and its log records each have a pipeline from the receiver.
+
+    Without one, the collector's OTLP receiver answers Unimplemented to that signal.
+    """
+    fed = {pid.split("/")[0] for pid, p in pipelines(config).items() if "otlp" in names(p["receivers"])}
+    assert fed == {"traces", "metrics", "logs"}
+
+
 def test_traces_go_to_jaeger_and_tempo(config: dict[str, Node]) -> None:
     """Both trace backends are OTLP exporters with their endpoint and TLS choice from the environment."""
     for exporter, prefix in (("otlp/jaeger", "JAEGER"), ("otlp/tempo", "TEMPO")):
@@ -282,6 +291,7 @@ def test_dimensions_have_low_cardinality(config: dict[str, Node]) -> None:
     assert isinstance(dimensions, list)
     keys = [section(d)["name"] for d in dimensions]
     assert keys == [
+        "hydra.span.type",
         "cicd.pipeline.name",
         "cicd.pipeline.result",
         "cicd.pipeline.task.run.result",
@@ -298,3 +308,37 @@ def test_receivers_listen_on_the_otlp_ports(config: dict[str, Node]) -> None:
     protocols = section(config, "receivers", "otlp", "protocols")
     assert section(protocols, "grpc")["endpoint"] == "0.0.0.0:4317"
     assert section(protocols, "http")["endpoint"] == "0.0.0.0:4318"
+
+
+# ---------------------------------------------------------------------------------------------
+# docs/collector.md says what the file does
+
+DOCS = CONFIG.parent / "docs" / "collector.md"
+#: The spanmetrics connector's labels before ``exclude_dimensions``.
+_DEFAULT_DIMENSIONS = {"service.name", "span.name", "span.kind", "status.code"}
+
+
+def test_docs_labels_and_dimensions_match(config: dict[str, Node]) -> None:
+    """The page lists exactly the labels the connector produces, and its dimension table in order."""
+    docs = DOCS.read_text(encoding="utf-8")
+    connector = docs[docs.index("### Connector: `spanmetrics`") : docs.index("### Exporters")]
+    spanmetrics = section(config, "connectors", "spanmetrics")
+    labelled = re.search(r"labelled by (.*?), plus:", connector, re.S)
+    assert labelled, "the sentence naming the labels"
+    excluded = set(names(spanmetrics["exclude_dimensions"]))
+    assert set(re.findall(r"`([a-z.]+)`", labelled[1])) == _DEFAULT_DIMENSIONS - excluded
+    dimensions = spanmetrics["dimensions"]
+    assert isinstance(dimensions, list)
+    table = re.findall(r"^\| `([a-z_.]+)` \|", connector, re.M)
+    assert table == [section(d)["name"] for d in dimensions]
+
+
+def test_docs_batch_sizes_match(config: dict[str, Node]) -> None:
+    """The page's batch timeout and sizes are the file's."""
+    docs = DOCS.read_text(encoding="utf-8")
+    batch = section(config, "processors", "batch")
+    assert (
+        f"`batch` sends after {seconds(str(batch['timeout']))} s or {batch['send_batch_size']} spans" in docs
+    )
+    assert f"never more\nthan {batch['send_batch_max_size']} spans in one export" in docs
+    assert not re.search(r"capped at \d+ spans", docs)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
+import pytest
 import trio
 import trio.testing
 
+from hydra_otel.adapters.otlp import DELIVERED, Delivery
 from hydra_otel.core.backoff import Backoff
 from hydra_otel.core.catchup import Checkpoint, Marks
 from hydra_otel.core.spans import SpanRecord
@@ -27,11 +30,11 @@ class RecordingSink:
         self.sent: list[tuple[float, list[int]]] = []
         self.changed = trio.Event()
 
-    async def export(self, batch: Sequence[SpanRecord]) -> bool:
+    async def export(self, batch: Sequence[SpanRecord]) -> Delivery:
         self.sent.append((trio.current_time(), [r.span_id for r in batch]))
         self.changed.set()
         self.changed = trio.Event()
-        return True
+        return DELIVERED
 
     def shutdown(self) -> None:
         pass
@@ -129,3 +132,57 @@ async def test_closing_flushes_what_is_left(autojump_clock: trio.testing.MockClo
         await h.send.aclose()
     assert h.sink.sent == [(start, [0, 1, 2, 3]), (start, [4])]
     assert h.stats.spans_dropped == 0
+
+
+class RefusingSink(RecordingSink):
+    """Refuses the spans whose IDs are in ``poison`` (as OtlpSink reports them), takes the rest."""
+
+    def __init__(self, poison: set[int]) -> None:
+        super().__init__()
+        self.poison = poison
+
+    async def export(self, batch: Sequence[SpanRecord]) -> Delivery:
+        await super().export(batch)
+        refused = tuple((r, "INVALID_ARGUMENT: bad") for r in batch if r.span_id in self.poison)
+        return Delivery(done=True, refused=refused, repaired=1)
+
+
+async def test_a_refused_span_is_counted_logged_once_and_the_checkpoint_advances(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    h = Harness()
+    h.sink = RefusingSink(poison={2})
+    marks = Marks(stop_time=123)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(h.run)
+        await h.send.send([make_span(span_id=i) for i in range(1, 4)])
+        await h.send.send(Checkpoint(marks))
+        await h.send.aclose()
+    assert h.committed == [marks]
+    assert (h.stats.spans_refused, h.stats.spans_exported, h.stats.spans_repaired) == (1, 2, 1)
+    assert not h.stats.exporting_failed
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert [r.getMessage() for r in errors] == [
+        "the OTLP endpoint refused a span for good; dropped it and exporting the rest"
+    ]
+    assert errors[0].__dict__["span_id"] == f"{2:016x}"
+    assert errors[0].__dict__["reason"] == "INVALID_ARGUMENT: bad"
+    repairs = [r for r in caplog.records if r.getMessage().startswith("spans with impossible values")]
+    assert [r.__dict__["spans"] for r in repairs] == [1]
+
+
+async def test_a_batch_refused_whole_leaves_the_exporter_unhealthy(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    h = Harness()
+    h.sink = RefusingSink(poison={1, 2})
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(h.run)
+        await h.send.send([make_span(span_id=1), make_span(span_id=2)])
+        await h.send.send(Checkpoint(Marks(stop_time=1)))
+        await h.until_sent(1)
+        assert h.stats.exporting_failed  # the endpoint took nothing: maybe it takes nothing at all
+        await h.send.send([make_span(span_id=3)])
+        await h.send.aclose()
+    assert h.stats.spans_refused == 2
+    assert not h.stats.exporting_failed  # the next batch was taken

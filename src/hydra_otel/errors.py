@@ -9,12 +9,15 @@
 | PermissionDenied | hold what needs the table, export the rest, retry      |
 | LeadershipLost   | stop exporting; exit so a supervisor restarts a standby |
 
-An export the endpoint refuses is not an exception: the sink returns False and
-the exporter task holds the batch and retries it with capped backoff, whatever
-the reason (tasks/exporter.py; docs/performance.md, "What is left"). Anything
-else is a bug: the service's supervisor logs it with its traceback and restarts
-the pipeline, which re-derives its in-flight work from the progress marks
-(service.py); only ConfigError, StateDirError and LeadershipLost end the process.
+An export the endpoint does not take is not an exception either: the sink says
+what became of the batch (adapters/otlp.py ``Delivery``). A transient failure,
+or a refusal that is not about the data, holds the batch and retries it with
+capped backoff; a span refused for good (gRPC INVALID_ARGUMENT, HTTP 400/413)
+is isolated, dropped and counted (docs/operations.md, "OTLP export failures").
+Anything else is a bug: the service's supervisor logs it with its traceback and
+restarts the pipeline, which re-derives its in-flight work from the progress
+marks (service.py); only ConfigError, StateDirError and LeadershipLost end the
+process.
 """
 
 from __future__ import annotations

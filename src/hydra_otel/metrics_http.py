@@ -234,6 +234,16 @@ def snapshot_from(
                 stats.spans_dropped,
             ),
             counter(
+                f"{p}spans_refused_total",
+                "Spans the OTLP endpoint refused for good (bad data); each dropped alone.",
+                stats.spans_refused,
+            ),
+            counter(
+                f"{p}spans_repaired_total",
+                "Spans sent with impossible values clamped or omitted (see hydra.data_issue).",
+                stats.spans_repaired,
+            ),
+            counter(
                 f"{p}spans_deduplicated_total",
                 "Exact repeats of recently exported spans, not exported again.",
                 stats.spans_deduplicated,

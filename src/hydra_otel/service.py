@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import logging
 import signal
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -66,6 +67,7 @@ from hydra_otel.stats import Stats
 from hydra_otel.tasks.catchup import Catchup, CatchupSettings, Progress, run_catchup
 from hydra_otel.tasks.exporter import run_exporter
 from hydra_otel.tasks.intake import hint_counter, run_intake
+from hydra_otel.tasks.live_metrics import run_live_metrics
 from hydra_otel.tasks.resolver import RESOLVE_BATCH, Resolver, run_resolver
 from hydra_otel.tasks.stitcher import KnownJobsets, run_stitcher
 
@@ -205,6 +207,7 @@ class Service:
             known = KnownJobsets(
                 functools.partial(queries.existing_jobsets, db),
                 every=functools.partial(queries.all_jobsets, db),
+                closing=functools.partial(queries.closing_rows, db),
             )
             await pipeline.start(
                 functools.partial(run_stitcher, stats=self.stats, jobsets=known),
@@ -222,6 +225,9 @@ class Service:
                 self.progress = await sources.start(
                     run_catchup, catchup, store, trig_rx, self.catchup_settings(), resolver.live_jobsets
                 )
+                if self.metrics is not None and self.metrics.enabled:
+                    interval = cfg.telemetry.metrics_interval
+                    await sources.start(run_live_metrics, db, self.metrics, interval)
                 self.ready.set()
                 self.restarting = False
                 log.info("ready")
@@ -342,8 +348,20 @@ def export_settings(cfg: Config) -> ExporterSettings:
 
 
 def otel_resource(cfg: Config) -> Resource:
-    """The resource every exported span, metric and log record carries."""
-    return Resource({**dict(cfg.export.resource), "service.version": hydra_otel.__version__})
+    """The resource every exported span, metric and log record carries.
+
+    ``service.instance.id`` defaults to ``<instance>@<host name>``: HA instances share the instance
+    name (and so the trace IDs) but not the host, and the exporting one must be told apart.
+    ``OTEL_RESOURCE_ATTRIBUTES`` can set it.
+    """
+    instance_id = f"{cfg.stitch.instance}@{socket.gethostname()}"
+    return Resource(
+        {
+            "service.instance.id": instance_id,
+            **dict(cfg.export.resource),
+            "service.version": hydra_otel.__version__,
+        }
+    )
 
 
 def make_sink(cfg: Config) -> OtlpSink:

@@ -25,6 +25,8 @@ class Stats:
     not_finished: int = 0  # build_finished for a build with no recorded finish (bad input)
     spans_exported: int = 0
     spans_dropped: int = 0  # given up on (shutdown deadline passed with the endpoint down)
+    spans_refused: int = 0  # refused for good by the endpoint (bad data), dropped alone
+    spans_repaired: int = 0  # sent with impossible values clamped or omitted (hydra.data_issue)
     export_failures: int = 0  # failed export attempts (each retried)
     exporting_failed: bool = False  # the latest export attempt failed (health)
     queries: int = 0
@@ -48,6 +50,8 @@ class Stats:
             "not_finished": self.not_finished,
             "spans_exported": self.spans_exported,
             "spans_dropped": self.spans_dropped,
+            "spans_refused": self.spans_refused,
+            "spans_repaired": self.spans_repaired,
             "export_failures": self.export_failures,
             "checkpoints": self.checkpoints,
             "marks_store_failures": self.marks_store_failures,

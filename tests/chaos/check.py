@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import asyncpg
 
 from hydra_otel.core import ids
+from hydra_otel.core.spans import Status
+from hydra_otel.core.status import status_info
 from hydra_otel.sandbox.receiver import ReceivedSpan, attributes_dict
 from tests.chaos.workload import Build
 
@@ -175,6 +177,6 @@ def mismatches(expected: Sequence[Expected], spans: Iterable[ReceivedSpan]) -> l
             if got_status != e.status:
                 out.append(f"{e.what}: {e.status_key} {got_status!r}, the row says {e.status}")
             error = span.status.code == 2  # STATUS_CODE_ERROR
-            if error != (e.status not in (0, 13)):
+            if error != (status_info(e.status).span_status is Status.ERROR):
                 out.append(f"{e.what}: span status {span.status.code} for Hydra status {e.status}")
     return out

@@ -7,6 +7,7 @@ import dataclasses
 from hydra_otel.core import ids
 from hydra_otel.core import semconv as sc
 from hydra_otel.core.evals import (
+    MAX_INPUT_EVENTS,
     Attempt,
     AttemptKind,
     EvalFacts,
@@ -18,6 +19,7 @@ from hydra_otel.core.evals import (
     evaluator_run_span,
 )
 from hydra_otel.core.spans import Kind, Status
+from hydra_otel.core.vcs import EvalInput
 
 CFG = RenderConfig(instance="hydra", hydra_url="https://hydra.example.org", error_text_limit=100)
 S = 1_000_000_000
@@ -212,3 +214,71 @@ def test_abandoned_end_never_precedes_live_start() -> None:
         _attempt(AttemptKind.ABANDONED, started_ns=start_ns, ended_ns=1_700_000_500 * S), jobset, CFG
     )
     assert span.start_ns == span.end_ns == start_ns
+
+
+# --- revisions, action and run URL -------------------------------------------------------------
+
+REV = "0123456789abcdef0123456789abcdef01234567"
+INPUTS = (
+    EvalInput(
+        name="nixpkgs", alt_nr=0, type="git", uri="https://tok:en@github.com/NixOS/nixpkgs.git", revision=REV
+    ),
+    EvalInput(
+        name="nixpkgs", alt_nr=1, type="git", uri="https://github.com/NixOS/nixpkgs", revision="f" * 40
+    ),
+    EvalInput(name="officialRelease", alt_nr=0, type="boolean", uri=None, revision=None),
+)
+
+
+def test_eval_root_carries_main_input_revision_and_input_events() -> None:
+    """The nixexpr input gives vcs.*; each input is an event at the end of checkout, without credentials."""
+    root, *_ = eval_spans(dataclasses.replace(FACTS, inputs=INPUTS), CFG)
+    a = root.attrs()
+    assert (a[sc.VCS_REF_HEAD_REVISION], a[sc.VCS_REPOSITORY_URL_FULL]) == (
+        REV,
+        "https://github.com/NixOS/nixpkgs",
+    )
+    assert (a[sc.HYDRA_EVAL_MAIN_INPUT], a[sc.CICD_PIPELINE_ACTION_NAME]) == ("nixpkgs", "BUILD")
+    assert root.name == "BUILD nixpkgs:trunk"
+    events = [e for e in root.events if e.name == sc.HYDRA_EVAL_INPUT_EVENT]
+    assert {e.time_ns for e in events} == {1_700_000_000 * S}  # end of checkout
+    assert [dict(e.attributes) for e in events] == [
+        {"hydra.eval.input.name": "nixpkgs", "hydra.eval.input.type": "git",
+         "hydra.eval.input.uri": "https://github.com/NixOS/nixpkgs.git", "hydra.eval.input.revision": REV},
+        {"hydra.eval.input.name": "nixpkgs[1]", "hydra.eval.input.type": "git",
+         "hydra.eval.input.uri": "https://github.com/NixOS/nixpkgs", "hydra.eval.input.revision": "f" * 40},
+        {"hydra.eval.input.name": "officialRelease", "hydra.eval.input.type": "boolean"},
+    ]  # fmt: skip
+
+
+def test_eval_without_inputs_has_no_revision() -> None:
+    """Inputs unreadable (or none): no vcs.* and no input events; the span is otherwise the same."""
+    root, *_ = eval_spans(FACTS, CFG)
+    assert not {sc.VCS_REF_HEAD_REVISION, sc.VCS_REPOSITORY_URL_FULL, sc.HYDRA_EVAL_MAIN_INPUT} & set(
+        root.attrs()
+    )
+    assert [e.name for e in root.events] == []
+
+
+def test_input_events_are_bounded() -> None:
+    many = tuple(
+        EvalInput(name=f"i{n}", alt_nr=0, type="string", uri=None, revision=None) for n in range(100)
+    )
+    root, *_ = eval_spans(dataclasses.replace(FACTS, inputs=many), CFG)
+    assert len(root.events) == MAX_INPUT_EVENTS
+
+
+def test_attempt_has_no_run_url_but_its_jobset_page() -> None:
+    """A cached attempt has no page of its own: the jobset's page is hydra.jobset.url, not the run URL."""
+    attempt = Attempt(
+        kind=AttemptKind.CACHED,
+        jobset_id=3,
+        correlation_id="1.2",
+        started_ns=0,
+        ended_ns=S,
+        previous_eval_id=41,
+    )
+    a = attempt_span(attempt, JOBSET, CFG).attrs()
+    assert sc.CICD_PIPELINE_RUN_URL_FULL not in a
+    assert a[sc.HYDRA_JOBSET_URL] == "https://hydra.example.org/jobset/nixpkgs/trunk"
+    assert a[sc.CICD_PIPELINE_ACTION_NAME] == "BUILD"

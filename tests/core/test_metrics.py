@@ -27,16 +27,20 @@ from hydra_otel.core.metrics import (
     BUILD_QUEUE_WAIT,
     DURATION_BUCKETS,
     INSTRUMENTS,
+    PIPELINE_RUN_ACTIVE,
     PIPELINE_RUN_DURATION,
     PIPELINE_RUN_ERRORS,
     STEP_DURATION,
+    SYSTEM_ERRORS,
+    WORKER_COUNT,
     MetricDeriver,
     Observation,
     Role,
+    live_observations,
     observation,
     span_role,
 )
-from hydra_otel.core.spans import SpanRecord
+from hydra_otel.core.spans import SpanRecord, Status
 from tests.factories import make_build
 
 CFG = RenderConfig(instance="hydra", hydra_url="https://hydra.example.org", error_text_limit=100)
@@ -329,6 +333,7 @@ def test_no_high_cardinality_attributes() -> None:
     spans: list[SpanRecord] = [
         *eval_spans(EVAL, CFG),
         *build_spans(CFG, failed, [step(1, status=1, start=T0 + 80, stop=T0 + 300, errormsg="boom")]),
+        *build_spans(CFG, dataclasses.replace(BUILD, build_id=101, status=3), []),
         attempt_span(
             Attempt(
                 kind=AttemptKind.FAILED, jobset_id=3, correlation_id="9.9", started_ns=T0 * S, ended_ns=T0 * S
@@ -337,7 +342,7 @@ def test_no_high_cardinality_attributes() -> None:
             CFG,
         ),
     ]
-    obs = MetricDeriver().observe(spans)
+    obs = MetricDeriver().observe(spans) + live_observations(["nixpkgs:trunk"], 2, set())
     assert {o.name for o in obs} == set(INSTRUMENTS)
     for o in obs:
         keys = {k for k, _ in o.attributes}
@@ -362,3 +367,53 @@ def test_buckets_span_seconds_to_hours() -> None:
     assert DURATION_BUCKETS[0] == 1.0
     assert DURATION_BUCKETS[-1] == 8 * 3600.0
     assert all(a < b for a, b in itertools.pairwise(DURATION_BUCKETS))
+
+
+def test_aborted_build_and_dead_evaluator_are_system_errors() -> None:
+    """Failures of Hydra itself count in cicd.system.errors by component, not as pipeline errors."""
+    dead = Attempt(
+        kind=AttemptKind.ABANDONED,
+        jobset_id=3,
+        correlation_id="9.9",
+        started_ns=T0 * S,
+        ended_ns=(T0 + 9) * S,
+    )
+    died = dataclasses.replace(JOBSET, error_msg="evaluation failed with exit code 137", error_time=T0 + 5)
+    spans = [*build_spans(CFG, dataclasses.replace(BUILD, status=3), STEPS), attempt_span(dead, died, CFG)]
+    obs = MetricDeriver().observe(spans)
+    assert by_name(obs, PIPELINE_RUN_ERRORS) == []
+    assert by_name(obs, SYSTEM_ERRORS) == [
+        {"cicd.system.component": "hydra-queue-runner", "error.type": "aborted", "value": 1},
+        {"cicd.system.component": "hydra-evaluator", "error.type": "evaluator_died", "value": 1},
+    ]
+
+
+@pytest.mark.parametrize("status", list(range(14)))
+def test_error_counters_agree_with_span_status(status: int) -> None:
+    """A build counts one error (pipeline or system) exactly when its span status is ERROR."""
+    spans = build_spans(CFG, dataclasses.replace(BUILD, status=status), STEPS)
+    obs = MetricDeriver().observe(spans)
+    errors = len(by_name(obs, PIPELINE_RUN_ERRORS)) + len(by_name(obs, SYSTEM_ERRORS))
+    assert errors == (1 if spans[0].status is Status.ERROR else 0)
+    assert (sc.ERROR_TYPE in spans[0].attrs()) == (errors == 1)
+
+
+def test_live_observations_count_runs_and_report_stopped_ones_as_zero() -> None:
+    """Active runs per pipeline; a pipeline seen before and now idle is 0; busy workers as one point."""
+    known: set[str] = set()
+    first = live_observations(["nixpkgs:trunk", "nixpkgs:staging"], 3, known)
+    assert [(o.name, dict(o.attributes), o.value) for o in first] == [
+        (
+            PIPELINE_RUN_ACTIVE,
+            {"cicd.pipeline.name": "nixpkgs:staging", "cicd.pipeline.run.state": "executing"},
+            1,
+        ),
+        (
+            PIPELINE_RUN_ACTIVE,
+            {"cicd.pipeline.name": "nixpkgs:trunk", "cicd.pipeline.run.state": "executing"},
+            1,
+        ),
+        (WORKER_COUNT, {"cicd.worker.state": "busy"}, 3),
+    ]
+    later = live_observations([], 0, known)
+    assert [o.value for o in later] == [0, 0, 0]

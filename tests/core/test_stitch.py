@@ -9,6 +9,7 @@ from hydra_otel.core.events import EvalAdded, EvalCached, EvalFailed, EvalStarte
 from hydra_otel.core.stitch import (
     ALREADY_CLOSED,
     EXPIRED,
+    IN_FLIGHT_GRACE,
     SUPERSEDE_BURST,
     SUPERSEDE_REFILL,
     SUPERSEDED,
@@ -203,6 +204,8 @@ def test_late_start_after_a_paired_close_is_ignored() -> None:
     s.feed(EvalStarted(correlation_id=CID, jobset_id=3), 1_000, 0.0)
     s.feed(EvalFailed(correlation_id=CID, jobset_id=3), 2_000, 1.0)
     assert s.feed(EvalStarted(correlation_id=CID, jobset_id=3), 3_000, 2.0) == []
+    assert s.state(3, CID) is State.CLOSED
+    assert s.expire(1.0 + IN_FLIGHT_GRACE, 4_000) == []  # past the failure's hand-over grace
     assert s.open_jobsets() == frozenset()
     assert s.statistics().rejected == {ALREADY_CLOSED: 1}
 

@@ -49,7 +49,7 @@ def daemon_config(dsn: str, endpoint: str, state_dir: Path, **overrides: str) ->
         "shutdown_grace": "5",
     }
     flags.update(overrides)
-    return config.load(flags, {"OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=test"})
+    return config.load(flags, {"OTEL_RESOURCE_ATTRIBUTES": "deployment.environment.name=test"})
 
 
 StartDaemon = Callable[..., Awaitable[Service]]

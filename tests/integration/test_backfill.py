@@ -443,7 +443,7 @@ async def test_sigint_stops_and_the_same_command_resumes(
         f"http://{otlp_grpc.endpoint}", "--state-dir", str(tmp_path), "--hydra-url", HYDRA_URL,
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HYDRA_", "OTEL_"))}
-    env["OTEL_RESOURCE_ATTRIBUTES"] = "deployment.environment=test"
+    env["OTEL_RESOURCE_ATTRIBUTES"] = "deployment.environment.name=test"
     store = ProgressFile(tmp_path)
     key = options().key()
 

@@ -76,7 +76,7 @@ async def test_mixed_evaluation(hydra: Hydra, start_daemon: StartDaemon, otlp_gr
     # bad: build+queued+1 step; dep1/dep2: build + propagated step each; subst: build+queued+step.
     spans = await otlp_grpc.wait_for_spans(3 + 4 + 3 + 2 + 2 + 3)
     key = ids.eval_trace("hydra", eval_id)
-    root = one(spans, "eval nixpkgs:trunk")
+    root = one(spans, "BUILD nixpkgs:trunk")
     assert {s.span.trace_id for s in spans} == {tid(ids.trace_id(key))}
     assert len({s.span.span_id for s in spans}) == len(spans), "no duplicate span IDs"
 
@@ -180,10 +180,10 @@ async def test_restart_and_redelivery(
     await hydra.run(f"SELECT pg_notify('build_finished', '{b}');", *hydra.sim.evaluator_starts(2, "9.9", T0))
     await hydra.run(hydra.sim.eval_fetch_failed(2, "9.9", T0 + 1, "marker"))  # a later span to wait for
     after = await otlp_grpc.wait_for_spans(
-        lambda got: any(s.span.name == "eval nixpkgs:staging" for s in got)
+        lambda got: any(s.span.name == "BUILD nixpkgs:staging" for s in got)
     )
     assert {
-        (s.span.span_id, s.span.SerializeToString()) for s in after if s.span.name != "eval nixpkgs:staging"
+        (s.span.span_id, s.span.SerializeToString()) for s in after if s.span.name != "BUILD nixpkgs:staging"
     } == before
 
 
@@ -220,7 +220,7 @@ async def test_budget_splits_big_evaluations(
     spans = await otlp_grpc.wait_for_spans(3 + 7 * 3)
     key = ids.eval_trace("hydra", eval_id)
     eval_trace = tid(ids.trace_id(key))
-    root = one(spans, "eval nixpkgs:trunk")
+    root = one(spans, "BUILD nixpkgs:trunk")
     attrs = attributes_dict(root.span.attributes)
     assert attrs["hydra.eval.builds.own_traces"] == 4
     assert len(root.span.links) == 2

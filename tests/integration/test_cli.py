@@ -43,7 +43,7 @@ async def test_run_exports_and_stops_on_sigterm(
         await hydra.run(*hydra.sim.evaluator_starts(1, CID, 1_700_000_000))
         await hydra.run(hydra.sim.eval_fetch_failed(1, CID, 1_700_000_005, "no network"))
         (span,) = await otlp_grpc.wait_for_spans(1)
-        assert span.span.name == "eval nixpkgs:trunk"
+        assert span.span.name == "BUILD nixpkgs:trunk"
         proc.send_signal(signal.SIGTERM)
         with trio.fail_after(20):
             await read_until(stderr, "stopped", log)

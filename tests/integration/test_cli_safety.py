@@ -140,7 +140,7 @@ async def test_sighup_drains(
             await read_until(stderr, "stopped", log)
             assert await proc.wait() == 0
     assert any('"signal": "SIGHUP"' in line for line in log), log
-    assert [s.span.name for s in otlp_grpc.spans()] == ["eval nixpkgs:trunk"]
+    assert [s.span.name for s in otlp_grpc.spans()] == ["BUILD nixpkgs:trunk"]
 
 
 async def test_full_disk_keeps_exporting(
@@ -169,7 +169,7 @@ async def test_full_disk_keeps_exporting(
         await hydra.run(*hydra.sim.evaluator_starts(1, CID, 1_700_000_000))
         await hydra.run(hydra.sim.eval_fetch_failed(1, CID, 1_700_000_005, "no network"))
         (span,) = await otlp_grpc.wait_for_spans(1)
-        assert span.span.name == "eval nixpkgs:trunk"
+        assert span.span.name == "BUILD nixpkgs:trunk"
         body = await wait_for_metric(port, "hydra_otel_ready 1")
         failures = [x for x in body.splitlines() if x.startswith("hydra_otel_marks_store_failures_total ")]
         assert int(failures[0].split()[1]) >= 2, "every checkpoint tried again"

@@ -90,7 +90,7 @@ def assert_short_traces(out_dir: Path) -> None:
 def assert_builds(spans: list[Span]) -> None:
     """The failed build, its dependent, and the restarted build's two attempts."""
     named = {s["name"]: s for s in spans}
-    assert {"eval nixpkgs:trunk", "checkout", "evaluate", "evaluator run", "queued"} <= set(named)
+    assert {"BUILD nixpkgs:trunk", "checkout", "evaluate", "evaluator run", "queued"} <= set(named)
     openssl, curl = named["build openssl"], named["build curl"]
     assert status(openssl) == STATUS_ERROR
     assert attrs(openssl)["error.type"] == "build_failed"
@@ -128,7 +128,7 @@ def assert_attempts(spans: list[Span]) -> None:
 def assert_waterfalls(output: str) -> None:
     """The terminal output has one waterfall per trace, with build and step lines."""
     assert output.count("  trace ") == SHORT.traces
-    assert "\neval nixpkgs:trunk " in output
+    assert "\nBUILD nixpkgs:trunk " in output
     assert "  build hello " in output
     assert "    step openssl-3.0.15 " in output
     assert f"[{len(SHORT.steps)}/{len(SHORT.steps)}]" in output

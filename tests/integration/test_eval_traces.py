@@ -7,7 +7,9 @@ in-process OTLP receiver; the tests assert on what the receiver got.
 
 from __future__ import annotations
 
+import socket
 import time
+from collections.abc import Sequence
 
 import pytest
 import trio
@@ -61,7 +63,7 @@ async def test_added_evaluation_trace(
     eval_id = await add_eval(hydra)
     spans = named(await otlp_grpc.wait_for_spans(4))
     root, checkout, evaluate, run = (
-        spans[n] for n in ("eval nixpkgs:trunk", "checkout", "evaluate", "evaluator run")
+        spans[n] for n in ("BUILD nixpkgs:trunk", "checkout", "evaluate", "evaluator run")
     )
     key = ids.eval_trace("hydra", eval_id)
     assert {s.span.trace_id for s in spans.values()} == {tid(ids.trace_id(key))}
@@ -86,7 +88,8 @@ async def test_added_evaluation_trace(
     assert attrs["hydra.jobset.id"] == 1
     assert attributes_dict(run.span.attributes)["hydra.eval.correlation_id"] == CID
     assert root.resource["service.name"] == "hydra-otel"
-    assert root.resource["deployment.environment"] == "test"
+    assert root.resource["deployment.environment.name"] == "test"
+    assert root.resource["service.instance.id"] == f"hydra@{socket.gethostname()}"
 
 
 async def test_eval_with_no_new_builds(
@@ -99,7 +102,7 @@ async def test_eval_with_no_new_builds(
         1, CID, eval_start=T0, timestamp=T0 + 5, checkout_time=1, eval_time=6
     )
     await hydra.run(*sql)
-    root = named(await otlp_grpc.wait_for_spans(4))["eval nixpkgs:trunk"]
+    root = named(await otlp_grpc.wait_for_spans(4))["BUILD nixpkgs:trunk"]
     attrs = attributes_dict(root.span.attributes)
     assert attrs["hydra.eval.has_new_builds"] is False
     assert "hydra.eval.builds" not in attrs
@@ -111,11 +114,18 @@ async def test_cached_evaluation_links_previous(
     hydra: Hydra, start_daemon: StartDaemon, otlp_grpc: GrpcOtlpReceiver
 ) -> None:
     """eval_cached: the stitched span is the root, successful, linked to the previous evaluation's root."""
+    previous = await add_eval(hydra, cid="earlier")  # before the start: not exported
     await start_daemon()
     await hydra.run(*hydra.sim.evaluator_starts(1, CID, T0))
-    await hydra.run(hydra.sim.eval_cached(1, CID, previous_eval_id=7, now=T0 + 3))
-    (span,) = await otlp_grpc.wait_for_spans(1)
+    await hydra.run(hydra.sim.eval_cached(1, CID, previous_eval_id=previous, now=T0 + 3))
     key = ids.attempt_trace("hydra", 1, CID)
+
+    def attempt(spans: Sequence[ReceivedSpan]) -> bool:
+        return any(s.span.trace_id == tid(ids.trace_id(key)) for s in spans)
+
+    (span,) = [
+        s for s in await otlp_grpc.wait_for_spans(attempt) if s.span.trace_id == tid(ids.trace_id(key))
+    ]
     assert (span.span.trace_id, span.span.span_id) == (tid(ids.trace_id(key)), sid(ids.root_span_id(key)))
     assert span.span.parent_span_id == b""
     assert span.span.kind == SPAN_KIND_SERVER
@@ -124,7 +134,7 @@ async def test_cached_evaluation_links_previous(
     assert attrs["cicd.pipeline.result"] == "success"
     assert attrs["hydra.eval.start_observed"] is True
     (link,) = span.span.links
-    prev = ids.eval_trace("hydra", 7)
+    prev = ids.eval_trace("hydra", previous)
     assert (link.trace_id, link.span_id) == (tid(ids.trace_id(prev)), sid(ids.root_span_id(prev)))
 
 
@@ -145,7 +155,7 @@ async def test_failed_evaluation(
     else:
         await hydra.run(hydra.sim.eval_check_failed(2, CID, T0 + 9, error))
     (span,) = await otlp_grpc.wait_for_spans(1)
-    assert span.span.name == "eval nixpkgs:staging"
+    assert span.span.name == "BUILD nixpkgs:staging"
     assert span.span.status.code == STATUS_ERROR
     assert span.span.status.message == error.split("\n")[0]
     attrs = attributes_dict(span.span.attributes)
@@ -168,7 +178,7 @@ async def test_orphan_closing_event(
     await hydra.run(hydra.sim.eval_fetch_failed(2, "99.1", T0 + 60, "boom"))
     spans = await otlp_grpc.wait_for_spans(4)
     names = sorted(s.span.name for s in spans)
-    assert names == ["checkout", "eval nixpkgs:staging", "eval nixpkgs:trunk", "evaluate"]
+    assert names == ["BUILD nixpkgs:staging", "BUILD nixpkgs:trunk", "checkout", "evaluate"]
 
 
 async def test_orphan_attempt_starts_at_jobset_starttime(
@@ -225,7 +235,7 @@ async def test_http_protobuf_and_both_schemas(
     await hydra.run(*hydra.sim.evaluator_starts(1, CID, T0))
     await add_eval(hydra)
     spans = named(await otlp_http.wait_for_spans(4))
-    assert set(spans) == {"eval nixpkgs:trunk", "checkout", "evaluate", "evaluator run"}
+    assert set(spans) == {"BUILD nixpkgs:trunk", "checkout", "evaluate", "evaluator run"}
 
 
 async def test_bad_input_is_counted_and_survived(
@@ -243,7 +253,8 @@ async def test_bad_input_is_counted_and_survived(
     await add_eval(hydra)
     await otlp_grpc.wait_for_spans(4)
     assert service.stats.payload_errors == {"eval_added": 1, "build_finished": 1}
-    assert service.stats.missing_rows == {"jobsetevals": 1, "jobsets": 1}
+    assert service.stats.missing_rows == {"jobsetevals": 1}
+    assert service.stats.notifications_rejected == {"unknown_jobset": 1}  # eval_failed: checked first
 
 
 async def test_rebuilt_spans_are_byte_identical(
@@ -259,7 +270,7 @@ async def test_rebuilt_spans_are_byte_identical(
     await start_daemon()
     await hydra.run(f"SELECT pg_notify('eval_added', E'{CID}\\t1\\t{eval_id}');")  # a replay: no eval_started
     after = {s.span.name: s.span.SerializeToString() for s in await otlp_grpc.wait_for_spans(3)}
-    assert set(after) == {"eval nixpkgs:trunk", "checkout", "evaluate"}
+    assert set(after) == {"BUILD nixpkgs:trunk", "checkout", "evaluate"}
     for name, encoded in after.items():
         assert encoded == before[name], name
 
@@ -268,12 +279,17 @@ async def test_graceful_stop_flushes(
     hydra: Hydra, start_daemon: StartDaemon, otlp_grpc: GrpcOtlpReceiver
 ) -> None:
     """Stopping right after a notification still resolves and exports it before run() returns."""
+    previous = await add_eval(hydra, cid="earlier")  # before the start: not exported
     service = await start_daemon(export_delay="30")  # only the shutdown flush can send this batch
     await hydra.run(*hydra.sim.evaluator_starts(1, CID, T0))
-    await hydra.run(hydra.sim.eval_cached(1, CID, previous_eval_id=1, now=T0 + 1))
+    await hydra.run(hydra.sim.eval_cached(1, CID, previous_eval_id=previous, now=T0 + 1))
     with trio.fail_after(10):
         while service.stats.events["eval_cached"] == 0:  # noqa: ASYNC110 - wait for the listener to receive it
             await trio.sleep(0.01)
     await stop(service)
-    assert len(otlp_grpc.spans()) == 1
-    assert service.stats.spans_exported == 1
+    key = ids.attempt_trace("hydra", 1, CID)
+    # The previous evaluation may come too: each start re-reads the last evaluations.
+    assert [s.span.name for s in otlp_grpc.spans() if s.span.trace_id == tid(ids.trace_id(key))] == [
+        "BUILD nixpkgs:trunk"
+    ]
+    assert service.stats.spans_exported == len(otlp_grpc.spans())

@@ -41,10 +41,10 @@ async def test_standby_takes_over_after_sigkill(
             await hydra.run(*hydra.sim.evaluator_starts(2, "2.2", 1_700_000_010))
             await hydra.run(hydra.sim.eval_fetch_failed(2, "2.2", 1_700_000_011, "second"))
             spans = await otlp_grpc.wait_for_spans(
-                lambda got: any(s.span.name == "eval nixpkgs:staging" for s in got)
+                lambda got: any(s.span.name == "BUILD nixpkgs:staging" for s in got)
             )
             # The standby's catch-up re-reads the takeover window: a span may come again, but only identical.
-            assert {s.span.name for s in spans} == {"eval nixpkgs:trunk", "eval nixpkgs:staging"}
+            assert {s.span.name for s in spans} == {"BUILD nixpkgs:trunk", "BUILD nixpkgs:staging"}
             distinct = {(s.span.span_id, s.span.SerializeToString()) for s in spans}
             assert len(distinct) == len({s.span.span_id for s in spans}) == 2
             assert first.span.SerializeToString() in {encoded for _, encoded in distinct}

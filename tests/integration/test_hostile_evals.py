@@ -74,7 +74,7 @@ async def test_forged_start_flood_is_bounded(
                 "abandon limit" in str(attributes_dict(s.span.attributes).get("hydra.eval.abandon_reason"))
                 for s in spans
             )
-            return {"eval nixpkgs:trunk", "evaluator run"} <= names and expired
+            return {"BUILD nixpkgs:trunk", "evaluator run"} <= names and expired
 
         spans = await otlp_grpc.wait_for_spans(real_eval_and_expiry, timeout=60)
         with trio.move_on_after(1):  # anything still in flight would only add to the count below
@@ -113,7 +113,7 @@ async def test_added_before_started_is_not_abandoned(
     # Past the abandon limit nothing more comes: on main, the start opened and was abandoned here.
     with trio.move_on_after(1.5):
         await otlp_grpc.wait_for_spans(len(spans) + 1, timeout=10)
-    assert {s.span.name for s in otlp_grpc.spans()} == {"eval nixpkgs:trunk", "checkout", "evaluate"}
+    assert {s.span.name for s in otlp_grpc.spans()} == {"BUILD nixpkgs:trunk", "checkout", "evaluate"}
     assert abandoned(otlp_grpc.spans()) == []
     assert eval_id > 0
 
@@ -164,7 +164,7 @@ async def test_build_with_20000_steps_fits_tempo(
     assert len(steps_of(trace)) == steps - omitted
     assert service.stats.spans_over_budget == omitted
     assert {s.span.name for s in trace} >= {
-        "eval nixpkgs:trunk",
+        "BUILD nixpkgs:trunk",
         "checkout",
         "evaluate",
         "build big",

@@ -14,7 +14,7 @@ import pytest
 import trio
 from opentelemetry.sdk.resources import Resource
 
-from hydra_otel.adapters.otlp import ExporterSettings, SpanSink
+from hydra_otel.adapters.otlp import Delivery, ExporterSettings, SpanSink
 from hydra_otel.adapters.otlp_metrics import (
     MeteredSpanSink,
     MetricsSink,
@@ -58,11 +58,11 @@ class FakeSpanSink:
         self.batches: list[Sequence[SpanRecord]] = []
         self.closed = False
 
-    async def export(self, batch: Sequence[SpanRecord]) -> bool:
+    async def export(self, batch: Sequence[SpanRecord]) -> Delivery:
         """Take the batch."""
         await trio.lowlevel.checkpoint()
         self.batches.append(batch)
-        return self.ok
+        return Delivery(done=self.ok)
 
     def shutdown(self) -> None:
         """Remember the shutdown."""
@@ -113,11 +113,11 @@ async def test_metered_sink_measures_only_acknowledged_batches(receiver: GrpcMet
     inner = FakeSpanSink(ok=False)
     sink: SpanSink = MeteredSpanSink(inner, metrics)
     batch = build_spans(CFG, BUILD, STEPS)
-    assert not await sink.export(batch)
+    assert not (await sink.export(batch)).done
     assert metrics.recorded == 0
     inner.ok = True
-    assert await sink.export(batch)
-    assert await sink.export(batch)  # at-least-once: the same spans again
+    assert (await sink.export(batch)).done
+    assert (await sink.export(batch)).done  # at-least-once: the same spans again
     assert metrics.recorded == 4
     assert isinstance(sink, MeteredSpanSink)
     assert sink.deriver.repeats == 4

@@ -157,7 +157,7 @@ async def test_fifo_as_log_stalls_nothing_and_sigterm_stops_promptly(
         await hydra.run(hydra.sim.eval_fetch_failed(2, "2.9", T0 + 101, "later evaluation"))
         spans = await otlp_grpc.wait_for_spans(
             lambda s: (
-                any(x.span.name == "eval nixpkgs:staging" for x in s) and bool(step_spans(list(s), build))
+                any(x.span.name == "BUILD nixpkgs:staging" for x in s) and bool(step_spans(list(s), build))
             )
         )
         (step,) = step_spans(spans, build)

@@ -402,7 +402,8 @@ async def test_check_privileges_and_state_dir(
     async with db.open_connection(hydra_db) as conn:
         await conn.execute(
             f"CREATE ROLE {role} LOGIN; GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}; "
-            f"REVOKE SELECT ON builds, buildsteps FROM {role}; GRANT SELECT (id, finished) ON builds TO {role};"
+            f"REVOKE SELECT ON builds, buildsteps, jobsetevalinputs FROM {role}; "
+            f"GRANT SELECT (id, finished) ON builds TO {role};"
         )
         try:
             blocker = tmp_path / "file"
@@ -415,7 +416,8 @@ async def test_check_privileges_and_state_dir(
     assert status == 1
     failed = [line for line in out.splitlines() if line.startswith("FAIL")]
     assert failed == [
-        "FAIL SELECT privilege: not readable: builds, buildsteps (GRANT SELECT ON them TO the daemon's role)",
+        "FAIL SELECT privilege: not readable: builds, buildsteps, jobsetevalinputs "
+        "(GRANT SELECT ON them TO the daemon's role)",
         f"FAIL state directory {blocker / 'state'}: Not a directory: {blocker / 'state'}",
     ]
     assert "ok   table builds" in out.splitlines(), "a missing privilege is not reported as a missing column"
@@ -462,6 +464,7 @@ def test_schema_results_hints() -> None:
         "table jobsetevals": (False, f"jobsetevals.evaluationerror_id missing: {old}"),
         "table evaluationerrors": (False, f"evaluationerrors missing: {old}"),
         "table jobsetevalmembers": (True, ""),
+        "table jobsetevalinputs": (True, ""),
         "table builds": (False, f"builds.closuresize missing: {other}"),
         "table buildsteps": (False, f"buildsteps.timesbuilt missing: added in Hydra schema 52; {old}"),
     }
@@ -494,6 +497,7 @@ ALIASES = {
     "j": "jobsets",
     "m": "jobsetevalmembers",
     "jm": "jobsetevalmembers",
+    "i": "jobsetevalinputs",
     "er": "evaluationerrors",
 }
 

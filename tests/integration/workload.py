@@ -263,7 +263,9 @@ def make_config(
         "shutdown_grace": "5",
     }
     values.update(flags)
-    return config.load(values, {"OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=test", **(environ or {})})
+    return config.load(
+        values, {"OTEL_RESOURCE_ATTRIBUTES": "deployment.environment.name=test", **(environ or {})}
+    )
 
 
 @dataclass

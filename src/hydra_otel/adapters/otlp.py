@@ -29,7 +29,7 @@ from opentelemetry.trace.status import Status as OtelStatus
 from opentelemetry.trace.status import StatusCode
 
 import hydra_otel
-from hydra_otel.adapters.otlp_exporters import GrpcSpanExporter, HttpSpanExporter
+from hydra_otel.adapters.otlp_exporters import GrpcSpanExporter, HttpSpanExporter, Sent
 from hydra_otel.core.otlp_wire import Encoded, SpanEncoder
 from hydra_otel.core.spans import Kind, SpanRecord, Status
 
@@ -141,11 +141,36 @@ def _grpc_exporter(s: ExporterSettings) -> GrpcSpanExporter:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """What one :meth:`SpanSink.export` call achieved.
+
+    Args:
+        done: every span of the batch was acknowledged or refused for good; False means try the
+            same batch again later (the sink resumes where it stopped).
+        refused: spans the endpoint refused for good during this call, each with the reason;
+            they were dropped.
+        repaired: spans encoded, during this call, from a copy with impossible values repaired.
+        repair_example: one of them, as ``"<name>: <its hydra.data_issue>"``.
+        reason: why the call did not finish.
+    """
+
+    done: bool
+    refused: tuple[tuple[SpanRecord, str], ...] = ()
+    repaired: int = 0
+    repair_example: str = ""
+    reason: str = ""
+
+
+#: A batch the endpoint took whole.
+DELIVERED = Delivery(done=True)
+
+
 class SpanSink(Protocol):
     """Where finished spans go (Trio-flavoured)."""
 
-    async def export(self, batch: Sequence[SpanRecord]) -> bool:
-        """Export one batch; True when the endpoint acknowledged it."""
+    async def export(self, batch: Sequence[SpanRecord]) -> Delivery:
+        """Export one batch, or as much of it as the endpoint takes now."""
         ...
 
     def shutdown(self) -> None:
@@ -164,8 +189,8 @@ def span_encoder(resource: Resource) -> SpanEncoder:
 class EncodedExporter(Protocol):
     """What :class:`OtlpSink` sends with: :func:`make_exporter`'s exporters (or a test's fake)."""
 
-    def export_encoded(self, batch: Encoded) -> bool:
-        """Send one encoded request; True when the endpoint acknowledged it."""
+    def export_encoded(self, batch: Encoded) -> Sent:
+        """Send one encoded request."""
         ...
 
     def shutdown(self) -> None:
@@ -178,12 +203,25 @@ class EncodedExporter(Protocol):
 DEFAULT_MAX_REQUEST_BYTES = 3 * 1024 * 1024
 
 
+@dataclass(frozen=True, slots=True)
+class _Part:
+    """One request and the spans it holds (consecutive spans of the batch)."""
+
+    records: Sequence[SpanRecord]
+    request: Encoded
+
+
 class OtlpSink:
     """A :class:`SpanSink` that encodes batches itself and sends them with an OTLP exporter.
 
     A batch larger than ``max_request_bytes`` once encoded goes as several requests, in order. If
     one fails, the requests already acknowledged are not sent again when the exporter task
     retries the same batch: the retry resumes at the first unacknowledged request.
+
+    A request the endpoint refuses for good (:class:`~hydra_otel.adapters.otlp_exporters.Sent`)
+    is split in two and each half sent again, until the refused spans are alone: those are
+    dropped and reported in :attr:`Delivery.refused`, and the rest of the batch goes on. One
+    poison span among n costs about 2·log2(n) more requests.
 
     Args:
         exporter: from :func:`make_exporter`.
@@ -202,25 +240,51 @@ class OtlpSink:
         self._max_bytes = max_request_bytes
         # The batch that failed part-way and its requests still to send (the exporter task retries
         # the very same batch object until it succeeds).
-        self._unfinished: tuple[Sequence[SpanRecord], list[Encoded]] | None = None
+        self._unfinished: tuple[Sequence[SpanRecord], list[_Part]] | None = None
 
-    async def export(self, batch: Sequence[SpanRecord]) -> bool:
-        """Encode and export ``batch`` in a worker thread; True once every span was acknowledged."""
+    async def export(self, batch: Sequence[SpanRecord]) -> Delivery:
+        """Encode and export ``batch`` in a worker thread."""
         return await trio.to_thread.run_sync(self._send, batch, abandon_on_cancel=True)
 
-    def _send(self, batch: Sequence[SpanRecord]) -> bool:
+    def _parts(self, records: Sequence[SpanRecord]) -> list[_Part]:
+        parts, start = [], 0
+        for request in self._encoder.requests(records, self._max_bytes):
+            parts.append(_Part(records[start : start + request.spans], request))
+            start += request.spans
+        return parts
+
+    def _send(self, batch: Sequence[SpanRecord]) -> Delivery:
         # Encoding happens here, in the worker thread, so a batch never holds up the Trio thread for
         # more than the interpreter's switch interval.
+        repaired, example = 0, ""
         if self._unfinished is not None and self._unfinished[0] is batch:
             pending = self._unfinished[1]
         else:
-            pending = self._encoder.requests(batch, self._max_bytes)
+            pending = self._parts(batch)
+            repaired = sum(p.request.repaired for p in pending)
+            example = next((p.request.example for p in pending if p.request.example), "")
         self._unfinished = None
-        for i, request in enumerate(pending):
-            if not self._exporter.export_encoded(request):
-                self._unfinished = (batch, pending[i:])
-                return False
-        return True
+        refused: list[tuple[SpanRecord, str]] = []
+        while pending:
+            part = pending[0]
+            sent = self._exporter.export_encoded(part.request)
+            if not sent.ok and not sent.refused:
+                self._unfinished = (batch, pending)
+                return Delivery(
+                    done=False,
+                    refused=tuple(refused),
+                    repaired=repaired,
+                    repair_example=example,
+                    reason=sent.reason,
+                )
+            del pending[0]
+            if sent.refused:
+                if len(part.records) == 1:
+                    refused.append((part.records[0], sent.reason))
+                else:
+                    half = len(part.records) // 2
+                    pending[:0] = self._parts(part.records[:half]) + self._parts(part.records[half:])
+        return Delivery(done=True, refused=tuple(refused), repaired=repaired, repair_example=example)
 
     def shutdown(self) -> None:
         """Shut the exporter down (returns quickly; interrupts retry sleeps)."""

@@ -18,18 +18,20 @@ sink so that exactly the batches the endpoint acknowledged are measured.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 import trio
-from opentelemetry.metrics import Counter, Histogram
+from opentelemetry.metrics import CallbackOptions, Counter, Histogram
+from opentelemetry.metrics import Observation as OtelObservation
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricExporter, PeriodicExportingMetricReader
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import Resource
 
 import hydra_otel
-from hydra_otel.adapters.otlp import ExporterSettings, SpanSink, grpc_options
+from hydra_otel.adapters.export_log import watch
+from hydra_otel.adapters.otlp import Delivery, ExporterSettings, SpanSink, grpc_options
 from hydra_otel.core.metrics import (
     DURATION_BUCKETS,
     INSTRUMENTS,
@@ -89,17 +91,20 @@ def make_metric_exporter(s: ExporterSettings, endpoint: str | None = None) -> Me
             timeout=s.timeout_s,
             compression=grpc.Compression.Gzip if o.gzip else None,
         )
+        watch(exporter, "metrics")  # one line per outage (adapters/export_log.py)
         return exporter
     from opentelemetry.exporter.otlp.proto.http import Compression
     from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HttpExporter
 
-    return HttpExporter(
+    http_exporter = HttpExporter(
         endpoint=url,
         certificate_file=s.certificate,
         headers=dict(s.headers),
         timeout=s.timeout_s,
         compression=Compression.Gzip if s.compression == "gzip" else Compression.NoCompression,
     )
+    watch(http_exporter, "metrics")
+    return http_exporter
 
 
 def histogram_views(boundaries: Sequence[float] = DURATION_BUCKETS) -> list[View]:
@@ -137,6 +142,9 @@ class MetricsSink:
         self._provider: MeterProvider | None = None
         self._histograms: dict[str, Histogram] = {}
         self._counters: dict[str, Counter] = {}
+        # Latest values of the observed instruments, replaced whole by set_live (an atomic rebind)
+        # and read by the SDK's collection thread.
+        self._live: dict[str, list[Observation]] = {}
         # Without a periodic thread (interval inf) the SDK's shutdown does not export: flush first.
         self._flush_on_shutdown = math.isinf(interval_s)
         #: Observations recorded, for statistics.
@@ -156,6 +164,10 @@ class MetricsSink:
             if i.kind is InstrumentKind.HISTOGRAM:
                 self._histograms[i.name] = meter.create_histogram(
                     i.name, unit=i.unit, description=i.description
+                )
+            elif i.kind is InstrumentKind.OBSERVED_UP_DOWN_COUNTER:
+                meter.create_observable_up_down_counter(
+                    i.name, callbacks=[self._callback(i.name)], unit=i.unit, description=i.description
                 )
             else:
                 self._counters[i.name] = meter.create_counter(i.name, unit=i.unit, description=i.description)
@@ -180,6 +192,20 @@ class MetricsSink:
             else:
                 self._counters[o.name].add(o.value, attributes)
             self.recorded += 1
+
+    def set_live(self, observations: Iterable[Observation]) -> None:
+        """Replace the current values of the observed instruments (``cicd.pipeline.run.active``,
+        ``cicd.worker.count``); the next collection reports them. Safe from any thread."""
+        live: dict[str, list[Observation]] = {}
+        for o in observations:
+            live.setdefault(o.name, []).append(o)
+        self._live = live
+
+    def _callback(self, name: str) -> Callable[[CallbackOptions], Iterable[OtelObservation]]:
+        def observe(_options: CallbackOptions) -> Iterable[OtelObservation]:
+            return [OtelObservation(o.value, dict(o.attributes)) for o in self._live.get(name, ())]
+
+        return observe
 
     async def force_flush(self, timeout_s: float = 10.0) -> bool:
         """Collect and export now, in a worker thread; True on success (or when off)."""
@@ -244,12 +270,15 @@ class MeteredSpanSink:
         """The span -> observation state (for statistics)."""
         return self._deriver
 
-    async def export(self, batch: Sequence[SpanRecord]) -> bool:
-        """Export ``batch``; once acknowledged, record its observations. True on success."""
-        ok = await self._inner.export(batch)
-        if ok and self._metrics.enabled:
+    async def export(self, batch: Sequence[SpanRecord]) -> Delivery:
+        """Export ``batch``; once it is done, record its observations.
+
+        Spans the endpoint refused are observed too: the builds they describe did run.
+        """
+        delivery = await self._inner.export(batch)
+        if delivery.done and self._metrics.enabled:
             self._metrics.record(self._deriver.observe(batch))
-        return ok
+        return delivery
 
     def shutdown(self) -> None:
         """Shut the inner sink down; the metrics sink is shut down separately (it exports, so it is async)."""

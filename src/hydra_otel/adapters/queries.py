@@ -7,6 +7,7 @@ query serves many events. Functions are Trio-flavoured (see adapters/db.py).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import asyncpg
@@ -15,6 +16,10 @@ from hydra_otel.adapters.db import Database
 from hydra_otel.core.builds import BuildFacts, StepFacts
 from hydra_otel.core.catchup import JobsetRow
 from hydra_otel.core.evals import EvalFacts, JobsetFacts
+from hydra_otel.core.stitch import JobsetCheck
+from hydra_otel.core.vcs import EvalInput
+
+log = logging.getLogger("hydra_otel.queries")
 
 EVAL_FACTS_SQL = """
 SELECT e.id, e.jobset_id, j.project, j.name AS jobset, e.timestamp, e.checkouttime, e.evaltime,
@@ -56,6 +61,17 @@ SELECT DISTINCT ON (m.build) m.build, m.eval FROM jobsetevalmembers m
 WHERE m.build = ANY($1::int[]) ORDER BY m.build, m.isnew DESC, m.eval
 """
 
+# Whether the role can read jobsetevalinputs: a missing table or GRANT must not stop evaluations
+# (a denied SELECT is retried as transient by Database.fetch), so ask first; NULL means absent.
+INPUTS_READABLE_SQL = """
+SELECT coalesce(has_table_privilege(t, 'SELECT'), false) FROM to_regclass('jobsetevalinputs') AS t
+"""
+
+EVAL_INPUTS_SQL = """
+SELECT i.eval, i.name, i.altnr, i.type, i.uri, i.revision
+FROM jobsetevalinputs i WHERE i.eval = ANY($1::int[]) ORDER BY i.eval, i.name, i.altnr
+"""
+
 JOBSET_FACTS_SQL = """
 SELECT j.id, j.project, j.name, j.errormsg, j.errortime, j.fetcherrormsg, j.starttime, j.lastcheckedtime
 FROM jobsets j
@@ -78,13 +94,41 @@ async def existing_jobsets(db: Database, jobset_ids: Sequence[int]) -> set[int]:
     return {r["id"] for r in await db.fetch(EXISTING_JOBSETS_SQL, sorted(set(jobset_ids)))}
 
 
+CLOSING_JOBSETS_SQL = """
+SELECT id, lastcheckedtime, errortime,
+       coalesce(errormsg, '') <> '' AS has_error, coalesce(fetcherrormsg, '') <> '' AS has_fetch_error
+FROM jobsets WHERE id = ANY($1::int[])
+"""
+CLOSING_EVALS_SQL = "SELECT id, jobset_id FROM jobsetevals WHERE id = ANY($1::int[])"
+
+
+async def closing_rows(
+    db: Database, jobset_ids: Sequence[int], eval_ids: Sequence[int]
+) -> tuple[dict[int, JobsetCheck], dict[int, int]]:
+    """What vouches for evaluation notifications: the jobsets' rows, and each JobsetEval's jobset."""
+    jobsets: dict[int, JobsetCheck] = {}
+    if jobset_ids:
+        for r in await db.fetch(CLOSING_JOBSETS_SQL, sorted(set(jobset_ids))):
+            jobsets[r["id"]] = JobsetCheck(
+                last_checked=r["lastcheckedtime"],
+                has_error=r["has_error"],
+                error_time=r["errortime"],
+                has_fetch_error=r["has_fetch_error"],
+            )
+    evals: dict[int, int] = {}
+    if eval_ids:
+        evals = {r["id"]: r["jobset_id"] for r in await db.fetch(CLOSING_EVALS_SQL, sorted(set(eval_ids)))}
+    return jobsets, evals
+
+
 async def eval_facts(
     db: Database, eval_ids: Sequence[int], *, budget: int, max_links: int
 ) -> dict[int, EvalFacts]:
     """Facts of the given JobsetEvals; IDs missing from the database are absent from the result.
 
-    Three queries whatever the number of evaluations: the rows with their counts, the
-    bounded link targets, and the creating evaluation of the linked cached builds.
+    Five queries whatever the number of evaluations: the rows with their counts, the
+    bounded link targets, the creating evaluation of the linked cached builds, and the
+    inputs (after checking they are readable: without them evaluations carry no revision).
     """
     if not eval_ids:
         return {}
@@ -95,16 +139,44 @@ async def eval_facts(
     links = {r["id"]: r for r in await db.fetch(EVAL_LINKS_SQL, wanted, budget, max_links)}
     cached_ids = sorted({b for r in links.values() for b in r["cached"]})
     owners = {r["build"]: r["eval"] for r in await db.fetch(OWNER_SQL, cached_ids)} if cached_ids else {}
+    inputs = await eval_inputs(db, wanted)
     out = {}
     for row in rows:
         link = links[row["id"]]
         cached = tuple((b, owners[b]) for b in link["cached"] if b in owners)
-        out[row["id"]] = _eval_facts(row, tuple(link["own_trace"]), cached)
+        out[row["id"]] = _eval_facts(row, tuple(link["own_trace"]), cached, inputs.get(row["id"], ()))
     return out
 
 
+_inputs_warned = False
+
+
+async def eval_inputs(db: Database, eval_ids: Sequence[int]) -> dict[int, tuple[EvalInput, ...]]:
+    """The ``jobsetevalinputs`` rows of the given evaluations; none (with one warning per process)
+    when the table is absent or the role may not read it."""
+    global _inputs_warned
+    if not await db.fetchval(INPUTS_READABLE_SQL):
+        if not _inputs_warned:
+            _inputs_warned = True
+            log.warning(
+                "jobsetevalinputs is missing or not readable: evaluations are exported without "
+                "revisions (GRANT SELECT ON jobsetevalinputs TO the daemon's role)"
+            )
+        return {}
+    out: dict[int, list[EvalInput]] = {}
+    for r in await db.fetch(EVAL_INPUTS_SQL, list(eval_ids)):
+        item = EvalInput(
+            name=r["name"], alt_nr=r["altnr"], type=r["type"], uri=r["uri"], revision=r["revision"]
+        )
+        out.setdefault(r["eval"], []).append(item)
+    return {k: tuple(v) for k, v in out.items()}
+
+
 def _eval_facts(
-    row: asyncpg.Record, own_trace: tuple[int, ...], cached: tuple[tuple[int, int], ...]
+    row: asyncpg.Record,
+    own_trace: tuple[int, ...],
+    cached: tuple[tuple[int, int], ...],
+    inputs: tuple[EvalInput, ...],
 ) -> EvalFacts:
     return EvalFacts(
         eval_id=row["id"],
@@ -127,6 +199,7 @@ def _eval_facts(
         builds_cached_queued=row["builds_cached_queued"],
         own_trace_build_ids=own_trace,
         cached_builds=cached,
+        inputs=inputs,
     )
 
 
@@ -360,3 +433,16 @@ async def catchup_start(db: Database, now_minus: int = 0) -> tuple[int, int]:
     """(highest eval ID recorded before ``now_minus`` seconds ago, database clock in Unix seconds)."""
     rows = await db.fetch(CATCHUP_START_SQL, now_minus)
     return rows[0]["eval_id"], rows[0]["now"]
+
+
+# What runs now, as Hydra itself shows it: hydra-evaluator sets jobsets.starttime while it evaluates
+# a jobset (and clears it after); busy steps name their machine (partial index on busy != 0).
+ACTIVE_EVALS_SQL = "SELECT j.project, j.name FROM jobsets j WHERE j.starttime IS NOT NULL"
+BUSY_MACHINES_SQL = "SELECT count(DISTINCT s.machine) FROM buildsteps s WHERE s.busy != 0"
+
+
+async def live_state(db: Database) -> tuple[list[str], int]:
+    """(``project:jobset`` of each running evaluation, distinct machines with a busy step)."""
+    rows = await db.fetch(ACTIVE_EVALS_SQL)
+    busy = await db.fetchval(BUSY_MACHINES_SQL)
+    return [f"{r['project']}:{r['name']}" for r in rows], int(busy or 0)

@@ -17,7 +17,7 @@ from typing import Any, Final, TextIO
 
 import trio
 
-from hydra_otel.adapters.otlp import SpanSink
+from hydra_otel.adapters.otlp import DELIVERED, Delivery, SpanSink
 from hydra_otel.backfill.options import LOCK_FILE, PROGRESS_FILE, TTY_REFRESH, BackfillError
 from hydra_otel.core import semconv as sc
 from hydra_otel.core.spans import SpanRecord
@@ -104,13 +104,13 @@ class _MeteredSink:
         self._bucket = bucket
         self._tally = tally
 
-    async def export(self, batch: Sequence[SpanRecord]) -> bool:
+    async def export(self, batch: Sequence[SpanRecord]) -> Delivery:
         if self._bucket is not None:
             await self._bucket.take(len(batch))
-        if self._inner is not None and not await self._inner.export(batch):
-            return False
-        self._tally.add(batch)
-        return True
+        delivery = DELIVERED if self._inner is None else await self._inner.export(batch)
+        if delivery.done:
+            self._tally.add(batch)
+        return delivery
 
     def shutdown(self) -> None:
         if self._inner is not None:

@@ -323,8 +323,8 @@ def _attempt_spans(
         start_ns=seconds_ns(start),
         end_ns=seconds_ns(end),
         attributes=attributes(_build_attributes(cfg, b, attempt, where.own_trace, len(mine) - len(kept))),
-        status=Status.OK if info.error_type is None else Status.ERROR,
-        status_message="" if info.error_type is None else info.name,
+        status=info.span_status,
+        status_message=info.name if info.span_status is Status.ERROR else "",
         links=_build_links(cfg, b, where, cause),
     )
     out = [root]
@@ -448,6 +448,8 @@ def step_span(
     kind = "substitute" if s.type == 1 else "step"  # not "build": that names the build span
     attrs: dict[str, AttrValue | None] = {
         sc.HYDRA_SPAN_TYPE: "step",
+        # Hydra knows a machine only by its URI from the machines file: it is both its ID and its name.
+        sc.CICD_WORKER_ID: s.machine or "localhost",
         sc.CICD_WORKER_NAME: s.machine or "localhost",
         sc.CICD_PIPELINE_TASK_RUN_RESULT: info.result,
         sc.ERROR_TYPE: info.error_type,
@@ -475,6 +477,10 @@ def step_span(
         start_ns=seconds_ns(start),
         end_ns=seconds_ns(end),
         attributes=attributes(attrs),
-        status=Status.OK if info.error_type is None else Status.ERROR,
-        status_message="" if info.error_type is None else (s.errormsg or info.name).split("\n", 1)[0][:256],
+        status=info.span_status,
+        status_message=_step_status_message(s, info.name) if info.span_status is Status.ERROR else "",
     )
+
+
+def _step_status_message(s: StepFacts, status_name: str) -> str:
+    return (s.errormsg or status_name).split("\n", 1)[0][:256]

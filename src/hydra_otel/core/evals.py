@@ -39,9 +39,13 @@ from hydra_otel.core.spans import (
     seconds_ns,
     truncate,
 )
+from hydra_otel.core.status import span_status
+from hydra_otel.core.vcs import EvalInput, clean_uri, main_input
 
 #: Characters of an error's first line used as the span status message.
 STATUS_MESSAGE_LIMIT = 256
+#: ``hydra.eval.input`` events an evaluation root carries (jobsets have a handful of inputs).
+MAX_INPUT_EVENTS = 64
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -85,6 +89,8 @@ class EvalFacts:
     own_trace_build_ids: tuple[int, ...] = ()
     #: The first ``max_links`` cached builds, with the evaluation that created each.
     cached_builds: tuple[tuple[int, int], ...] = ()
+    #: Its ``jobsetevalinputs`` rows by (name, alternative); empty when unreadable (docs/spans.md).
+    inputs: tuple[EvalInput, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -149,14 +155,14 @@ def eval_spans(f: EvalFacts, cfg: RenderConfig) -> list[SpanRecord]:
     tid, root_id = ids.trace_id(key), ids.root_span_id(key)
     checkout_start, eval_start, eval_end = eval_times(f)
     root_end = max(eval_end, f.timestamp)
-    events: tuple[SpanEvent, ...] = ()
+    events = _input_events(f, seconds_ns(eval_start))
     if f.error_msg:
-        events = (_error_event("hydra.eval.job_errors", f.error_msg, seconds_ns(eval_end), cfg),)
+        events += (_error_event("hydra.eval.job_errors", f.error_msg, seconds_ns(eval_end), cfg),)
     root = SpanRecord(
         trace_id=tid,
         span_id=root_id,
         parent_span_id=None,
-        name=f"eval {f.project}:{f.jobset}",
+        name=run_span_name(f.project, f.jobset),
         kind=Kind.SERVER,
         start_ns=seconds_ns(checkout_start),
         end_ns=seconds_ns(root_end),
@@ -182,13 +188,42 @@ def eval_spans(f: EvalFacts, cfg: RenderConfig) -> list[SpanRecord]:
     return [root, *children]
 
 
+def run_span_name(project: str, jobset: str) -> str:
+    """``{action} {pipeline}``, the conventions' name of a pipeline run span."""
+    return f"{sc.ACTION_BUILD} {project}:{jobset}"
+
+
+def _input_events(f: EvalFacts, at_ns: int) -> tuple[SpanEvent, ...]:
+    """One ``hydra.eval.input`` event per input, at the end of checkout (when they were fetched)."""
+    return tuple(
+        SpanEvent(
+            name=sc.HYDRA_EVAL_INPUT_EVENT,
+            time_ns=at_ns,
+            attributes=attributes(
+                {
+                    sc.HYDRA_EVAL_INPUT_NAME: i.name if i.alt_nr == 0 else f"{i.name}[{i.alt_nr}]",
+                    sc.HYDRA_EVAL_INPUT_TYPE: i.type,
+                    sc.HYDRA_EVAL_INPUT_URI: clean_uri(i.uri) if i.uri else None,
+                    sc.HYDRA_EVAL_INPUT_REVISION: i.revision or None,
+                }
+            ),
+        )
+        for i in f.inputs[:MAX_INPUT_EVENTS]
+    )
+
+
 def _eval_attributes(f: EvalFacts, cfg: RenderConfig) -> dict[str, AttrValue | None]:
+    main = main_input(f.flake, f.nixexpr_input, f.inputs)
     return {
         sc.HYDRA_SPAN_TYPE: "evaluation",
         sc.CICD_PIPELINE_NAME: f"{f.project}:{f.jobset}",
+        sc.CICD_PIPELINE_ACTION_NAME: sc.ACTION_BUILD,
         sc.CICD_PIPELINE_RUN_ID: str(f.eval_id),
         sc.CICD_PIPELINE_RUN_URL_FULL: eval_url(cfg, f.eval_id),
         sc.CICD_PIPELINE_RESULT: sc.RESULT_SUCCESS,
+        sc.VCS_REF_HEAD_REVISION: main.revision if main else None,
+        sc.VCS_REPOSITORY_URL_FULL: main.url if main else None,
+        sc.HYDRA_EVAL_MAIN_INPUT: main.source if main else None,
         sc.HYDRA_PROJECT: f.project,
         sc.HYDRA_JOBSET: f.jobset,
         sc.HYDRA_JOBSET_ID: f.jobset_id,
@@ -263,8 +298,10 @@ def attempt_span(a: Attempt, j: JobsetFacts, cfg: RenderConfig) -> SpanRecord:
     attrs: dict[str, AttrValue | None] = {
         sc.HYDRA_SPAN_TYPE: "attempt",
         sc.CICD_PIPELINE_NAME: f"{j.project}:{j.jobset}",
+        sc.CICD_PIPELINE_ACTION_NAME: sc.ACTION_BUILD,
         sc.CICD_PIPELINE_RUN_ID: a.correlation_id,
-        sc.CICD_PIPELINE_RUN_URL_FULL: jobset_url(cfg, j.project, j.jobset),
+        # No page shows this run (Hydra kept no row): the jobset's page is not the run's URL.
+        sc.HYDRA_JOBSET_URL: jobset_url(cfg, j.project, j.jobset),
         sc.HYDRA_PROJECT: j.project,
         sc.HYDRA_JOBSET: j.jobset,
         sc.HYDRA_JOBSET_ID: a.jobset_id,
@@ -283,13 +320,13 @@ def attempt_span(a: Attempt, j: JobsetFacts, cfg: RenderConfig) -> SpanRecord:
         result, error_type, text = _attempt_error(a, j)
         attrs.update({sc.CICD_PIPELINE_RESULT: result, sc.ERROR_TYPE: error_type})
         attrs[sc.HYDRA_EVAL_ABANDON_REASON] = a.abandon_reason
-        status, message = Status.ERROR, truncate(text.strip().split("\n", 1)[0], STATUS_MESSAGE_LIMIT)
+        status, message = span_status(result), truncate(text.strip().split("\n", 1)[0], STATUS_MESSAGE_LIMIT)
         events = (_exception_event(error_type, text, end_ns, cfg),)
     return SpanRecord(
         trace_id=ids.trace_id(key),
         span_id=ids.root_span_id(key),
         parent_span_id=None,
-        name=f"eval {j.project}:{j.jobset}",
+        name=run_span_name(j.project, j.jobset),
         kind=Kind.SERVER,
         start_ns=start_ns,
         end_ns=end_ns,

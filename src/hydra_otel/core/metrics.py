@@ -6,15 +6,30 @@ has a *role*, read from its attributes (:func:`span_role`):
 
 * **pipeline run**: an evaluation root (a SERVER span without parent that has
   ``cicd.pipeline.name``): one ``cicd.pipeline.run.duration`` sample, and one
-  ``cicd.pipeline.run.errors`` increment when it failed;
-* **build**: one ``hydra.build.duration`` sample, and one
-  ``cicd.pipeline.run.errors`` increment when the build failed (a compile or
-  test failure is an error of the pipeline run, as the convention says);
+  error increment when it failed;
+* **build**: one ``hydra.build.duration`` sample, and one error increment when
+  the build failed (a compile or test failure is an error of the pipeline run,
+  as the convention says);
 * **queued**: one ``hydra.build.queue_wait`` sample;
 * **step**: one ``hydra.step.duration`` sample (propagated failures are
   records, not runs, and are left out).
 
 Spans with no role (``checkout``, ``evaluate``, ``evaluator run``) give nothing.
+
+*Errors.* A pipeline-run or build span counts one error exactly when its span
+status is ERROR (result ``failure``, ``error`` or ``timeout``, see
+core/status.py), so a span-metrics error count over those spans equals the sum
+of the two error counters. Failures of Hydra itself (an evaluator that died, an
+aborted build: :data:`~hydra_otel.core.status.SYSTEM_ERROR_COMPONENTS`) go to
+``cicd.system.errors``, by component; every other one to
+``cicd.pipeline.run.errors``. Cancelled and obsolete builds count in neither.
+
+*Live state.* ``cicd.pipeline.run.active`` and ``cicd.worker.count`` say what
+is running now, which no span tells: they are read from Hydra's own markers,
+polled (:func:`live_observations`): ``jobsets.starttime``, which
+hydra-evaluator sets while it evaluates a jobset and clears after, and the
+distinct ``buildsteps.machine`` of busy steps, as Hydra's machine status page
+counts them. Only the ``busy`` worker state is known from the database.
 
 *Cardinality.* Every instrument declares the only attribute keys it may carry
 (:attr:`Instrument.attributes`) and observations are built through that list,
@@ -47,6 +62,7 @@ from typing import Final
 
 from hydra_otel.core import semconv as sc
 from hydra_otel.core.spans import Attributes, AttrValue, Kind, SpanRecord
+from hydra_otel.core.status import ERROR_RESULTS, SYSTEM_ERROR_COMPONENTS
 
 #: Histogram bucket boundaries in seconds: from a second (substitutions, cached evaluations) to eight
 #: hours (a large build or a full nixpkgs evaluation with its inserts).
@@ -67,21 +83,22 @@ DURATION_BUCKETS: Final = (
     28800.0,
 )
 
-# Semantic-convention keys not (yet) in core/semconv.py.
-CICD_PIPELINE_RUN_STATE = "cicd.pipeline.run.state"
-#: ``cicd.pipeline.run.state`` value: an evaluation's root span covers checkout and evaluation.
-RUN_STATE_EXECUTING = "executing"
+CICD_PIPELINE_RUN_STATE = sc.CICD_PIPELINE_RUN_STATE
+RUN_STATE_EXECUTING = sc.STATE_EXECUTING
 #: ``error.type`` when a failed span names none (the conventions' fallback value).
 ERROR_TYPE_OTHER = "_OTHER"
 
 PIPELINE_RUN_DURATION = "cicd.pipeline.run.duration"
 PIPELINE_RUN_ERRORS = "cicd.pipeline.run.errors"
+SYSTEM_ERRORS = "cicd.system.errors"
+PIPELINE_RUN_ACTIVE = "cicd.pipeline.run.active"
+WORKER_COUNT = "cicd.worker.count"
 BUILD_DURATION = "hydra.build.duration"
 BUILD_QUEUE_WAIT = "hydra.build.queue_wait"
 STEP_DURATION = "hydra.step.duration"
 
-#: Results that count as errors of a pipeline run (cancelled and obsolete builds do not).
-_ERROR_RESULTS = frozenset({sc.RESULT_FAILURE, sc.RESULT_ERROR, sc.RESULT_TIMEOUT})
+#: Results that count as errors (cancelled and obsolete builds do not).
+_ERROR_RESULTS = ERROR_RESULTS
 
 
 class InstrumentKind(enum.Enum):
@@ -89,6 +106,8 @@ class InstrumentKind(enum.Enum):
 
     HISTOGRAM = "histogram"
     COUNTER = "counter"
+    #: An asynchronous up-down counter: its current value is observed (polled), not added to.
+    OBSERVED_UP_DOWN_COUNTER = "observed_up_down_counter"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -126,6 +145,27 @@ INSTRUMENTS: Final[Mapping[str, Instrument]] = {
             unit="{error}",
             description="Failed evaluations and failed builds, by jobset and error type.",
             attributes=(sc.CICD_PIPELINE_NAME, sc.ERROR_TYPE),
+        ),
+        Instrument(
+            name=SYSTEM_ERRORS,
+            kind=InstrumentKind.COUNTER,
+            unit="{error}",
+            description="Failures of Hydra itself (evaluator deaths, aborted builds), by component and error type.",
+            attributes=(sc.CICD_SYSTEM_COMPONENT, sc.ERROR_TYPE),
+        ),
+        Instrument(
+            name=PIPELINE_RUN_ACTIVE,
+            kind=InstrumentKind.OBSERVED_UP_DOWN_COUNTER,
+            unit="{run}",
+            description="Evaluations running now (jobsets.starttime set by hydra-evaluator), by jobset.",
+            attributes=(sc.CICD_PIPELINE_NAME, CICD_PIPELINE_RUN_STATE),
+        ),
+        Instrument(
+            name=WORKER_COUNT,
+            kind=InstrumentKind.OBSERVED_UP_DOWN_COUNTER,
+            unit="{worker}",
+            description="Build machines running at least one step now, as Hydra's machine status counts them.",
+            attributes=(sc.CICD_WORKER_STATE,),
         ),
         Instrument(
             name=BUILD_DURATION,
@@ -330,5 +370,39 @@ def _build(record: SpanRecord, attrs: Mapping[str, AttrValue]) -> list[Observati
 
 
 def _error(attrs: Mapping[str, AttrValue]) -> Observation:
-    values = {**attrs, sc.ERROR_TYPE: attrs.get(sc.ERROR_TYPE, ERROR_TYPE_OTHER)}
-    return observation(PIPELINE_RUN_ERRORS, 1, values)
+    error_type = attrs.get(sc.ERROR_TYPE, ERROR_TYPE_OTHER)
+    component = SYSTEM_ERROR_COMPONENTS.get(str(error_type))
+    if component is not None:
+        return observation(SYSTEM_ERRORS, 1, {sc.CICD_SYSTEM_COMPONENT: component, sc.ERROR_TYPE: error_type})
+    return observation(PIPELINE_RUN_ERRORS, 1, {**attrs, sc.ERROR_TYPE: error_type})
+
+
+def live_observations(
+    active: Iterable[str], busy_workers: int, known: set[str] | None = None
+) -> list[Observation]:
+    """The current values of the observed instruments.
+
+    Args:
+        active: ``cicd.pipeline.name`` of each evaluation running now (one per jobset).
+        busy_workers: distinct machines with a busy step.
+        known: pipelines reported active before; each is reported again with 0 once it stopped
+            (so the series drops to 0 instead of keeping its last value), and ``active`` is added.
+
+    Returns:
+        One ``cicd.pipeline.run.active`` point per pipeline (sorted) and one ``cicd.worker.count``.
+    """
+    counts: dict[str, int] = dict.fromkeys(known or (), 0)
+    for name in active:
+        counts[name] = counts.get(name, 0) + 1
+    if known is not None:
+        known.update(counts)
+    out = [
+        observation(
+            PIPELINE_RUN_ACTIVE,
+            n,
+            {sc.CICD_PIPELINE_NAME: name, CICD_PIPELINE_RUN_STATE: RUN_STATE_EXECUTING},
+        )
+        for name, n in sorted(counts.items())
+    ]
+    out.append(observation(WORKER_COUNT, busy_workers, {sc.CICD_WORKER_STATE: sc.STATE_BUSY}))
+    return out

@@ -15,6 +15,14 @@ Pure and synchronous: values in, bytes out; the transport lives in
 fixed64/fixed32, length-delimited sub-messages); field numbers are those of
 ``opentelemetry/proto/trace/v1/trace.proto`` and ``common/v1/common.proto``,
 written in ascending order as protobuf's own encoders do.
+
+The encoder never raises on a span. Each span is checked as it is encoded,
+against core/sanitize.py's limits (IDs, times and counts up front, attribute
+types and text on a cache miss, the encoded size at the end), so values the
+cache already holds cost nothing more; a span that fails any check is
+encoded again from :func:`~hydra_otel.core.sanitize.repair`'s copy, which
+clamps or omits the impossible values and says so in ``hydra.data_issue``.
+:attr:`SpanEncoder.repaired` counts those spans.
 """
 
 from __future__ import annotations
@@ -23,6 +31,18 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from hydra_otel.core import sanitize
+from hydra_otel.core.sanitize import (
+    ATTRIBUTE_COUNT_LIMIT,
+    EVENT_COUNT_LIMIT,
+    KEY_LIMIT,
+    LINK_COUNT_LIMIT,
+    NAME_LIMIT,
+    SPAN_BYTES_LIMIT,
+    TIME_MAX_NS,
+    VALUE_LIMIT,
+    valid_time,
+)
 from hydra_otel.core.spans import Attributes, AttrValue, Kind, SpanEvent, SpanLink, SpanRecord, Status
 
 # Field tags: (field number << 3) | wire type (0 varint, 1 fixed64, 2 length-delimited, 5 fixed32).
@@ -46,10 +66,21 @@ _CACHE_ITEM_LIMIT = 256
 
 @dataclass(frozen=True, slots=True)
 class Encoded:
-    """A serialized ``ExportTraceServiceRequest`` and how many spans it holds."""
+    """A serialized ``ExportTraceServiceRequest``, how many spans it holds and how many were repaired."""
 
     payload: bytes
     spans: int
+    repaired: int = 0
+    #: One repaired span of the request, as ``"<name>: <its data issue>"``, for a log line.
+    example: str = ""
+
+
+class _UnfitError(Exception):
+    """A value the encoder's fast path does not take; the span is repaired and encoded again."""
+
+
+#: What encoding an unchecked value can raise: each sends the span to :func:`sanitize.repair`.
+_UNFIT = (_UnfitError, ValueError, TypeError, OverflowError, AttributeError, KeyError, struct.error)
 
 
 _NEW: dict[tuple[type, AttrValue], bytes] = {}  # marks a key not seen yet (never filled)
@@ -81,6 +112,8 @@ def _field(tag: bytes, body: bytes) -> bytes:
 def _any_value(value: AttrValue) -> bytes:
     """An ``AnyValue`` body. Oneof members are written even when zero, as protobuf does."""
     if isinstance(value, str):
+        if len(value) > VALUE_LIMIT or "\x00" in value:
+            raise _UnfitError(value[:40])
         return _field(b"\x0a", value.encode())  # string_value (1)
     if isinstance(value, bool):  # before int: bool is an int subclass
         return b"\x10\x01" if value else b"\x10\x00"  # bool_value (2)
@@ -104,7 +137,11 @@ class SpanEncoder:
 
     def __init__(self, resource: Attributes, scope_name: str, scope_version: str) -> None:
         self._cache: dict[tuple[bytes, str], dict[tuple[type, AttrValue], bytes] | None] = {}
+        #: Spans encoded from a repaired copy, since this encoder was made, and the latest of them.
+        self.repaired = 0
+        self.last_repair = ""
         # ResourceSpans.resource (1) = Resource{attributes (1)}
+        resource = sanitize.clean_attributes(resource)
         self._resource = _field(b"\x0a", self._attributes(b"\x0a", resource))
         # ScopeSpans.scope (1) = InstrumentationScope{name (1), version (2)}
         scope = (_field(b"\x0a", scope_name.encode()) if scope_name else b"") + (
@@ -130,15 +167,20 @@ class SpanEncoder:
         fields: list[bytes] = []
         size = self._overhead
         span = self.span
+        repaired, example = 0, ""
         for r in records:
+            before = self.repaired
             encoded = _field(b"\x12", span(r))  # ScopeSpans.spans (2)
             if fields and size + len(encoded) > max_bytes:
-                out.append(Encoded(self._wrap(fields), len(fields)))
-                fields, size = [], self._overhead
+                out.append(Encoded(self._wrap(fields), len(fields), repaired, example))
+                fields, size, repaired, example = [], self._overhead, 0, ""
             fields.append(encoded)
             size += len(encoded)
+            if self.repaired != before:
+                repaired += 1
+                example = example or self.last_repair
         if fields:
-            out.append(Encoded(self._wrap(fields), len(fields)))
+            out.append(Encoded(self._wrap(fields), len(fields), repaired, example))
         return out
 
     def _wrap(self, span_fields: list[bytes]) -> bytes:
@@ -149,7 +191,30 @@ class SpanEncoder:
         return _field(b"\x0a", self._resource + scope_spans)  # request.resource_spans (1)
 
     def span(self, r: SpanRecord) -> bytes:
-        """One serialized ``Span`` message."""
+        """One serialized ``Span`` message; never raises (see the module's docstring)."""
+        try:
+            body = self._span(r)
+            if len(body) <= SPAN_BYTES_LIMIT:
+                return body
+        except _UNFIT:
+            pass
+        self.repaired += 1
+        try:
+            fixed = sanitize.repair(r)
+            body = self._span(fixed)
+        except _UNFIT:  # a gap in repair(): still send the span's identity rather than stop
+            fixed = sanitize.stub(r)
+            body = self._span(fixed)
+        self.last_repair = f"{fixed.name[:100]}: {fixed.attrs().get(sanitize.DATA_ISSUE, '')}"
+        return body
+
+    def _span(self, r: SpanRecord) -> bytes:
+        # What the wire format would take but OTLP forbids: to_bytes() and pack() refuse the rest
+        # (negative or oversized IDs and times).
+        if not (
+            0 <= r.start_ns <= r.end_ns < TIME_MAX_NS and r.trace_id and r.span_id and r.parent_span_id != 0
+        ):
+            raise _UnfitError("IDs or times")
         parts = [
             b"\x0a\x10" + r.trace_id.to_bytes(16, "big"),  # trace_id (1)
             b"\x12\x08" + r.span_id.to_bytes(8, "big"),  # span_id (2)
@@ -157,6 +222,8 @@ class SpanEncoder:
         if r.parent_span_id is not None:
             parts.append(b"\x22\x08" + r.parent_span_id.to_bytes(8, "big"))  # parent_span_id (4)
         if r.name:
+            if len(r.name) > NAME_LIMIT or "\x00" in r.name:
+                raise _UnfitError("name")
             parts.append(_field(b"\x2a", r.name.encode()))  # name (5)
         parts.append(_SPAN_KINDS[r.kind])
         if r.start_ns:
@@ -164,14 +231,19 @@ class SpanEncoder:
         if r.end_ns:
             parts.append(b"\x41" + _FIXED64.pack(r.end_ns))  # end_time_unix_nano (8)
         parts.append(self._attributes(b"\x4a", r.attributes))  # attributes (9)
-        parts.extend(self._event(e) for e in r.events)  # events (11)
-        parts.extend(self._link(lk) for lk in r.links)  # links (13)
+        if r.events or r.links:
+            if len(r.events) > EVENT_COUNT_LIMIT or len(r.links) > LINK_COUNT_LIMIT:
+                raise _UnfitError("events or links")
+            parts.extend(self._event(e) for e in r.events)  # events (11)
+            parts.extend(self._link(lk) for lk in r.links)  # links (13)
         parts.append(_status(r.status, r.status_message))  # status (15)
         parts.append(_SPAN_FLAGS)
         return b"".join(parts)
 
     def _attributes(self, tag: bytes, attributes: Attributes) -> bytes:
         """Each attribute as a ``KeyValue`` field with ``tag``; recurring ones come from the cache."""
+        if len(attributes) > ATTRIBUTE_COUNT_LIMIT:
+            raise _UnfitError("attributes")
         cache = self._cache
         out = []
         for key, value in attributes:
@@ -179,6 +251,8 @@ class SpanEncoder:
             # The class too: True == 1 == 1.0 as dict keys.
             encoded = None if values is None else values.get((value.__class__, value))
             if encoded is None:
+                if len(key) > KEY_LIMIT or "\x00" in key:
+                    raise _UnfitError(key)
                 kv = (_field(b"\x0a", key.encode()) if key else b"") + _field(b"\x12", _any_value(value))
                 encoded = _field(tag, kv)
                 if values is _NEW:
@@ -192,6 +266,10 @@ class SpanEncoder:
         return b"".join(out)
 
     def _event(self, e: SpanEvent) -> bytes:
+        if not valid_time(e.time_ns) or len(e.name) > NAME_LIMIT or "\x00" in e.name:
+            raise _UnfitError(e.name[:40])
+        if len(e.attributes) > ATTRIBUTE_COUNT_LIMIT:
+            raise _UnfitError(e.name[:40])
         body = b"".join(
             [
                 b"\x09" + _FIXED64.pack(e.time_ns) if e.time_ns else b"",  # time_unix_nano (1)
@@ -202,6 +280,8 @@ class SpanEncoder:
         return _field(b"\x5a", body)
 
     def _link(self, lk: SpanLink) -> bytes:
+        if lk.trace_id <= 0 or lk.span_id <= 0 or len(lk.attributes) > ATTRIBUTE_COUNT_LIMIT:
+            raise _UnfitError("link")
         body = b"".join(
             [
                 b"\x0a\x10" + lk.trace_id.to_bytes(16, "big"),  # trace_id (1)
@@ -218,6 +298,8 @@ def _status(status: Status, message: str) -> bytes:
     code = _STATUS_CODES[status]
     body = b""
     if status is Status.ERROR and message:
+        if len(message) > VALUE_LIMIT or "\x00" in message:
+            raise _UnfitError("status message")
         body = _field(b"\x12", message.encode())
     if code:
         body += b"\x18" + _SMALL[code]

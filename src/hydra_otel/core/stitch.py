@@ -40,6 +40,38 @@ Rules that keep the stitcher bounded and honest:
   and expiry looks only at the front of the table; the same holds for the
   CLOSED memory.
 
+``eval_cached`` and ``eval_failed`` are not trusted either: each would otherwise become an
+attempt span. Hydra sends them in the transaction that updates the jobset's row
+(``lastcheckedtime``; ``fetcherrormsg`` for a fetch error; ``errormsg`` with
+``errortime = lastcheckedtime`` for any other failure; ``eval_cached`` clears
+``fetcherrormsg`` and names the jobset's latest JobsetEval). The caller reads those rows
+(:class:`ClosingCheck`) and the stitcher acts on the notification only if:
+
+* the jobset exists; for ``eval_cached``, the named JobsetEval exists and is the jobset's;
+* the jobset row shows that outcome (a failure as above, or no fetch error for a cached one)
+  for a check (``lastcheckedtime``) newer than the last one an attempt of the jobset was
+  reported for: one evaluation per jobset runs at a time and each ends with one row update,
+  so a check is reported once, however many notifications name it. Rows are read when the
+  stitcher gets to a notification, not when it was sent, so a forged one sent just before
+  Hydra's commit can see the new row first; a close that pairs with its open attempt may
+  therefore report a check once more after an orphan close did;
+* or the row does not show that outcome but changed since the stitcher last read it for a
+  closing event (the first read of a jobset counts as a change): a later check that
+  committed before this notification was handled may have overwritten the outcome it
+  names. That is believed once per change, without claiming the check read.
+
+So each change of a jobset's row lets at most three closing events through, however many
+notifications name the jobset.
+
+``eval_added`` is resolved against its JobsetEval row later, but paired with an open attempt
+it adds one thing only the notifications know: an "evaluator run" span. So a JobsetEval of
+another jobset is rejected, and per jobset an evaluator run is reported only for a JobsetEval
+newer than the last one reported (Hydra writes each JobsetEval once, with increasing IDs);
+otherwise the attempt closes without its start, which renders nothing new.
+
+When the rows cannot be read (database unreachable), closing events and pairings are trusted
+within a global budget (``UNVERIFIED_BURST``, one more every ``UNVERIFIED_REFILL`` seconds).
+
 Everything not opened or not reported is counted by reason
 (:attr:`StitchStatistics.rejected`) and handed to the caller once through
 :meth:`Stitcher.take_rejections`, for a log line.
@@ -84,6 +116,32 @@ TOO_MANY_OPEN = "too_many_open"
 #: A superseded attempt beyond the jobset's supersession budget: dropped, not reported abandoned.
 SUPERSEDED_UNREPORTED = "superseded_unreported"
 
+#: ``eval_cached`` / ``eval_failed`` for a jobset that is not in Hydra's ``jobsets`` table (same label).
+#: ``eval_cached`` naming a JobsetEval that does not exist.
+UNKNOWN_PREVIOUS_EVAL = "unknown_previous_eval"
+#: ``eval_cached`` naming a JobsetEval of another jobset.
+PREVIOUS_EVAL_OF_OTHER_JOBSET = "previous_eval_of_other_jobset"
+#: The jobset row does not show the outcome the notification claims (or no check at all).
+ROW_DISAGREES = "row_disagrees"
+#: The jobset row's check was already reported by an earlier closing event.
+CHECK_ALREADY_REPORTED = "check_already_reported"
+#: ``eval_added`` naming a JobsetEval of another jobset.
+EVAL_OF_OTHER_JOBSET = "eval_of_other_jobset"
+#: ``eval_added`` paired with an open attempt, for a JobsetEval whose evaluator run was already
+#: reported (or, rows unreadable, beyond the budget): the attempt is closed without a run span.
+RUN_ALREADY_REPORTED = "run_already_reported"
+#: The rows could not be read and the budget for unverified closing events is spent.
+UNVERIFIED_OVER_BUDGET = "unverified_over_budget"
+
+#: Seconds a jobset whose attempt outcome was handed on still counts as followed live (the
+#: resolver records the check it rendered well within this).
+IN_FLIGHT_GRACE = 30.0
+
+#: Closing events accepted unverified (rows unreadable) in a burst, all jobsets together ...
+UNVERIFIED_BURST = 10
+#: ... and the seconds after which one more may be.
+UNVERIFIED_REFILL = 60.0
+
 #: Superseded attempts of one jobset reported abandoned in a burst ...
 SUPERSEDE_BURST = 3
 #: ... and the seconds after which one more may be (hydra-evaluator re-checks a jobset every
@@ -105,6 +163,48 @@ class _Open:
     correlation_id: str
     started_ns: int
     deadline: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobsetCheck:
+    """The ``jobsets`` columns Hydra writes with ``eval_cached`` / ``eval_failed``."""
+
+    last_checked: int | None
+    #: ``errormsg`` is neither NULL nor empty.
+    has_error: bool
+    error_time: int | None
+    #: ``fetcherrormsg`` is neither NULL nor empty.
+    has_fetch_error: bool
+
+    def shows_failure(self) -> bool:
+        """The last check failed: a fetch error, or an error recorded at the check's time."""
+        if self.last_checked is None:
+            return False
+        return self.has_fetch_error or (self.has_error and self.error_time == self.last_checked)
+
+    def shows_cached(self) -> bool:
+        """The last check may have found its inputs unchanged (it left no fetch error)."""
+        return self.last_checked is not None and not self.has_fetch_error
+
+
+class Unchecked(enum.Enum):
+    """A closing event fed without a :class:`ClosingCheck`, and why."""
+
+    #: The caller does not check rows (unit tests, tools): the event is trusted.
+    TRUSTED = "trusted"
+    #: The rows could not be read (database unreachable): trusted within a global budget.
+    UNREADABLE = "unreadable"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClosingCheck:
+    """What Hydra's rows said about a closing event's jobset when it arrived."""
+
+    #: The jobset's row, None if there is none.
+    jobset: JobsetCheck | None
+    #: The jobset ID of the JobsetEval the event names (``eval_cached``: the previous one;
+    #: ``eval_added``: the new one), None if it does not exist.
+    eval_jobset: int | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -164,6 +264,18 @@ class Stitcher:
         self._by_jobset: dict[int, AttemptKey] = {}
         self._closed: OrderedDict[AttemptKey, float] = OrderedDict()
         self._tokens: dict[int, tuple[float, float]] = {}  # jobset -> (supersession tokens, as of)
+        # Global budget for closing events whose rows could not be read: (tokens, as of).
+        self._unverified: tuple[float, float] | None = None
+        # jobset -> (lastcheckedtime of the last check reported, whether by a close that paired with
+        # its start); only jobsets with a row get here.
+        self._reported_checks: dict[int, tuple[int, bool]] = {}
+        # jobset -> the stitcher's clock when an attempt outcome of it was handed on (oldest first).
+        self._in_flight: dict[int, float] = {}
+        self._now = float("-inf")  # the latest monotonic time fed
+        # jobset -> the newest lastcheckedtime read for a closing event (real jobsets only).
+        self._seen_checks: dict[int, int] = {}
+        # jobset -> the highest JobsetEval ID an evaluator run was reported for (real jobsets only).
+        self._runs_reported: dict[int, int] = {}
         self._opened = self._closed_count = self._orphans = self._duplicates = 0
         self._abandoned: dict[str, int] = {}
         self._rejected: dict[str, int] = {}
@@ -179,30 +291,63 @@ class Stitcher:
             return State.OPEN
         return State.CLOSED if key in self._closed else State.ABSENT
 
-    def feed(self, event: EvalEvent, at_ns: int, now: float, *, jobset_known: bool = True) -> list[Outcome]:
+    def feed(
+        self,
+        event: EvalEvent,
+        at_ns: int,
+        now: float,
+        *,
+        jobset_known: bool = True,
+        check: ClosingCheck | Unchecked = Unchecked.TRUSTED,
+    ) -> list[Outcome]:
         """Apply one evaluation event received at ``at_ns`` (wall clock) / ``now`` (monotonic).
 
         ``jobset_known`` says whether the event's jobset is in Hydra's ``jobsets`` table; it
-        matters only for a start (closing events are resolved against the table later).
+        matters only for a start. ``check`` is what the rows said about an ``eval_cached`` or
+        ``eval_failed``, or why there is none; see the module docstring.
         """
         self._forget_closed(now)
+        self._now = max(self._now, now)
         self._jobset_known = jobset_known
+        if isinstance(event, EvalCached | EvalFailed):
+            reason = self._closing_verdict(event, check, now)
+            if reason is not None:
+                return self._reject(reason, event.jobset_id, event.correlation_id)
+        elif isinstance(event, EvalAdded):
+            reason = self._added_verdict(event, check, now)
+            if reason == RUN_ALREADY_REPORTED:  # closes the attempt, without its live start
+                self._pop((event.jobset_id, event.correlation_id))
+                self._reject(reason, event.jobset_id, event.correlation_id)
+                return self._handed_on(self._on_orphan_close(event, at_ns, now))
+            if reason is not None:
+                return self._reject(reason, event.jobset_id, event.correlation_id)
         handler = TRANSITIONS[(self.state(event.jobset_id, event.correlation_id), type(event))]
-        return handler(self, event, at_ns, now)
+        return self._handed_on(handler(self, event, at_ns, now))
 
     def open_jobsets(self) -> frozenset[int]:
-        """Jobsets with an attempt that is still open."""
-        return frozenset(self._by_jobset)
+        """Jobsets the live path is still following: an attempt is open, or an attempt's outcome
+        was handed on less than ``IN_FLIGHT_GRACE`` seconds (of the stitcher's clock) ago.
+
+        The catch-up skips these jobsets' checks. Without the grace period, a scan between the
+        stitcher closing an attempt and the resolver recording its check would report the same
+        failure again, as a second trace."""
+        while self._in_flight:
+            jobset, at = next(iter(self._in_flight.items()))
+            if at + IN_FLIGHT_GRACE > self._now and len(self._in_flight) <= self._max_open:
+                break
+            del self._in_flight[jobset]
+        return frozenset(self._by_jobset) | frozenset(self._in_flight)
 
     def expire(self, now: float, now_ns: int) -> list[Outcome]:
         """Abandon every open attempt whose deadline is at or before ``now``."""
+        self._now = max(self._now, now)
         out: list[Outcome] = []
         while self._open:
             key, rec = next(iter(self._open.items()))
             if rec.deadline > now:
                 break
             out.append(self._abandon(self._pop(key), now_ns, EXPIRED))
-        return out
+        return self._handed_on(out)
 
     def next_deadline(self) -> float | None:
         """The monotonic time of the earliest deadline, or None when nothing is open."""
@@ -268,7 +413,73 @@ class Stitcher:
         self._orphans += 1
         return [_outcome(event, None, at_ns)]
 
+    def _closing_verdict(
+        self, event: EvalCached | EvalFailed, check: ClosingCheck | Unchecked, now: float
+    ) -> str | None:
+        """Why the closing event is not acted on, or None; records the check it reports."""
+        if check is Unchecked.TRUSTED:
+            return None
+        if check is Unchecked.UNREADABLE:
+            return None if self._take_unverified(now) else UNVERIFIED_OVER_BUDGET
+        row = check.jobset
+        if row is None:
+            return UNKNOWN_JOBSET
+        if isinstance(event, EvalCached):
+            if check.eval_jobset is None:
+                return UNKNOWN_PREVIOUS_EVAL
+            if check.eval_jobset != event.jobset_id:
+                return PREVIOUS_EVAL_OF_OTHER_JOBSET
+            consistent = row.shows_cached()
+        else:
+            consistent = row.shows_failure()
+        if row.last_checked is None:
+            return ROW_DISAGREES
+        seen = self._seen_checks.get(event.jobset_id)
+        self._seen_checks[event.jobset_id] = max(row.last_checked, seen or row.last_checked)
+        if not consistent:
+            # The row may have moved on: a later check of the jobset committed before this
+            # notification was handled overwrote the outcome it names. Believe that once per
+            # change of the row seen here; the check read is not this event's to claim.
+            return None if seen is None or row.last_checked > seen else ROW_DISAGREES
+        paired = self.state(event.jobset_id, event.correlation_id) is State.OPEN
+        reported, by_paired = self._reported_checks.get(event.jobset_id, (-(2**63), False))
+        if row.last_checked < reported or (row.last_checked == reported and (by_paired or not paired)):
+            return CHECK_ALREADY_REPORTED
+        self._reported_checks[event.jobset_id] = (row.last_checked, paired)
+        return None
+
+    def _added_verdict(self, event: EvalAdded, check: ClosingCheck | Unchecked, now: float) -> str | None:
+        """Why an ``eval_added`` is not acted on (or not paired with its start), or None."""
+        if isinstance(check, ClosingCheck) and check.eval_jobset not in (None, event.jobset_id):
+            return EVAL_OF_OTHER_JOBSET
+        if self.state(event.jobset_id, event.correlation_id) is not State.OPEN or check is Unchecked.TRUSTED:
+            return None
+        # Pairs with an open attempt: an "evaluator run" span. Hydra's evaluator writes each
+        # JobsetEval once, and a jobset's evaluations get increasing IDs: one run per evaluation.
+        if event.eval_id <= self._runs_reported.get(event.jobset_id, 0):
+            return RUN_ALREADY_REPORTED
+        if check is Unchecked.UNREADABLE:
+            return None if self._take_unverified(now) else RUN_ALREADY_REPORTED
+        if check.eval_jobset is not None:  # a made-up ID must not hold back the jobset's real ones
+            self._runs_reported[event.jobset_id] = event.eval_id
+        return None
+
+    def _take_unverified(self, now: float) -> bool:
+        tokens, since = self._unverified or (float(UNVERIFIED_BURST), now)
+        tokens = min(float(UNVERIFIED_BURST), tokens + max(0.0, now - since) / UNVERIFIED_REFILL)
+        ok = tokens >= 1.0
+        self._unverified = (tokens - 1.0 if ok else tokens, now)
+        return ok
+
     # Bookkeeping.
+
+    def _handed_on(self, out: list[Outcome]) -> list[Outcome]:
+        """Remember the jobsets of attempt outcomes for :meth:`open_jobsets`; returns ``out``."""
+        for o in out:
+            if isinstance(o, Attempt):
+                self._in_flight.pop(o.jobset_id, None)
+                self._in_flight[o.jobset_id] = self._now
+        return out
 
     def _pop(self, key: AttemptKey) -> _Open:
         rec = self._open.pop(key)

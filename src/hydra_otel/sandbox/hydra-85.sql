@@ -175,6 +175,22 @@ create table jobsetevals (
 );
 
 
+create table jobsetevalinputs (
+    eval          integer not null references jobsetevals(id) on delete cascade,
+    name          text not null,
+    altnr         integer not null,
+    type           text not null,
+    uri            text,
+    revision       text,
+    shortrevlength smallint,
+    value          text,
+    dependency     integer,
+    path          text,
+    sha256hash    text,
+    primary key   (eval, name, altnr),
+    foreign key   (dependency) references builds(id)
+);
+
 create table jobsetevalmembers (
     eval          integer not null references jobsetevals(id) on delete cascade,
     build         integer not null references builds(id) on delete cascade,

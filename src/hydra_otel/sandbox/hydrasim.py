@@ -137,10 +137,14 @@ class HydraSim:
         cached_builds: Sequence[tuple[int, bool]] = (),
         job_errors: str = "",
         input_hash: str = "0" * 64,
+        inputs: Sequence[tuple[str, str, str | None, str | None]] = (),
+        flake: str | None = None,
     ) -> tuple[int, list[int], list[str]]:
         """A finished evaluation: returns (eval ID, new build IDs, SQL statements to run in order).
 
         ``cached_builds`` are (older build ID, finished?) pairs the evaluation contains.
+        ``inputs`` are (name, type, uri, revision) rows of ``jobsetevalinputs``; with ``flake``
+        (a locked flake reference) the evaluation has no nixexpr input, as in Hydra.
         The first statement (the evaluation-error row) is its own transaction, as in Hydra.
         """
         eid, err = self.next_eval, self.next_error
@@ -151,8 +155,9 @@ class HydraSim:
         changed = bool(new_builds) or bool(cached_builds)
         body = [
             f"INSERT INTO jobsetevals (id, jobset_id, evaluationerror_id, timestamp, checkouttime, evaltime, "
-            f"hasnewbuilds, nrbuilds, hash, nixexprinput, nixexprpath) VALUES ({eid}, {jobset_id}, {err}, "
-            f"{timestamp}, {checkout_time}, 0, 0, 0, {lit(input_hash)}, 'src', 'release.nix');",
+            f"hasnewbuilds, nrbuilds, hash, flake, nixexprinput, nixexprpath) VALUES ({eid}, {jobset_id}, "
+            f"{err}, {timestamp}, {checkout_time}, 0, 0, 0, {lit(input_hash)}, {lit(flake)}, "
+            f"{lit(None if flake else 'src')}, {lit(None if flake else 'release.nix')});",
         ]
         for bid, b in zip(ids, new_builds, strict=True):
             drv = b.drvpath or store_path(f"{b.nixname or b.job}.drv", bid)
@@ -173,6 +178,12 @@ class HydraSim:
         members = [f"({eid}, {bid}, 1)" for bid in ids] + [f"({eid}, {bid}, 0)" for bid, _ in cached_builds]
         if changed:
             body.append(f"INSERT INTO jobsetevalmembers (eval, build, isnew) VALUES {', '.join(members)};")
+        # hydra-eval-jobset writes the inputs after the members, in the same transaction.
+        body += [
+            "INSERT INTO jobsetevalinputs (eval, name, altnr, type, uri, revision) VALUES "
+            f"({eid}, {lit(name)}, 0, {lit(kind)}, {lit(uri)}, {lit(rev)});"
+            for name, kind, uri, rev in inputs
+        ]
         body += [
             f"UPDATE jobsets SET lastcheckedtime = {timestamp}, forceeval = NULL WHERE id = {jobset_id};",
             f"UPDATE evaluationerrors SET errormsg = {lit(job_errors)} WHERE id = {err};",

@@ -6,7 +6,9 @@ official exporters: gRPC ``TraceService/Export``, and HTTP ``POST /v1/traces`` w
 gzip or deflate compressed or not. Both keep every ``ExportTraceServiceRequest`` they accept in a
 lock-protected list, on their own threads; tests read it from the trio thread through ``spans()`` or
 wait for it with ``wait_for_spans``. ``fail_next`` and ``set_down`` make them answer with a
-retryable error (gRPC UNAVAILABLE, HTTP 503) to exercise exporters' retries.
+retryable error (gRPC UNAVAILABLE, HTTP 503) to exercise exporters' retries; ``refuse`` makes them
+refuse, for good (gRPC INVALID_ARGUMENT, HTTP 400), every request holding a span it picks, as a
+collector refuses a request with bad data.
 
 For benchmarks run a receiver in another process: in the same process it competes for the GIL.
 """
@@ -107,15 +109,19 @@ class TraceSink(Generic[_CodeT]):
 
     Args:
         default_failure: what ``fail_next`` and ``set_down`` answer with unless told otherwise.
+        refusal: what ``refuse`` answers with.
     """
 
-    def __init__(self, default_failure: _CodeT) -> None:
+    def __init__(self, default_failure: _CodeT, refusal: _CodeT) -> None:
         self._lock = threading.Lock()
         self._requests: list[ExportTraceServiceRequest] = []
         self._attempts = 0
         self._default_failure = default_failure
         self._failures: list[_CodeT] = []
         self._down: _CodeT | None = None
+        self._refusal = refusal
+        self._refuse: Callable[[Span], bool] | None = None
+        self._refused: list[Span] = []
 
     @property
     def requests(self) -> list[ExportTraceServiceRequest]:
@@ -176,6 +182,21 @@ class TraceSink(Generic[_CodeT]):
         with self._lock:
             self._down = None
 
+    def refuse(self, condition: Callable[[Span], bool] | None) -> None:
+        """Refuse for good every request holding a span for which ``condition`` is true.
+
+        Args:
+            condition: picks the poison spans; None accepts every request again.
+        """
+        with self._lock:
+            self._refuse = condition
+
+    @property
+    def refused(self) -> list[Span]:
+        """The poison spans of every request refused so far (a span refused twice is listed twice)."""
+        with self._lock:
+            return list(self._refused)
+
     # ASYNC109: a test helper owns a default deadline, so that a forgotten fail_after cannot hang a
     # test run.
     async def wait_for_spans(
@@ -229,10 +250,22 @@ class TraceSink(Generic[_CodeT]):
                 return self._down
             return self._failures.pop(0) if self._failures else None
 
-    def _accept(self, request: ExportTraceServiceRequest) -> None:
-        """Store an accepted request."""
+    def _accept(self, request: ExportTraceServiceRequest) -> _CodeT | None:
+        """Store an accepted request; return the refusal to answer with instead, or None."""
         with self._lock:
+            if self._refuse is not None:
+                poison = [
+                    s
+                    for rs in request.resource_spans
+                    for ss in rs.scope_spans
+                    for s in ss.spans
+                    if self._refuse(s)
+                ]
+                if poison:
+                    self._refused += poison
+                    return self._refusal
             self._requests.append(request)
+            return None
 
 
 class _TraceServicer(trace_service_pb2_grpc.TraceServiceServicer):
@@ -248,7 +281,9 @@ class _TraceServicer(trace_service_pb2_grpc.TraceServiceServicer):
         failure = self._sink._admit()
         if failure is not None:
             context.abort(failure, "failure injected by the test receiver")
-        self._sink._accept(request)
+        refusal = self._sink._accept(request)
+        if refusal is not None:
+            context.abort(refusal, "span refused by the test receiver")
         return ExportTraceServiceResponse()
 
 
@@ -262,7 +297,7 @@ class GrpcOtlpReceiver(TraceSink[grpc.StatusCode]):
     """
 
     def __init__(self, host: str = "127.0.0.1") -> None:
-        super().__init__(grpc.StatusCode.UNAVAILABLE)
+        super().__init__(grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INVALID_ARGUMENT)
         self._executor = futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="otlp-grpc-receiver")
         self._server = grpc.server(self._executor)
         # The generated gRPC module is unannotated.
@@ -359,7 +394,10 @@ class _OtlpHttpHandler(BaseHTTPRequestHandler):
         except DecodeError as exc:
             self._reply(HTTPStatus.BAD_REQUEST, f"bad protobuf: {exc}".encode(), "text/plain")
             return
-        receiver._accept(request)
+        refusal = receiver._accept(request)
+        if refusal is not None:
+            self._reply(refusal, b"span refused by the test receiver", "text/plain")
+            return
         self._reply(HTTPStatus.OK, ExportTraceServiceResponse().SerializeToString(), "application/x-protobuf")
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
@@ -414,7 +452,7 @@ class HttpOtlpReceiver(TraceSink[int]):
     """
 
     def __init__(self, host: str = "127.0.0.1") -> None:
-        super().__init__(HTTPStatus.SERVICE_UNAVAILABLE)
+        super().__init__(HTTPStatus.SERVICE_UNAVAILABLE, HTTPStatus.BAD_REQUEST)
         self._server = _OtlpHttpServer((host, 0), self)
         self.port: Final[int] = self._server.server_address[1]
         #: The base URL, ``"http://127.0.0.1:PORT"``.

@@ -7,6 +7,12 @@ backpressure reaches the listener, so memory stays bounded during an outage.
 When the input closes (shutdown) the last batch is flushed; whatever the
 caller's deadline cuts off is counted as dropped (and, since its checkpoint was
 never stored, exported again by the next start's catch-up).
+
+A span the endpoint refuses for good (the sink isolates it: adapters/otlp.py)
+is dropped with one error line and counted in ``spans_refused``; the rest of
+its batch is exported and the checkpoint after it advances, so one poison span
+cannot hold up every later evaluation. Spans sent with repaired values
+(core/sanitize.py) are counted in ``spans_repaired``.
 """
 
 from __future__ import annotations
@@ -17,10 +23,11 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
-from hydra_otel.adapters.otlp import SpanSink
+from hydra_otel.adapters.otlp import Delivery, SpanSink
 from hydra_otel.core.backoff import Backoff
 from hydra_otel.core.catchup import Checkpoint, Marks
 from hydra_otel.core.spans import SpanRecord
+from hydra_otel.log import RateLimitedLog
 from hydra_otel.stats import Stats
 
 log = logging.getLogger("hydra_otel.exporter")
@@ -48,6 +55,7 @@ async def run_exporter(
     # list that overfilled the batch leaves its remainder behind, and that must not wait for
     # the next arrival (which may be the next catch-up checkpoint, 30 s later).
     oldest = math.inf
+    warn = RateLimitedLog(log)  # repaired spans come from bad rows: 10 lines a minute at most
     async with spans:
         try:
             closed = False
@@ -71,7 +79,7 @@ async def run_exporter(
                 # A checkpoint, the end, or the age limit flushes everything; a full batch only itself.
                 flush_all = checkpoint is not None or closed or len(batch) < batch_size
                 while len(batch) >= batch_size or (flush_all and batch):
-                    await _export_until_done(sink, batch[:batch_size], stats, backoff)
+                    await _export_until_done(sink, batch[:batch_size], stats, backoff, warn)
                     del batch[:batch_size]
                 if checkpoint is not None:
                     await commit(checkpoint.marks)
@@ -101,20 +109,61 @@ def _count_dropped(stats: Stats, dropped: int) -> None:
         )
 
 
-async def _export_until_done(sink: SpanSink, batch: list[SpanRecord], stats: Stats, backoff: Backoff) -> None:
+async def _export_until_done(
+    sink: SpanSink, batch: list[SpanRecord], stats: Stats, backoff: Backoff, warn: RateLimitedLog
+) -> None:
     failing = False
-    while not await sink.export(batch):
+    refused = 0
+    while not (delivery := await sink.export(batch)).done:
+        refused += _count(stats, delivery, warn)
         stats.export_failures += 1
         stats.exporting_failed = True
         delay = backoff.next_delay()
         if not failing:
             log.warning(
-                "OTLP export failed; retrying with backoff", extra={"spans": len(batch), "retry_in_s": delay}
+                "OTLP export failed; retrying with backoff",
+                extra={"spans": len(batch), "retry_in_s": delay, "reason": delivery.reason},
             )
             failing = True
         await trio.sleep(delay)
+    refused += _count(stats, delivery, warn)
     if failing:
         log.info("OTLP export recovered", extra={"spans": len(batch)})
     backoff.reset()
-    stats.exporting_failed = False
-    stats.spans_exported += len(batch)
+    # Healthy once the endpoint takes spans again: a batch refused whole says it may take none.
+    stats.exporting_failed = refused == len(batch) > 0
+    stats.spans_exported += len(batch) - refused
+
+
+def _count(stats: Stats, delivery: Delivery, warn: RateLimitedLog) -> int:
+    """Count what one export call repaired and refused (one error line per refused span)."""
+    if delivery.repaired:
+        stats.spans_repaired += delivery.repaired
+        warn.warning(
+            "repaired",
+            "spans with impossible values (bad rows) sent with them clamped or omitted; "
+            "their hydra.data_issue attribute says what was changed",
+            spans=delivery.repaired,
+            example=delivery.repair_example,
+        )
+    stats.spans_refused += len(delivery.refused)
+    for record, reason in delivery.refused:
+        log.error(
+            "the OTLP endpoint refused a span for good; dropped it and exporting the rest",
+            extra={
+                "span": record.name[:100],
+                "trace_id": f"{record.trace_id:032x}"
+                if 0 <= record.trace_id < 1 << 128
+                else str(record.trace_id),
+                "span_id": f"{record.span_id:016x}" if 0 <= record.span_id < 1 << 64 else str(record.span_id),
+                "reason": reason,
+            },
+        )
+    return len(delivery.refused)
+
+
+def _hex(value: object, digits: int) -> str:
+    """An ID as trace UIs show it; the record is the one refused, so its ID may be anything."""
+    if isinstance(value, int) and 0 <= value < 1 << (4 * digits):
+        return f"{value:0{digits}x}"
+    return "invalid"

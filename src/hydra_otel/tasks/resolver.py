@@ -110,13 +110,13 @@ class Resolver:
         """Spans for ``batch``, without exact repeats of recently exported ones."""
         records = await self._evals([w for w in batch if isinstance(w, AddedEval)])
         records += await self._attempts([w for w in batch if isinstance(w, Attempt)])
-        finished = [w for w in batch if isinstance(w, BuildFinished)]
-        # A step whose build finishes in the same batch comes with the build: do not render it twice.
-        finishing = {w.build_id for w in finished} | {d for w in finished for d in w.dependents}
+        finished, rendered = await self._finished([w for w in batch if isinstance(w, BuildFinished)])
+        # A step whose build was rendered in this batch came with it: do not render it twice. Only
+        # builds really rendered count: a build_finished can name a build that is still running.
         records += await self._steps(
-            [w for w in batch if isinstance(w, StepFinished) and w.build_id not in finishing]
+            [w for w in batch if isinstance(w, StepFinished) and w.build_id not in rendered]
         )
-        records += await self._finished(finished)
+        records += finished
         fresh = [r for r in records if self.recent.fresh(r)]
         self.stats.spans_deduplicated += len(records) - len(fresh)
         self.stats.spans_over_budget += sum(steps_omitted(r) for r in fresh)
@@ -197,16 +197,19 @@ class Resolver:
             if not step_in_budget(self.cfg, b, rows, step):
                 continue  # beyond the build's share of its trace; counted when the build finishes
             out.append(step_span(self.cfg, b, step, attempt))
-        return out + await self._finished(with_build)
+        with_builds, _ = await self._finished(with_build)
+        return out + with_builds
 
-    async def _finished(self, events: list[BuildFinished]) -> list[SpanRecord]:
+    async def _finished(self, events: list[BuildFinished]) -> tuple[list[SpanRecord], set[int]]:
+        """The spans of the finished builds ``events`` name, and the IDs of the builds rendered."""
         wanted = [i for e in events for i in (e.build_id, *e.dependents)]
         if not wanted:
-            return []
+            return [], set()
         builds = await self.builds.builds(wanted)
         steps = await self.builds.steps(list(builds))
         causes = await self._causes(builds, steps)
         out: list[SpanRecord] = []
+        rendered: set[int] = set()
         for build_id in dict.fromkeys(wanted):
             b = builds.get(build_id)
             if b is None:
@@ -217,8 +220,9 @@ class Resolver:
                 continue
             rows = steps.get(build_id, [])
             out += self._new_attempts(b, rows, build_spans(self.cfg, b, rows, causes.get(build_id)))
+            rendered.add(build_id)
             self.handled.add(("build", build_id, b.stoptime))
-        return out
+        return out, rendered
 
     def _new_attempts(
         self, b: BuildFacts, rows: list[StepFacts], spans: list[SpanRecord]

@@ -8,7 +8,11 @@ left open: they are live evaluations, not abandoned ones.
 
 ``eval_started`` payloads come from any role that can connect, so before a
 start is fed the task asks :class:`KnownJobsets` whether its jobset is a row
-of Hydra's ``jobsets`` table. What the stitcher rejects is counted in
+of Hydra's ``jobsets`` table. ``eval_cached`` and ``eval_failed`` are not
+trusted either, nor ``eval_added``'s pairing with a start: for each batch the
+task reads, in one query per table, the jobset rows and JobsetEvals they name
+(:class:`~hydra_otel.core.stitch.ClosingCheck`), and the stitcher acts only on
+what the rows vouch for. What the stitcher rejects is counted in
 ``Stats.notifications_rejected`` and logged, rate-limited per reason.
 """
 
@@ -31,7 +35,7 @@ from hydra_otel.core.events import (
     Received,
     StepFinished,
 )
-from hydra_otel.core.stitch import Stitcher, Work
+from hydra_otel.core.stitch import ClosingCheck, JobsetCheck, Stitcher, Unchecked, Work
 from hydra_otel.errors import DbUnavailable, PermissionDenied
 from hydra_otel.log import RateLimitedLog
 from hydra_otel.stats import Stats
@@ -41,6 +45,14 @@ log = logging.getLogger("hydra_otel.stitcher")
 
 #: Looks up which of the given jobset IDs exist (one query for the whole list).
 JobsetLookup = Callable[[Sequence[int]], Awaitable[set[int]]]
+#: Reads, for (jobset IDs, JobsetEval IDs), the jobset rows and each JobsetEval's jobset ID.
+ClosingLookup = Callable[
+    [Sequence[int], Sequence[int]], Awaitable[tuple[dict[int, JobsetCheck], dict[int, int]]]
+]
+#: The evaluation notifications checked against the tables.
+Closing = EvalAdded | EvalCached | EvalFailed
+#: Per closing event, what the rows said (or why nothing was read).
+Checker = Callable[[Closing], ClosingCheck | Unchecked]
 
 
 class KnownJobsets:
@@ -59,17 +71,20 @@ class KnownJobsets:
         lookup: JobsetLookup,
         *,
         every: Callable[[], Awaitable[set[int]]] | None = None,
+        closing: ClosingLookup | None = None,
         negative_ttl: float = 60.0,
         max_negative: int = 10_000,
     ) -> None:
         """Args:
         lookup: which of the given IDs exist (one query).
         every: every jobset ID, for :meth:`preload` (None: nothing to preload).
+        closing: the rows that vouch for ``eval_cached`` / ``eval_failed`` (None: trust them).
         negative_ttl: seconds an ID not found is remembered as unknown.
         max_negative: bound on IDs remembered as unknown.
         """
         self._lookup = lookup
         self._every = every
+        self._closing = closing
         self._known: set[int] = set()
         self._unknown: OrderedDict[int, float] = OrderedDict()
         self._ttl = negative_ttl
@@ -112,6 +127,31 @@ class KnownJobsets:
                 self._unknown.popitem(last=False)
         return {j for j in jobset_ids if j in self._known}
 
+    async def closing_checks(self, events: Sequence[Closing]) -> Checker:
+        """Read, fresh (the rows change with every check), what vouches for ``events``; one query
+        per table. While the database is unreachable every event is :attr:`Unchecked.UNREADABLE`."""
+        if self._closing is None or not events:
+            return _trusted
+        jobset_ids = sorted({e.jobset_id for e in events if not isinstance(e, EvalAdded)})
+        eval_ids = sorted({_named_eval(e) for e in events if not isinstance(e, EvalFailed)})
+        try:
+            rows, evals = await self._closing(jobset_ids, eval_ids)
+        except (DbUnavailable, PermissionDenied) as exc:  # a missing grant is logged by the db
+            self._warn.warning(
+                "db", "cannot check evaluation notifications against the tables", error=str(exc)
+            )
+            return lambda _: Unchecked.UNREADABLE
+
+        def check(event: Closing) -> ClosingCheck:
+            named = None if isinstance(event, EvalFailed) else evals.get(_named_eval(event))
+            return ClosingCheck(jobset=rows.get(event.jobset_id), eval_jobset=named)
+
+        return check
+
+
+def _named_eval(event: EvalAdded | EvalCached) -> int:
+    return event.eval_id if isinstance(event, EvalAdded) else event.previous_eval_id
+
 
 async def run_stitcher(
     events: trio.MemoryReceiveChannel[Received],
@@ -131,7 +171,8 @@ async def run_stitcher(
         outcomes: stitched work for the resolver.
         stitcher: the pure state machine.
         stats: where rejections are counted (``notifications_rejected``), if anywhere.
-        jobsets: the jobset existence check for ``eval_started``; None trusts every start.
+        jobsets: the checks of ``eval_*`` notifications against Hydra's tables; None trusts
+            every event.
     """
     warn = RateLimitedLog(log)
     async with events, outcomes:
@@ -149,25 +190,44 @@ async def run_stitcher(
             if batch is None:
                 await send_all(outcomes, stitcher.expire(trio.current_time(), time.time_ns()))
                 continue
-            starts = {r.event.jobset_id for r in batch if isinstance(r.event, EvalStarted)}
-            known = starts if jobsets is None or not starts else await jobsets.known(starts)
-            out: list[Work] = []
-            for received in batch:
-                event = received.event
-                if isinstance(event, StepFinished | BuildFinished):
-                    out.append(event)  # build events pass through, in order with the evaluations
-                else:
-                    assert isinstance(
-                        event, EvalStarted | EvalAdded | EvalCached | EvalFailed
-                    )  # intake's contract
-                    out += stitcher.feed(
-                        event, received.at_ns, trio.current_time(), jobset_known=event.jobset_id in known
-                    )
+            out = await _feed_batch(stitcher, batch, jobsets)
             _report_rejections(stitcher, stats, warn)
             await send_all(outcomes, out)
         st = stitcher.statistics()
         if st.open:
             log.info("evaluations still running at shutdown are not exported", extra={"open": st.open})
+
+
+async def _feed_batch(stitcher: Stitcher, batch: list[Received], jobsets: KnownJobsets | None) -> list[Work]:
+    """Feed one batch, with one lookup per kind of check for the whole batch."""
+    starts = {r.event.jobset_id for r in batch if isinstance(r.event, EvalStarted)}
+    closings = [r.event for r in batch if isinstance(r.event, EvalAdded | EvalCached | EvalFailed)]
+    known = starts
+    check: Checker = _trusted
+    if jobsets is not None:
+        known = await jobsets.known(starts) if starts else starts
+        check = await jobsets.closing_checks(closings)
+    out: list[Work] = []
+    for received in batch:
+        event = received.event
+        if isinstance(event, StepFinished | BuildFinished):
+            out.append(event)  # build events pass through, in order with the evaluations
+            continue
+        assert isinstance(event, EvalStarted | EvalAdded | EvalCached | EvalFailed)  # intake's contract
+        out += stitcher.feed(
+            event,
+            received.at_ns,
+            trio.current_time(),
+            jobset_known=event.jobset_id in known,
+            check=check(event)
+            if isinstance(event, EvalAdded | EvalCached | EvalFailed)
+            else Unchecked.TRUSTED,
+        )
+    return out
+
+
+def _trusted(_: Closing) -> Unchecked:
+    return Unchecked.TRUSTED
 
 
 def _report_rejections(stitcher: Stitcher, stats: Stats | None, warn: RateLimitedLog) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import secrets
 import tempfile
@@ -16,6 +15,7 @@ from urllib.parse import urlsplit
 import trio
 
 from hydra_otel.adapters import db, state
+from hydra_otel.adapters.otlp import Delivery
 from hydra_otel.config import Config
 from hydra_otel.core.backoff import Backoff
 from hydra_otel.core.spans import Kind, SpanRecord
@@ -249,44 +249,25 @@ async def _listen_round_trip(dsn: str) -> str:
     return f"round trip in {(trio.current_time() - started) * 1000:.0f} ms"
 
 
-class _Capture(logging.Handler):
-    """Keeps the OTLP exporter's warnings and errors: its result alone does not say why."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
 async def _check_otlp(cfg: Config) -> CheckResult:
     e = cfg.export
     name = "otlp export"
     where = f"{e.endpoint} ({e.protocol.value})"
     record = _check_span()
-    capture = _Capture()
-    exporter_log = logging.getLogger("opentelemetry.exporter.otlp")
-    exporter_log.addHandler(capture)
     try:
         sink = make_sink(cfg)
     except (OSError, ValueError) as exc:  # e.g. an unreadable certificate
-        exporter_log.removeHandler(capture)
         return CheckResult(name=name, ok=False, detail=f"{where}: {type(exc).__name__}: {exc}")
-    acknowledged = False
+    delivery = Delivery(done=False, reason=f"not acknowledged within {e.timeout:g} s")
     try:
         with trio.move_on_after(e.timeout + 2):  # the exporter's own timeout bounds its retries
-            acknowledged = await sink.export([record])
+            delivery = await sink.export([record])
     finally:
-        exporter_log.removeHandler(capture)
         sink.shutdown()
-    if acknowledged:
+    if delivery.done and not delivery.refused:
         return CheckResult(name=name, ok=True, detail=f"{where} accepted a span named {CHECK_SPAN_NAME!r}")
-    # The exporter reports only failure; its log says why, except when a timeout cut its retries short.
-    reason = (
-        await _unreachable(e.endpoint)
-        or (capture.messages or [f"not acknowledged within {e.timeout:g} s"])[-1]
-    )
+    refusal = f"refused the span for good: {delivery.refused[0][1]}" if delivery.refused else delivery.reason
+    reason = await _unreachable(e.endpoint) or refusal or f"not acknowledged within {e.timeout:g} s"
     return CheckResult(name=name, ok=False, detail=f"{where}: {reason}")
 
 

@@ -26,13 +26,14 @@ HYDRA_COLUMNS: Final[Mapping[str, tuple[str, ...]]] = {
     ),
     "evaluationerrors": ("id", "errormsg", "errortime"),
     "jobsetevalmembers": ("eval", "build", "isnew"),
+    "jobsetevalinputs": ("eval", "name", "altnr", "type", "uri", "revision"),
     "builds": (
         "id", "finished", "timestamp", "jobset_id", "job", "nixname", "drvpath", "system", "priority",
         "globalpriority", "starttime", "stoptime", "iscachedbuild", "buildstatus", "size", "closuresize",
         "releasename",
     ),
     "buildsteps": (
-        "build", "stepnr", "type", "drvpath", "status", "errormsg", "starttime", "stoptime", "machine",
+        "build", "stepnr", "type", "drvpath", "busy", "status", "errormsg", "starttime", "stoptime", "machine",
         "system", "propagatedfrom", "overhead", "timesbuilt", "isnondeterministic", "resolveddrvpath",
     ),
 }  # fmt: skip
