@@ -43,3 +43,8 @@ bench *args:
 # A small benchmark run (scale 0.02), to check it still works.
 bench-smoke:
     {{venv}}/python benchmarks/run.py --scale 0.02 --out bench-smoke-results.json
+
+# A mixed Hydra workload under random faults (PostgreSQL restarts, killed backends, SIGKILLed daemon,
+# collector UNAVAILABLE), then every span checked against the database. `just chaos --seed N` replays.
+chaos *args:
+    {{venv}}/python -m tests.chaos {{args}}

@@ -120,6 +120,8 @@ def test_restart_gets_a_new_share() -> None:
     b = dataclasses.replace(b, stoptime=T0 + 111)
     spans = build_spans(CFG, b, [*first, *rerun])
     assert spans[0].attrs().get(sc.HYDRA_BUILD_ATTEMPT) == 1
-    assert step_numbers(spans) == [11, 12, 20]
+    latest = [s for s in spans if s.parent_span_id == spans[0].span_id]
+    assert step_numbers(latest) == [11, 12, 20]
+    assert step_numbers(spans) == [11, 12, 20, 1, 2, 10]  # the first attempt, rebuilt, has its own share
     top = [s for s in [*first, *rerun] if s.drvpath == b.drvpath]
     assert {s.stepnr for s in rerun if step_in_budget(CFG, b, [*top, s], s)} == {11, 12, 20}

@@ -19,6 +19,7 @@ from hydra_otel.core.builds import (
     Cause,
     Placement,
     StepFacts,
+    attempt_at,
     build_attempt,
     build_span_id,
     build_spans,
@@ -339,6 +340,15 @@ def test_dependency_failed_build_links_its_cause() -> None:
     assert step.name == "step hello-2.12"
 
 
+def test_cause_attempt_is_the_one_that_failed_then() -> None:
+    """A dependent finished with the failure's stop time names that attempt of its cause, even after the
+    cause was restarted and finished again."""
+    failed_then = FAILED_TOP.stoptime
+    assert failed_then is not None
+    assert attempt_at(RESTARTED, RESTARTED_STEPS, failed_then) == 0
+    assert build_attempt(RESTARTED, RESTARTED_STEPS) == 1
+
+
 def test_cached_build_is_a_single_span() -> None:
     """A build finished by another build's step has no steps, hence no queued span."""
     b = dataclasses.replace(BUILD, cached=True, starttime=T0 + 300)
@@ -348,9 +358,11 @@ def test_cached_build_is_a_single_span() -> None:
     assert build.status is Status.OK
 
 
-def test_restarted_build_renders_only_its_latest_attempt() -> None:
-    """The second finish is a new span in the same trace, starting at the attempt's first step."""
-    first = build_spans(CFG, dataclasses.replace(BUILD, status=1, stoptime=T0 + 100), [SUBST, FAILED_TOP])
+def test_restarted_build_renders_its_latest_attempt_then_the_earlier_one() -> None:
+    """The second finish is a new span in the same trace, starting at the attempt's first step; the first
+    attempt comes again, rebuilt from its steps, equal to its rendering when the row held it."""
+    failed = dataclasses.replace(BUILD, status=1, stoptime=T0 + 100, size=None, closure_size=None)
+    first = build_spans(CFG, failed, [SUBST, FAILED_TOP])
     second = build_spans(CFG, RESTARTED, RESTARTED_STEPS)
     assert first[0].attrs()[sc.HYDRA_BUILD_ATTEMPT] == 0
     assert second[0].attrs()[sc.HYDRA_BUILD_ATTEMPT] == 1
@@ -358,14 +370,15 @@ def test_restarted_build_renders_only_its_latest_attempt() -> None:
     assert second[0].span_id == ids.span_id(EVAL_KEY, "build", 100, 1) != first[0].span_id
     assert second[0].parent_span_id == EVAL_ROOT
     assert (second[0].start_ns, second[0].end_ns) == ((T0 + 1000) * S, (T0 + 1200) * S)
-    assert [s.name for s in second] == [
+    assert [s.name for s in second[:3]] == [
         "build hello.x86_64-linux",
         "substitute glibc-2.40",
         "step hello-2.12",
     ]
-    assert _step_nrs(second) == [3, 4]
-    assert {s.parent_span_id for s in second[1:]} == {second[0].span_id}
+    assert _step_nrs(second[:3]) == [3, 4]
+    assert {s.parent_span_id for s in second[1:3]} == {second[0].span_id}
     assert _step_nrs(first) == [1, 2]
+    assert second[3:] == first
 
 
 def test_build_without_a_recorded_finish_is_refused() -> None:
@@ -449,7 +462,7 @@ def test_restart_after_untimed_top_level_step_keeps_steps_and_build_together() -
 def test_later_attempt_without_steps_starts_after_the_previous_one() -> None:
     """A restarted build finished as cached does not begin before its previous attempt ended."""
     b = dataclasses.replace(BUILD, cached=True, starttime=T0 + 1000, stoptime=T0 + 1000)
-    (build,) = build_spans(CFG, b, [SUBST, FAILED_TOP])
+    build = build_spans(CFG, b, [SUBST, FAILED_TOP])[0]
     assert build.attrs()[sc.HYDRA_BUILD_ATTEMPT] == 1
     assert build.start_ns >= (T0 + 100) * S
 
@@ -620,6 +633,16 @@ def test_changed_content_passes() -> None:
     assert recent.skipped == 1
 
 
+def test_known_ids_whatever_the_content() -> None:
+    """known() answers for IDs exported recently, with any content (rebuilt attempts are checked so)."""
+    recent = RecentSpans(10)
+    r = _record(1)
+    assert not recent.known(r.trace_id, r.span_id)
+    recent.fresh(r)
+    assert recent.known(r.trace_id, r.span_id)
+    assert not recent.known(r.trace_id, r.span_id + 1)
+
+
 def test_capacity_evicts_least_recently_seen() -> None:
     """Beyond capacity the least recently seen record is forgotten; a repeat refreshes its entry."""
     recent = RecentSpans(2)
@@ -642,5 +665,7 @@ def test_a_build_with_thousands_of_steps_splits_attempts_as_step_attempt_does() 
     steps = [make_step(stepnr=n, drvpath=DEP, starttime=T0 + n, stoptime=T0 + n + 1) for n in range(1, 3001)]
     steps[1499] = make_step(stepnr=1500, drvpath=DRV, status=1, starttime=T0 + 1500, stoptime=T0 + 1501)
     spans = build_spans(CFG, b, steps)
+    latest = [s for s in spans if s.parent_span_id == spans[0].span_id]
     expected = [s.stepnr for s in steps if step_attempt(b, steps, s.stepnr) == 1]
-    assert _step_nrs(spans) == expected
+    assert _step_nrs(latest) == expected
+    assert sorted(int(str(n)) for n in _step_nrs(spans)) == [s.stepnr for s in steps]

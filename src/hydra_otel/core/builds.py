@@ -15,12 +15,15 @@ depends only on IDs, so every process places a build the same way.
 in the same trace. Hydra stores no attempt number, so it is derived from the
 step rows: an attempt ends with the step that built the build's own
 derivation (not substituted, not propagated, with a final status: aborted
-and cancelled steps are retried within the attempt), and step numbers keep
-increasing across restarts. A step's attempt is the number of such ending
-steps with a lower step number; a build finish's attempt is the number that
-stopped before the build did. Both use one rule (:func:`_ends_attempt`) and
-are functions of the rows, so a re-delivered ``build_finished`` renders
-byte-identical spans.
+steps are retried within the attempt), and step numbers keep increasing
+across restarts. A step's attempt is the number of such ending steps with a
+lower step number; a build finish's attempt is the number that stopped
+before the build did. Both use one rule (:func:`_ends_attempt`) and are
+functions of the rows, so a re-delivered ``build_finished`` renders
+byte-identical spans. Hydra overwrites the build row at each finish, so
+earlier attempts are rebuilt from their ending steps (:func:`earlier_attempt`)
+whenever a build is rendered: every step row has its parent, with the same
+IDs live, after a restart or in a backfill.
 
 *Times.* A build span runs from queueing (``builds.timestamp``; for a later
 attempt, the first step of that attempt) to ``builds.stoptime``; its ``queued``
@@ -32,6 +35,7 @@ failures, unsupported systems) are placed at the build's stop time.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -111,10 +115,12 @@ def derivation_name(path: str | None) -> str:
     return m.group("name") if m else path.rsplit("/", 1)[-1]
 
 
-#: Step statuses after which the queue runner goes on within the same attempt: aborted and
-#: cancelled steps are retried (transient failures, a queue-runner restart), and 13 means the
-#: derivation was resolved to a content-addressed one that is then built under another path.
-_CONTINUING = frozenset({3, 4, 13})
+#: Step statuses after which the queue runner goes on within the same attempt: aborted steps are
+#: retried (transient failures, a queue-runner restart), and 13 means the derivation was resolved
+#: to a content-addressed one that is then built under another path. A cancelled step (4) is not
+#: retried: the queue runner kills a step once every build needing it is gone, so a cancelled step
+#: of the build's own derivation is the build being cancelled, which ends the attempt.
+_CONTINUING = frozenset({3, 13})
 
 
 def _ends_attempt(b: BuildFacts, s: StepFacts) -> bool:
@@ -144,8 +150,32 @@ def _steps_of_attempt(b: BuildFacts, steps: Sequence[StepFacts], attempt: int) -
 
 def build_attempt(b: BuildFacts, steps: Sequence[StepFacts]) -> int:
     """The attempt a build finish belongs to: attempt-ending steps that stopped before the build."""
-    stop = b.stoptime if b.stoptime is not None else 0
-    return sum(1 for s in steps if _ends_attempt(b, s) and s.stoptime is not None and s.stoptime < stop)
+    return attempt_at(b, steps, b.stoptime if b.stoptime is not None else 0)
+
+
+def attempt_at(b: BuildFacts, steps: Sequence[StepFacts], when: int) -> int:
+    """The attempt of ``b`` that finished at ``when``: attempt-ending steps that stopped before then.
+
+    A dependent's ``caused_by`` link uses this with the dependent's stop time (Hydra gives the
+    dependents of a failure that failure's stop time), so the link names the attempt that failed,
+    however often the cause was restarted since.
+    """
+    return sum(1 for s in steps if _ends_attempt(b, s) and s.stoptime is not None and s.stoptime < when)
+
+
+def step_needs_build(b: BuildFacts, steps: Sequence[StepFacts], attempt: int) -> bool:
+    """Should a finished step of ``attempt`` be rendered with its whole build (all attempts)?
+
+    Yes when the attempt has ended and its build span may never have been exported: an earlier
+    attempt (Hydra overwrote the row since; only a rendering of the whole build rebuilds it),
+    or the last finish of a build restarted since (``finished = 0``: catch-up scans of finished
+    builds skip it, so after downtime nothing else would render it). Otherwise the build span
+    comes with the build's finish, live or from a catch-up scan.
+    """
+    if b.stoptime is None:
+        return False
+    latest = build_attempt(b, steps)
+    return attempt < latest or (attempt == latest and not b.finished)
 
 
 def _previous_attempt_end(b: BuildFacts, steps: Sequence[StepFacts], attempt: int) -> int:
@@ -208,16 +238,73 @@ class Cause:
 def build_spans(
     cfg: RenderConfig, b: BuildFacts, steps: Sequence[StepFacts], cause: Cause | None = None
 ) -> list[SpanRecord]:
-    """The spans of a build's latest finished attempt: build, ``queued`` and the attempt's steps.
+    """The spans of every finished attempt of a build: the latest first, then the earlier ones.
 
-    A build restarted since (``finished = 0``) still holds its last finish's status and
-    times, so that attempt is rendered as it was: a restart right after ``build_finished``
-    does not lose it.
+    The latest finished attempt comes from the build row. A build restarted since
+    (``finished = 0``) still holds its last finish's status and times, so that attempt is
+    rendered as it was: a restart right after ``build_finished`` does not lose it. Hydra
+    overwrote the row at each later finish, so earlier attempts are rebuilt from the step
+    that ended each (:func:`earlier_attempt`); every step row thus has its build span.
     """
     if b.stoptime is None:
         raise ValueError(f"build {b.build_id} has no recorded finish")
-    attempt = build_attempt(b, steps)
-    mine = _steps_of_attempt(b, steps, attempt)
+    latest = build_attempt(b, steps)
+    by_attempt = _split_attempts(b, steps)
+    out = _attempt_spans(cfg, b, steps, by_attempt.get(latest, []), latest, cause)
+    ends = _ending_steps(b, steps)
+    for attempt in range(latest):
+        facts = earlier_attempt(b, ends[attempt])
+        out += _attempt_spans(cfg, facts, steps, by_attempt.get(attempt, []), attempt, None)
+    return out
+
+
+def earlier_attempt(b: BuildFacts, ending: StepFacts) -> BuildFacts:
+    """The build row as it was when the attempt ended by step ``ending`` finished it.
+
+    Hydra's queue runner gives a build whose own step ended it that step's status and times
+    (``update_build_after_failure``), leaves ``iscachedbuild`` 0 (a restart resets it too)
+    and sets sizes and the release name only on success. So a failed attempt rebuilt here
+    equals its rendering from the row when it was the latest: the same IDs and the same
+    bytes, whichever process renders it. A succeeded one lacks its sizes, and a build that
+    failed with output (status 6, its step 0) is shown as succeeded.
+    """
+    return dataclasses.replace(
+        b,
+        finished=True,
+        starttime=ending.starttime,
+        stoptime=ending.stoptime,
+        cached=False,
+        status=ending.status,
+        size=None,
+        closure_size=None,
+        release_name=None,
+    )
+
+
+def _ending_steps(b: BuildFacts, steps: Sequence[StepFacts]) -> list[StepFacts]:
+    """The attempt-ending steps in step order: the n-th ended attempt n."""
+    return sorted((s for s in steps if _ends_attempt(b, s)), key=lambda s: s.stepnr)
+
+
+def _split_attempts(b: BuildFacts, steps: Sequence[StepFacts]) -> dict[int, list[StepFacts]]:
+    """Steps by attempt (as :func:`step_attempt` counts), each in step order; O(n log n)."""
+    ends = [s.stepnr for s in _ending_steps(b, steps)]
+    out: dict[int, list[StepFacts]] = {}
+    for s in sorted(steps, key=lambda s: s.stepnr):
+        out.setdefault(bisect.bisect_left(ends, s.stepnr), []).append(s)
+    return out
+
+
+def _attempt_spans(
+    cfg: RenderConfig,
+    b: BuildFacts,
+    steps: Sequence[StepFacts],
+    mine: Sequence[StepFacts],
+    attempt: int,
+    cause: Cause | None,
+) -> list[SpanRecord]:
+    """Build span, ``queued`` and steps of one attempt, finished as row ``b`` says."""
+    assert b.stoptime is not None
     kept = _kept_steps(cfg, b, steps, mine)
     starts = [s.starttime for s in mine if s.starttime is not None]
     if attempt == 0:
@@ -245,7 +332,7 @@ def build_spans(
     if first_step is not None and first_step > start:  # a zero-length wait is noise, not a span
         out.append(_queued_span(where, b, attempt, tid, span, start, first_step))
     parent = (where, tid, span)
-    out.extend(step_span(cfg, b, s, attempt, parent=parent) for s in sorted(kept, key=lambda s: s.stepnr))
+    out.extend(step_span(cfg, b, s, attempt, parent=parent) for s in kept)
     return out
 
 

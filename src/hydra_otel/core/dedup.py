@@ -26,6 +26,10 @@ class RecentSpans:
         self._seen: OrderedDict[tuple[int, int], int] = OrderedDict()
         self.skipped = 0
 
+    def known(self, trace_id: int, span_id: int) -> bool:
+        """Was a span with these IDs exported recently, whatever its content?"""
+        return (trace_id, span_id) in self._seen
+
     def fresh(self, record: SpanRecord) -> bool:
         """True if ``record`` should be exported (not an exact repeat of a recent one)."""
         key = (record.trace_id, record.span_id)

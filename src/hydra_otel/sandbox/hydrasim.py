@@ -256,11 +256,15 @@ class HydraSim:
         size: int = 4096,
         closure_size: int = 65536,
     ) -> str:
-        """The build is marked finished (plus builds sharing its derivation), then build_finished."""
+        """The build is marked finished (plus builds sharing its derivation), then build_finished.
+
+        Sizes are written only for a build with outputs (status 0 or 6), as the queue runner's
+        ``update_build`` does; its failure path leaves them as they were.
+        """
+        sizes = f"size = {size}, closuresize = {closure_size}, " if status in (0, 6) else ""
         rows = [
             f"UPDATE builds SET finished = 1, buildstatus = {status}, starttime = {start}, stoptime = {stop}, "
-            f"iscachedbuild = {int(cached)}, size = {size}, closuresize = {closure_size}, "
-            f"notificationpendingsince = {stop} WHERE id = {build_id};"
+            f"iscachedbuild = {int(cached)}, {sizes}notificationpendingsince = {stop} WHERE id = {build_id};"
         ]
         rows += [
             f"UPDATE builds SET finished = 1, buildstatus = {status}, starttime = {start}, stoptime = {stop}, "

@@ -3,6 +3,10 @@
 Runs a scan at start-up, whenever a trigger arrives (LISTEN (re)connected,
 listener overflow, one of Hydra's payload-less trigger channels such as
 ``builds_cancelled`` or ``builds_restarted``) and every ``interval`` seconds.
+A scan that is not a periodic one (start-up, trigger) is followed by one more
+once the lag window has passed (``lag`` + 1 s after it read the database's
+clock): rows that stopped in the last seconds before a gap closed are then
+found at once, not an interval later.
 A scan sends work for everything recorded since the marks (see
 core/catchup.py), page by page, each page followed by a Checkpoint the
 exporter stores once the endpoint acknowledged the page's spans.
@@ -36,6 +40,9 @@ from hydra_otel.tasks.retry import until_db_answers
 
 log = logging.getLogger("hydra_otel.catchup")
 
+#: The reason of a scan that closes the lag window after a start-up or triggered scan.
+FOLLOW_UP = "follow-up"
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CatchupSettings:
@@ -60,6 +67,8 @@ class Progress:
     marks: Marks
     live_jobsets: dict[int, int]
     scans: int = 0
+    #: trio.current_time() just after the last scan read the database's clock.
+    clock_read_at: float = 0.0
 
 
 class Catchup:
@@ -93,6 +102,7 @@ class Catchup:
     async def scan(self, progress: Progress) -> None:
         """Send everything recorded since ``progress.marks``, updating them page by page."""
         _, now = await queries.catchup_start(self._db)
+        progress.clock_read_at = trio.current_time()
         until = now - self._s.lag
         await self._evals(progress)
         await self._builds(progress, until)
@@ -171,16 +181,43 @@ async def run_catchup(
         marks = await trio.to_thread.run_sync(store.merge, marks)
     progress = Progress(marks=marks, live_jobsets=live_jobsets)
     task_status.started(progress)
+    reasons, follow_up_at = ["start"], None
     while True:
         await until_db_answers(lambda: catchup.scan(progress), waiting="catch-up waiting for the database")
-        reasons = await _next_trigger(triggers, settings.interval)
+        follow_up_at = next_follow_up(follow_up_at, reasons, progress.clock_read_at, settings.lag)
+        reasons = await _next_trigger(triggers, trio.current_time() + settings.interval, follow_up_at)
         log.debug("catch-up scan", extra={"reasons": reasons})
 
 
-async def _next_trigger(triggers: trio.MemoryReceiveChannel[str], interval: float) -> list[str]:
-    """Wait for a trigger or the interval; coalesce whatever else is pending."""
-    reasons = ["interval"]
-    with trio.move_on_after(interval):
+#: Scans after which nothing new can hide in the lag window: periodic ones (the live stream was
+#: up) and the follow-ups themselves.
+_ROUTINE = frozenset({"interval", FOLLOW_UP})
+
+
+def next_follow_up(pending: float | None, reasons: list[str], read_at: float, lag: int) -> float | None:
+    """When the next follow-up scan is due after a scan for ``reasons`` that read the clock at ``read_at``.
+
+    A scan covers rows stopped up to ``lag`` seconds before the database's clock, so a row that
+    stopped just before a gap closed (its notification lost) is only visible ``lag`` seconds later:
+    a scan after a gap is followed by one ``lag + 1`` seconds after it (whole seconds on both
+    clocks). A pending follow-up is done once a scan read the clock at or after its time.
+    """
+    if pending is not None and read_at >= pending:
+        pending = None
+    if set(reasons) <= _ROUTINE:
+        return pending
+    return read_at + lag + 1.0
+
+
+async def _next_trigger(
+    triggers: trio.MemoryReceiveChannel[str], interval_at: float, follow_up_at: float | None
+) -> list[str]:
+    """Wait for a trigger, the follow-up or the interval; coalesce whatever else is pending."""
+    if follow_up_at is not None and follow_up_at < interval_at:
+        deadline, reasons = follow_up_at, [FOLLOW_UP]
+    else:
+        deadline, reasons = interval_at, ["interval"]
+    with trio.move_on_at(deadline):
         reasons = [await triggers.receive()]
     while True:
         try:

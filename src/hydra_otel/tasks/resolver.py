@@ -28,12 +28,14 @@ from hydra_otel.core.builds import (
     BuildFacts,
     Cause,
     StepFacts,
+    attempt_at,
     build_attempt,
     build_span_id,
     build_spans,
     propagated_from,
     step_attempt,
     step_in_budget,
+    step_needs_build,
     step_span,
 )
 from hydra_otel.core.catchup import Checkpoint, Marks
@@ -178,6 +180,7 @@ class Resolver:
         builds = await self.builds.builds([e.build_id for e in finished])
         steps = await self.builds.step_subset([(e.build_id, e.step_nr) for e in finished])
         out: list[SpanRecord] = []
+        with_build: list[BuildFinished] = []
         for e in finished:
             b = builds.get(e.build_id)
             rows = steps.get(e.build_id, [])
@@ -187,10 +190,15 @@ class Resolver:
                 continue
             if step.status is None:  # not finished after all (restarted?): it comes with its build
                 continue
+            attempt = step_attempt(b, rows, step.stepnr)
+            if step_needs_build(b, rows, attempt):
+                with_build.append(BuildFinished(build_id=b.build_id, dependents=()))
+                continue
             if not step_in_budget(self.cfg, b, rows, step):
                 continue  # beyond the build's share of its trace; counted when the build finishes
-            out.append(step_span(self.cfg, b, step, step_attempt(b, rows, step.stepnr)))
-        return out
+            out.append(step_span(self.cfg, b, step, attempt))
+        with_builds, _ = await self._finished(with_build)
+        return out + with_builds
 
     async def _finished(self, events: list[BuildFinished]) -> tuple[list[SpanRecord], set[int]]:
         """The spans of the finished builds ``events`` name, and the IDs of the builds rendered."""
@@ -211,10 +219,25 @@ class Resolver:
                 self.stats.not_finished += 1  # never finished (a bad notification): nothing to render
                 continue
             rows = steps.get(build_id, [])
-            out += build_spans(self.cfg, b, rows, causes.get(build_id))
+            out += self._new_attempts(b, rows, build_spans(self.cfg, b, rows, causes.get(build_id)))
             rendered.add(build_id)
             self.handled.add(("build", build_id, b.stoptime))
         return out, rendered
+
+    def _new_attempts(
+        self, b: BuildFacts, rows: list[StepFacts], spans: list[SpanRecord]
+    ) -> list[SpanRecord]:
+        """``spans`` without earlier attempts' build spans this process exported from the row.
+
+        An earlier attempt rebuilt from its steps can lack what the row had when it was the latest
+        (sizes, status 6); the span exported then is the better one, so it is not overwritten.
+        """
+        rebuilt = {build_span_id(self.cfg, b, a) for a in range(build_attempt(b, rows))}
+        return [
+            s
+            for s in spans
+            if (s.trace_id, s.span_id) not in rebuilt or not self.recent.known(s.trace_id, s.span_id)
+        ]
 
     async def _causes(
         self, builds: dict[int, BuildFacts], steps: dict[int, list[StepFacts]]
@@ -230,8 +253,10 @@ class Resolver:
         out: dict[int, Cause] = {}
         for build_id, cause_id in by_build.items():
             cause = every.get(cause_id)
-            if cause is not None:
-                attempt = build_attempt(cause, every_steps.get(cause_id, []))
+            stop = builds[build_id].stoptime
+            if cause is not None and stop is not None:
+                # The cause's attempt that failed then, not its latest: stable across its restarts.
+                attempt = attempt_at(cause, every_steps.get(cause_id, []), stop)
                 out[build_id] = Cause(cause_id, *build_span_id(self.cfg, cause, attempt))
         return out
 
