@@ -955,7 +955,7 @@ to an exporter, with what hydra-otel does with it. Metrics and logs take each op
 variable, else the general one; without an endpoint variable of their own or general they go to the
 traces' collector with the traces' settings (docs/metrics-and-logs.md). A value that is refused
 stops hydra-otel at start-up with exit code 2 and a message naming the variable. Why each choice:
-docs/decisions/0005-otel-environment-variables.md.
+docs/decisions/0006-otel-environment-variables.md.
 
 | Variable | What hydra-otel does |
 |---|---|
