@@ -6,9 +6,13 @@ keeps from ``opentelemetry-exporter-otlp`` is everything after encoding:
 channels and sessions, TLS, headers, compression, timeouts, the retry of
 transient errors and reconnection. Each subclass adds one method,
 ``export_encoded``, that hands the finished bytes to that machinery. Both reach
-into the exporter's private API, so the package is pinned to its minor version
-(pyproject.toml) and tests/integration/test_otlp_encoded.py sends through both
-against real receivers; docs/decisions/0004-direct-otlp-encoding.md has the why.
+into the exporter's private attributes, so :func:`check_sdk` verifies at start-up
+that the installed release has them (with a message naming the supported range
+rather than an AttributeError at the first export), the declared range
+(pyproject.toml) is the one CI runs the suite on at both ends, and
+tests/integration/test_otlp_encoded.py sends through both against real
+receivers; docs/decisions/0004-direct-otlp-encoding.md has the why. No private
+*name* is imported: a release that drops one cannot break the import.
 
 ``export_encoded`` says more than the SDK's ``export``: a :class:`Sent` tells
 an acknowledged request from one that failed (try again later) and from one
@@ -26,10 +30,10 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
+from typing import Final
 
 import grpc
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as _SdkGrpcExporter
-from opentelemetry.exporter.otlp.proto.http._common import _is_request_too_large
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as _SdkHttpExporter
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.trace import ReadableSpan
@@ -37,6 +41,7 @@ from opentelemetry.sdk.trace.export import SpanExportResult
 
 from hydra_otel.adapters.export_log import ExportWatch, watch
 from hydra_otel.core.otlp_wire import Encoded
+from hydra_otel.errors import ConfigError
 
 log = logging.getLogger("hydra_otel.export")
 
@@ -63,6 +68,60 @@ class Sent:
 SENT = Sent(ok=True)
 
 
+class SdkMismatch(ConfigError):
+    """The installed opentelemetry exporters lack what ``export_encoded`` relies on (exit 2, say which)."""
+
+
+#: What ``export_encoded`` uses of each SDK exporter class: (class, attributes of an instance).
+_NEEDED: Final = (
+    (_SdkGrpcExporter, ("_export", "_translate_data", "_shutdown")),
+    (_SdkHttpExporter, ("_client", "_metrics", "_max_request_size", "_shutdown")),
+)
+
+
+def check_sdk(exporters: Sequence[object] | None = None) -> None:
+    """Fail with one clear message when the SDK exporters lack an internal ``export_encoded`` uses.
+
+    Args:
+        exporters: instances to inspect (default: one of each, built without connecting).
+
+    Raises:
+        SdkMismatch: naming the attributes that are missing and the supported range.
+    """
+    if exporters is None:
+        exporters = [cls() for cls, _ in _NEEDED]
+    missing = [
+        f"{_label(cls)}.{name}"
+        for exporter in exporters
+        for cls, names in _NEEDED
+        if isinstance(exporter, cls)
+        for name in names
+        if not hasattr(exporter, name)
+    ]
+    http = next((e for e in exporters if isinstance(e, _SdkHttpExporter)), None)
+    client = getattr(http, "_client", None)
+    if client is not None and not callable(getattr(client, "export", None)):
+        missing.append(f"{_label(_SdkHttpExporter)}._client.export")
+    if missing:
+        raise SdkMismatch(
+            [
+                f"the installed opentelemetry-exporter-otlp lacks {', '.join(sorted(set(missing)))}, which "
+                f"hydra-otel's span export uses; install a release in the range pyproject.toml declares"
+            ]
+        )
+
+
+def _label(cls: type) -> str:
+    # "http OTLPSpanExporter": the module's transport part and the SDK's class name.
+    return f"{cls.__module__.split('.')[-2]} {cls.__name__}"
+
+
+def _is_request_too_large(payload: bytes, max_request_size: int) -> bool:
+    # The HTTP exporter's own rule (a non-positive limit disables the check), kept here because the
+    # SDK's helper is private and absent from some releases.
+    return 0 < max_request_size < len(payload)
+
+
 class GrpcSpanExporter(_SdkGrpcExporter):
     """The SDK's gRPC span exporter, plus :meth:`export_encoded`."""
 
@@ -81,7 +140,8 @@ class GrpcSpanExporter(_SdkGrpcExporter):
     def export_encoded(self, batch: Encoded) -> Sent:
         """Send ``batch`` with the SDK's retries and deadline."""
         # The status code the exporter gave up on is only on its self-metrics' result.
-        metrics = self._metrics if isinstance(self._metrics, ExportWatch) else watch(self, "traces")
+        current: object = self._metrics
+        metrics = current if isinstance(current, ExportWatch) else watch(self, "traces")
         result = self._export(batch)  # type: ignore[arg-type]  # _translate_data above accepts Encoded
         if result is SpanExportResult.SUCCESS:
             return SENT
@@ -99,11 +159,12 @@ class HttpSpanExporter(_SdkHttpExporter):
 
     def export_encoded(self, batch: Encoded) -> Sent:
         """Send ``batch`` as the SDK's ``export`` does after its encoding step."""
-        if not isinstance(self._metrics, ExportWatch):
-            watch(self, "traces")  # its retry lines give way to the exporter task's
+        current: object = self._metrics
+        metrics = current if isinstance(current, ExportWatch) else watch(self, "traces")
         if self._shutdown:
             return Sent(ok=False, reason="not sent (the exporter is shut down)")
-        with self._metrics.export_operation(batch.spans) as result:
+        # The watch quiets the SDK's retry lines, which give way to the exporter task's.
+        with (metrics or self._metrics).export_operation(batch.spans) as result:
             if _is_request_too_large(batch.payload, self._max_request_size):
                 # Unreachable: requests are split at --export-max-request-bytes, at most 32 MiB,
                 # under the exporter's 64 MiB. Should it happen, say so rather than drop silently.
