@@ -15,6 +15,8 @@ from __future__ import annotations
 import configparser
 import re
 import shlex
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -146,6 +148,16 @@ def test_unit_runs_the_daemon(unit: Unit) -> None:
     assert single(unit, "Service", "Type") in {"exec", "simple"}
     assert single(unit, "Service", "User") == "hydra-otel"
     assert values(unit, "Service", "DynamicUser") in ([], ["no"])
+
+
+def test_unit_runs_the_script_the_documented_install_makes(unit: Unit) -> None:
+    """docs/deployment.md's virtualenv is where ExecStart looks (no documented install made /usr/bin's)."""
+    script = shlex.split(single(unit, "Service", "ExecStart"))[0]
+    install = (ROOT / "docs" / "deployment.md").read_text().split("## Installing", 1)[1].split("\n## ", 1)[0]
+    venv = Path(script).parent.parent
+    assert f"python3 -m venv {venv}\n" in install
+    assert f"{script} --version" in install
+    assert values(unit, "Service", "SyslogLevelPrefix") in ([], ["yes"])  # reads the <N> prefixes
 
 
 def test_unit_state_and_environment(unit: Unit) -> None:
@@ -384,3 +396,21 @@ def test_nix_role_setup_is_idempotent_sql(nix: str) -> None:
     assert "services.postgresql.authentication = lib.mkBefore" in nix
     assert "local ${dbName} ${dbRole} peer map=${identMapName}" in nix
     assert "${identMapName} ${cfg.user} ${dbRole}" in nix
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_systemd_analyze_verify_is_clean(tmp_path: Path) -> None:
+    """``systemd-analyze verify`` finds nothing (ExecStart pointed at a stand-in for the script,
+    which this machine has not installed: verify checks that the program exists)."""
+    script = tmp_path / "opt" / "hydra-otel" / "venv" / "bin" / "hydra-otel"
+    script.parent.mkdir(parents=True)
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    text = UNIT.read_text().replace("ExecStart=/opt/hydra-otel/venv/bin/hydra-otel", f"ExecStart={script}")
+    assert str(script) in text
+    copy = tmp_path / "hydra-otel.service"
+    copy.write_text(text)
+    result = subprocess.run(
+        ["systemd-analyze", "verify", str(copy)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert (result.returncode, result.stdout + result.stderr) == (0, "")
