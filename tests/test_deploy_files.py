@@ -1,4 +1,4 @@
-"""Cheap checks of the deployment files: ``deploy/hydra-otel.service`` and ``deploy/nixos-module.nix``.
+"""Cheap checks of the deployment files: ``deploy/hydra-otel.service`` and ``nix/module.nix``.
 
 Neither systemd nor Nix is needed. The unit file is read by a small parser of systemd's INI
 dialect (sections, ``Key=value`` lines, repeated keys kept in order, ``#``/``;`` comments), and
@@ -26,7 +26,7 @@ from hydra_otel.tools import HYDRA_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
 UNIT = ROOT / "deploy" / "hydra-otel.service"
-NIX = ROOT / "deploy" / "nixos-module.nix"
+NIX = ROOT / "nix" / "module.nix"
 OPERATIONS = ROOT / "docs" / "operations.md"
 
 Unit = dict[str, list[tuple[str, str]]]
@@ -346,18 +346,25 @@ def test_nix_defines_the_module(nix: str) -> None:
         "settings",
         "extraArgs",
         "configurePostgresql",
+        "supplementaryGroups",
     ):
-        assert re.search(rf"\n    {option} = lib\.mk(Option|EnableOption)\b", code), option
+        assert re.search(rf"\n    {option} =\s+lib\.mk(Option|EnableOption|PackageOption)\b", code), option
     assert "systemd.services.hydra-otel" in code
     assert "systemd.services.hydra-otel-db-setup" in code
 
 
-def test_nix_package_has_no_default(nix: str) -> None:
-    """nixpkgs has no hydra-otel package, so the option must not default to one."""
-    code = nix_code(nix)
-    start = code.index("package = lib.mkOption {")
-    body = code[start : code.index("};", start)]
-    assert "default" not in body
+def test_nix_package_defaults_to_the_overlay_or_this_checkout(nix: str) -> None:
+    """nixpkgs has no hydra-otel: the default is the flake overlay's package, else ../package.nix."""
+    assert 'lib.mkPackageOption pkgs "hydra-otel" { }' in nix
+    assert "default = pkgs.hydra-otel or (pkgs.callPackage ../package.nix { });" in nix
+
+
+def test_nix_service_can_read_hydras_build_logs(nix: str) -> None:
+    """nixpkgs: /var/lib/hydra is 0750 hydra:hydra, build-logs 0750 hydra-queue-runner:hydra."""
+    assert "SupplementaryGroups = cfg.supplementaryGroups;" in nix
+    assert 'default = lib.optional hydraLocal "hydra";' in nix
+    assert "path = [ pkgs.zstd ];" in nix  # .zst logs; steplogs finds zstd on PATH
+    assert 'default = if hydraLocal then "${hydraBaseDir}/build-logs" else null;' in nix
 
 
 def test_nix_service_matches_the_unit(nix: str, unit: Unit) -> None:
