@@ -9,13 +9,15 @@ may still pass. The logs signal is the exception: opentelemetry-python publishes
 from __future__ import annotations
 
 import ast
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from hydra_otel.adapters import otlp_exporters
 from hydra_otel.adapters.otlp import ExporterSettings, make_exporter
-from hydra_otel.adapters.otlp_exporters import HttpSpanExporter, SdkMismatch, check_sdk
+from hydra_otel.adapters.otlp_exporters import HttpSpanExporter, SdkMismatch, Sent, check_sdk
+from hydra_otel.core.otlp_wire import Encoded
 from hydra_otel.errors import ConfigError
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "hydra_otel"
@@ -77,9 +79,50 @@ def test_the_installed_exporters_have_what_export_encoded_uses(protocol: str) ->
 def test_a_release_without_an_internal_fails_at_start_with_a_clear_message() -> None:
     exporter = HttpSpanExporter(endpoint="http://127.0.0.1:1/v1/traces")
     try:
-        del exporter._client  # as in releases before the HTTP client was split out
-        with pytest.raises(SdkMismatch, match=r"lacks http OTLPSpanExporter\._client, ") as caught:
+        exporter._client = None  # type: ignore[assignment]  # neither the client of 1.45 on ...
+        exporter._export = None  # type: ignore[attr-defined]  # ... nor the session of the releases before
+        with pytest.raises(SdkMismatch, match=r"lacks http OTLPSpanExporter\._client\.export and ") as caught:
             check_sdk([exporter])
     finally:
         exporter._shutdown = True
     assert isinstance(caught.value, ConfigError)  # the CLI exits 2 with the message, no traceback
+
+
+@dataclass
+class Answer:
+    """What a requests.Response tells (the session path reads these three)."""
+
+    ok: bool
+    status_code: int
+    reason: str
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        (Answer(True, 200, "OK"), Sent(ok=True)),
+        (Answer(False, 400, "Bad Request"), Sent(ok=False, refused=True, reason="HTTP 400 Bad Request")),
+        (Answer(False, 503, "Unavailable"), Sent(ok=False, reason="HTTP 503 Unavailable")),
+        (ConnectionRefusedError("refused"), Sent(ok=False, reason="ConnectionRefusedError: refused")),
+    ],
+)
+def test_the_session_path_of_releases_before_1_45(answer: Answer | OSError, expected: Sent) -> None:
+    """Where the exporter has no client (before 1.45), one POST through its ``_export``."""
+    exporter = HttpSpanExporter(endpoint="http://127.0.0.1:1/v1/traces")
+    posted: list[bytes] = []
+
+    def export(data: bytes, timeout: float | None) -> Answer:
+        posted.append(data)
+        if isinstance(answer, OSError):
+            raise answer
+        return answer
+
+    try:
+        exporter._client = None  # type: ignore[assignment]
+        exporter._export = export  # type: ignore[attr-defined]
+        assert otlp_exporters.http_generation(exporter) == "session"
+        check_sdk([exporter])
+        assert exporter.export_encoded(Encoded(b"request", spans=1)) == expected
+    finally:
+        exporter._shutdown = True
+    assert posted == [b"request"]

@@ -79,13 +79,15 @@ def test_the_wheel_runs_in_a_fresh_venv(dist: Path, tmp_path: Path) -> None:
         capture_output=True,
         text=True,
     ).stdout.strip()
-    # This environment's dependencies, after the venv's own site-packages (a plain path: the
-    # editable install's finder, a .pth of its own, is not loaded there).
-    (Path(site) / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     wheel = only(dist, "hydra_otel-*.whl")
+    # First, before the dependencies are reachable: pip must not find this environment's own
+    # hydra-otel (installed, when the suite runs from a non-editable install) and skip the wheel.
     subprocess.run(
         [py, "-m", "pip", "install", "-q", "--no-deps", "--no-index", wheel], check=True, timeout=120
     )
+    # This environment's dependencies, after the venv's own site-packages (a plain path: the
+    # editable install's finder, a .pth of its own, is not loaded there).
+    (Path(site) / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     exe = env / "bin" / "hydra-otel"
     where = subprocess.run(
         [

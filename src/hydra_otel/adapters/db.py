@@ -299,7 +299,7 @@ def _utf8(body: bytes) -> bool:
 
 
 def _filter_undecodable(conn: asyncpg.Connection, stats: ListenStatistics) -> None:
-    """Put an :class:`_UndecodableFilter` in front of ``conn``'s protocol (a private attribute; pinned)."""
+    """Put an :class:`_UndecodableFilter` in front of ``conn``'s protocol (a private attribute: skipped, with a warning, where absent)."""
 
     def on_undecodable(body: bytes) -> None:
         try:  # called from the event loop's read path: must never raise

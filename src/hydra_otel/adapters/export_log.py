@@ -15,8 +15,8 @@ signal. hydra-otel promises one line per outage and one on recovery
   reminded of at most every :data:`REMIND_AFTER_S` seconds.
 
 The filter sits on the SDK's loggers and recognises the lines by the start of
-their format string, a public behaviour of the pinned release
-(tests/test_export_log.py checks it against the real exporters). A release that
+their format string, a behaviour of every release in the declared range
+(tests/test_export_log.py checks it against the real exporters, on the lowest and newest). A release that
 rewords them lets them through; nothing else is ever hidden.
 """
 
