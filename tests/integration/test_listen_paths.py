@@ -90,3 +90,17 @@ async def test_the_daemon_on_the_public_path_logs_it_and_exports(
     await add_eval(hydra)
     spans = await otlp_grpc.wait_for_spans(3)
     assert "eval nixpkgs:trunk" in {s.span.name for s in spans}
+
+
+def test_without_the_private_transport_the_sql_ascii_filter_is_skipped_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Connection:
+        """A connection of an asyncpg release that hides ``_transport``."""
+
+    with caplog.at_level(logging.WARNING, logger="hydra_otel.db"):
+        db._filter_undecodable(Connection(), db.ListenStatistics())  # type: ignore[arg-type]
+    assert [r.getMessage() for r in caplog.records] == [
+        "this asyncpg release hides the connection's transport: a notification that is not UTF-8 in "
+        "this SQL_ASCII database will break the LISTEN connection (it reconnects)"
+    ]
