@@ -1,4 +1,4 @@
-"""Cheap checks of the deployment files: ``deploy/hydra-otel.service`` and ``deploy/nixos-module.nix``.
+"""Cheap checks of the deployment files: ``deploy/hydra-otel.service`` and ``nix/module.nix``.
 
 Neither systemd nor Nix is needed. The unit file is read by a small parser of systemd's INI
 dialect (sections, ``Key=value`` lines, repeated keys kept in order, ``#``/``;`` comments), and
@@ -15,6 +15,8 @@ from __future__ import annotations
 import configparser
 import re
 import shlex
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -24,7 +26,7 @@ from hydra_otel.tools import HYDRA_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
 UNIT = ROOT / "deploy" / "hydra-otel.service"
-NIX = ROOT / "deploy" / "nixos-module.nix"
+NIX = ROOT / "nix" / "module.nix"
 OPERATIONS = ROOT / "docs" / "operations.md"
 
 Unit = dict[str, list[tuple[str, str]]]
@@ -146,6 +148,16 @@ def test_unit_runs_the_daemon(unit: Unit) -> None:
     assert single(unit, "Service", "Type") in {"exec", "simple"}
     assert single(unit, "Service", "User") == "hydra-otel"
     assert values(unit, "Service", "DynamicUser") in ([], ["no"])
+
+
+def test_unit_runs_the_script_the_documented_install_makes(unit: Unit) -> None:
+    """docs/deployment.md's virtualenv is where ExecStart looks (no documented install made /usr/bin's)."""
+    script = shlex.split(single(unit, "Service", "ExecStart"))[0]
+    install = (ROOT / "docs" / "deployment.md").read_text().split("## Installing", 1)[1].split("\n## ", 1)[0]
+    venv = Path(script).parent.parent
+    assert f"python3 -m venv {venv}\n" in install
+    assert f"{script} --version" in install
+    assert values(unit, "Service", "SyslogLevelPrefix") in ([], ["yes"])  # reads the <N> prefixes
 
 
 def test_unit_state_and_environment(unit: Unit) -> None:
@@ -334,18 +346,25 @@ def test_nix_defines_the_module(nix: str) -> None:
         "settings",
         "extraArgs",
         "configurePostgresql",
+        "supplementaryGroups",
     ):
-        assert re.search(rf"\n    {option} = lib\.mk(Option|EnableOption)\b", code), option
+        assert re.search(rf"\n    {option} =\s+lib\.mk(Option|EnableOption|PackageOption)\b", code), option
     assert "systemd.services.hydra-otel" in code
     assert "systemd.services.hydra-otel-db-setup" in code
 
 
-def test_nix_package_has_no_default(nix: str) -> None:
-    """nixpkgs has no hydra-otel package, so the option must not default to one."""
-    code = nix_code(nix)
-    start = code.index("package = lib.mkOption {")
-    body = code[start : code.index("};", start)]
-    assert "default" not in body
+def test_nix_package_defaults_to_the_overlay_or_this_checkout(nix: str) -> None:
+    """nixpkgs has no hydra-otel: the default is the flake overlay's package, else ../package.nix."""
+    assert 'lib.mkPackageOption pkgs "hydra-otel" { }' in nix
+    assert "default = pkgs.hydra-otel or (pkgs.callPackage ../package.nix { });" in nix
+
+
+def test_nix_service_can_read_hydras_build_logs(nix: str) -> None:
+    """nixpkgs: /var/lib/hydra is 0750 hydra:hydra, build-logs 0750 hydra-queue-runner:hydra."""
+    assert "SupplementaryGroups = cfg.supplementaryGroups;" in nix
+    assert 'default = lib.optional hydraLocal "hydra";' in nix
+    assert "path = [ pkgs.zstd ];" in nix  # .zst logs; steplogs finds zstd on PATH
+    assert 'default = if hydraLocal then "${hydraBaseDir}/build-logs" else null;' in nix
 
 
 def test_nix_service_matches_the_unit(nix: str, unit: Unit) -> None:
@@ -384,3 +403,21 @@ def test_nix_role_setup_is_idempotent_sql(nix: str) -> None:
     assert "services.postgresql.authentication = lib.mkBefore" in nix
     assert "local ${dbName} ${dbRole} peer map=${identMapName}" in nix
     assert "${identMapName} ${cfg.user} ${dbRole}" in nix
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_systemd_analyze_verify_is_clean(tmp_path: Path) -> None:
+    """``systemd-analyze verify`` finds nothing (ExecStart pointed at a stand-in for the script,
+    which this machine has not installed: verify checks that the program exists)."""
+    script = tmp_path / "opt" / "hydra-otel" / "venv" / "bin" / "hydra-otel"
+    script.parent.mkdir(parents=True)
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    text = UNIT.read_text().replace("ExecStart=/opt/hydra-otel/venv/bin/hydra-otel", f"ExecStart={script}")
+    assert str(script) in text
+    copy = tmp_path / "hydra-otel.service"
+    copy.write_text(text)
+    result = subprocess.run(
+        ["systemd-analyze", "verify", str(copy)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert (result.returncode, result.stdout + result.stderr) == (0, "")

@@ -5,17 +5,23 @@ failing/recovered, shutdown) and problems, never one line per notification;
 :class:`RateLimitedLog` keeps bad-input warnings from flooding. Every line,
 traceback included, passes a :class:`Redactor` fed with the configuration's
 secrets (``Config.secrets``) before it is written.
+
+Under systemd, when stderr is the journal (``JOURNAL_STREAM`` names its device
+and inode, systemd.exec(5)), every line starts with its sd-daemon(3) priority
+(``<3>`` for an error), which journald strips and stores as the entry's
+``PRIORITY``: ``journalctl -p err -u hydra-otel`` then finds the errors.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
 import time
-from collections.abc import Iterable
-from typing import Any, ClassVar
+from collections.abc import Iterable, Mapping
+from typing import Any, ClassVar, TextIO
 from urllib.parse import quote
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
@@ -98,11 +104,49 @@ class RedactingFormatter(logging.Formatter):
         return self._redact(self._inner.format(record))
 
 
+#: sd-daemon(3) priorities of the logging levels (a level between two takes the lower's).
+_PRIORITIES = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4), (logging.INFO, 6))
+
+
+def journal_priority(levelno: int) -> int:
+    """The syslog priority journald stores for a record of ``levelno`` (7, debug, below INFO)."""
+    return next((prio for level, prio in _PRIORITIES if levelno >= level), 7)
+
+
+class JournalPrefixFormatter(logging.Formatter):
+    """Formats with ``inner`` and starts every line with the record's ``<N>`` priority prefix."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self._inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = f"<{journal_priority(record.levelno)}>"
+        # journald makes each line an entry of its own: a traceback's lines keep the priority too.
+        return "\n".join(prefix + line for line in self._inner.format(record).split("\n"))
+
+
+def stderr_is_journal(stream: TextIO, environ: Mapping[str, str] = os.environ) -> bool:
+    """True when ``stream`` is the journal stream systemd names in ``JOURNAL_STREAM`` (``dev:inode``).
+
+    A child process that inherited the variable but writes elsewhere (redirected) is not the journal.
+    """
+    device, _, inode = environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        st = os.fstat(stream.fileno())
+        return (st.st_dev, st.st_ino) == (int(device), int(inode))
+    except (ValueError, OSError):  # unset or malformed, or a stream without a descriptor
+        return False
+
+
 def configure(level: str, secrets: Iterable[str] = ()) -> None:
     """Install the handler on the root logger (idempotent); no line it writes can show ``secrets``."""
     handler = logging.StreamHandler(sys.stderr)
     inner = TextFormatter() if sys.stderr.isatty() else JsonFormatter()
-    handler.setFormatter(RedactingFormatter(inner, Redactor(secrets)))
+    formatter: logging.Formatter = RedactingFormatter(inner, Redactor(secrets))
+    if stderr_is_journal(sys.stderr):
+        formatter = JournalPrefixFormatter(formatter)
+    handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -10,7 +10,9 @@ Why the listener looks the way it does (measured, see docs/decisions/0002):
 * asyncpg's ``add_listener`` callback costs one trio-asyncio ``call_soon`` hop
   per notification (~18 µs); overriding the connection's private
   ``_process_notification`` delivers straight from the protocol, ~3x faster.
-  asyncpg is pinned to a minor version for that reason.
+  That is an optimisation, chosen at start-up (:func:`delivery_path`): an
+  asyncpg release without the hook gets the public ``add_listener`` callback,
+  and the start-up line says which path is active.
 * A listen-only connection never raises when it dies: a termination listener
   catches a server-side close, and a periodic ``SELECT 1`` under a deadline
   catches a hung server or half-open link.
@@ -184,6 +186,21 @@ class ListenStatistics:
 _warn = RateLimitedLog(log)
 
 
+class DeliveryPath(enum.Enum):
+    """How notifications get from asyncpg to the listener's sink."""
+
+    #: The connection's private ``_process_notification``, overridden: straight from the protocol.
+    DIRECT = "direct"
+    #: The public ``add_listener`` callback: one trio-asyncio ``call_soon`` hop per notification.
+    PUBLIC = "add_listener"
+
+
+def delivery_path() -> DeliveryPath:
+    """The fastest delivery path the installed asyncpg supports (docs/decisions/0002)."""
+    hook = getattr(asyncpg.Connection, "_process_notification", None)
+    return DeliveryPath.DIRECT if callable(hook) else DeliveryPath.PUBLIC
+
+
 class _DirectNotifyConnection(asyncpg.Connection):
     """asyncpg connection that hands notifications straight to a sink."""
 
@@ -282,7 +299,7 @@ def _utf8(body: bytes) -> bool:
 
 
 def _filter_undecodable(conn: asyncpg.Connection, stats: ListenStatistics) -> None:
-    """Put an :class:`_UndecodableFilter` in front of ``conn``'s protocol (a private attribute; pinned)."""
+    """Put an :class:`_UndecodableFilter` in front of ``conn``'s protocol (a private attribute: skipped, with a warning, where absent)."""
 
     def on_undecodable(body: bytes) -> None:
         try:  # called from the event loop's read path: must never raise
@@ -298,12 +315,18 @@ def _filter_undecodable(conn: asyncpg.Connection, stats: ListenStatistics) -> No
         except Exception:  # noqa: BLE001 - a log failure must not kill the connection
             pass
 
-    transport = conn._transport  # type: ignore[attr-defined]  # private: asyncpg is pinned
+    transport = getattr(conn, "_transport", None)  # private: absent from some asyncpg release?
+    if transport is None:
+        log.warning(
+            "this asyncpg release hides the connection's transport: a notification that is not "
+            "UTF-8 in this SQL_ASCII database will break the LISTEN connection (it reconnects)"
+        )
+        return
     transport.set_protocol(_UndecodableFilter(transport.get_protocol(), on_undecodable))
 
 
 def _ignore(*_args: object) -> None:
-    """Placeholder listener: add_listener issues LISTEN; delivery goes through the sink."""
+    """Placeholder listener of the direct path: add_listener issues LISTEN; the hook delivers."""
 
 
 class Database:
@@ -564,9 +587,13 @@ async def run_listener(
     health_interval: float = 5.0,
     health_timeout: float = 3.0,
     consume: Callable[[str, str], bool] | None = None,
+    path: DeliveryPath | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """LISTEN on ``channels`` forever, reconnecting with ``backoff``.
+
+    ``path`` picks the delivery path (tests force :attr:`DeliveryPath.PUBLIC`); by default the
+    fastest one the installed asyncpg supports, logged once.
 
     ``consume(channel, payload)``, if given, is offered each notification first, in the
     callback: it returns True for what it handled itself (it must be cheap and never
@@ -576,6 +603,12 @@ async def run_listener(
     sends a :class:`Resync` so the consumer can catch up from Hydra's tables.
     """
     started = False
+    if path is None:
+        path = delivery_path()
+        log.info(
+            "notification delivery path chosen",
+            extra={"path": path.value, "asyncpg": getattr(asyncpg, "__version__", "?")},
+        )
 
     def on_ready() -> None:
         nonlocal started
@@ -586,7 +619,9 @@ async def run_listener(
 
     while True:
         try:
-            await _session(dsn, channels, send, stats, on_ready, health_interval, health_timeout, consume)
+            await _session(
+                dsn, channels, send, stats, on_ready, health_interval, health_timeout, consume, path
+            )
         except* _LISTEN_LOST as group:
             stats.connection_losses += 1
             delay = backoff.next_delay()
@@ -619,9 +654,11 @@ async def _session(
     health_interval: float,
     health_timeout: float,
     consume: Callable[[str, str], bool] | None = None,
+    path: DeliveryPath = DeliveryPath.DIRECT,
 ) -> None:
     """One connection's life: returns never, raises DbUnavailable (or a driver error) when lost."""
-    conn: _DirectNotifyConnection = await _connect(dsn, connection_class=_DirectNotifyConnection)
+    direct = path is DeliveryPath.DIRECT
+    conn = await _connect(dsn, **({"connection_class": _DirectNotifyConnection} if direct else {}))
     flags = _Flags()
     try:
         if getattr(conn.get_settings(), "server_encoding", "") == "SQL_ASCII":
@@ -648,10 +685,14 @@ async def _session(
             except (trio.ClosedResourceError, trio.BrokenResourceError):
                 flags.lost.set()
 
-        conn._notify_sink = sink
+        def public(_conn: object, _pid: int, channel: str, payload: str) -> None:
+            sink(channel, payload)
+
+        if direct:
+            conn._notify_sink = sink
         conn.add_termination_listener(lambda _c: flags.lost.set())
         for channel in channels:
-            await aio_as_trio(conn.add_listener)(channel, _ignore)
+            await aio_as_trio(conn.add_listener)(channel, _ignore if direct else public)
         stats.connects += 1
         log.info("LISTEN active", extra={"channels": len(channels), "backend_pid": conn.get_server_pid()})
         await send.send(Resync("connected"))
@@ -663,7 +704,8 @@ async def _session(
             nursery.cancel_scope.cancel()
         raise DbUnavailable("LISTEN connection terminated")
     finally:
-        conn._notify_sink = None
+        if direct:
+            conn._notify_sink = None
         conn.terminate()  # sync abort: never await close() on a dead or hung connection
 
 

@@ -30,7 +30,7 @@ from opentelemetry.trace.status import Status as OtelStatus
 from opentelemetry.trace.status import StatusCode
 
 import hydra_otel
-from hydra_otel.adapters.otlp_exporters import GrpcSpanExporter, HttpSpanExporter, Sent
+from hydra_otel.adapters.otlp_exporters import GrpcSpanExporter, HttpSpanExporter, Sent, check_sdk
 from hydra_otel.core.otlp_wire import Encoded, SpanEncoder
 from hydra_otel.core.spans import Kind, SpanRecord, Status
 
@@ -86,9 +86,17 @@ class ExporterSettings:
 
 
 def make_exporter(s: ExporterSettings) -> GrpcSpanExporter | HttpSpanExporter:
-    """Build the official OTLP span exporter for ``s`` (with :meth:`export_encoded`)."""
-    if s.protocol == "grpc":
-        return _grpc_exporter(s)
+    """Build the official OTLP span exporter for ``s`` (with :meth:`export_encoded`).
+
+    Raises:
+        SdkMismatch: the installed exporter release lacks an internal that sending relies on.
+    """
+    exporter = _grpc_exporter(s) if s.protocol == "grpc" else _http_exporter(s)
+    check_sdk([exporter])
+    return exporter
+
+
+def _http_exporter(s: ExporterSettings) -> HttpSpanExporter:
     from opentelemetry.exporter.otlp.proto.http import Compression
 
     return HttpSpanExporter(

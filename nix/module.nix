@@ -1,13 +1,13 @@
 # NixOS module for hydra-otel: exports Hydra CI's evaluations, builds and steps as OpenTelemetry
 # traces (docs/deployment.md, section "NixOS").
 #
-#   imports = [ ./hydra-otel/deploy/nixos-module.nix ];
+#   imports = [ hydra-otel.nixosModules.default ];         # flake; or ./hydra-otel/nix/module.nix
 #   services.hydra-otel = {
 #     enable = true;
-#     package = pkgs.callPackage ./hydra-otel.nix { };   # see docs/deployment.md
 #     otlpEndpoint = "http://collector.example.org:4317";
 #   };
 #
+# The package defaults to pkgs.hydra-otel (the flake's overlay) or, without it, to ../package.nix.
 # Next to a local Hydra (services.hydra with its own PostgreSQL) it also creates the read-only role
 # `hydra_otel` and lets the `hydra-otel` system user log in as that role through peer
 # authentication (configurePostgresql).
@@ -53,22 +53,38 @@ let
     // lib.optionalAttrs (cfg.otlpEndpoint != null) { OTEL_EXPORTER_OTLP_ENDPOINT = cfg.otlpEndpoint; }
     // lib.optionalAttrs (cfg.hydraUrl != null) { HYDRA_OTEL_HYDRA_URL = cfg.hydraUrl; }
     // lib.optionalAttrs (cfg.metricsAddress != null) { HYDRA_OTEL_METRICS_ADDRESS = cfg.metricsAddress; }
-    // cfg.settings;
+    // renderSettings cfg.settings;
+
+  # RFC 0042 settings to environment variables: booleans as hydra-otel reads them (true/false),
+  # lists comma-separated (OTEL_RESOURCE_ATTRIBUTES-style values are given as one string), null
+  # leaves the variable out (hydra-otel's default applies).
+  renderValue =
+    value:
+    if builtins.isBool value then
+      lib.boolToString value
+    else if builtins.isList value then
+      lib.concatMapStringsSep "," toString value
+    else
+      toString value;
+  renderSettings = settings: lib.mapAttrs (_: renderValue) (lib.filterAttrs (_: v: v != null) settings);
+
+  # Hydra's data directory (/var/lib/hydra, 0750 hydra:hydra in nixpkgs) and its build logs
+  # (0750 hydra-queue-runner:hydra): readable through the group hydra only.
+  hydraLocal = config.services.hydra.enable or false;
+  hydraBaseDir = config.services.hydra.baseDir or "/var/lib/hydra";
 in
 {
   options.services.hydra-otel = {
     enable = lib.mkEnableOption "hydra-otel, which exports Hydra's evaluations, builds and steps as OpenTelemetry traces";
 
-    # No default: nixpkgs has no hydra-otel package. docs/deployment.md shows a derivation built
-    # with python3Packages.buildPythonApplication.
-    package = lib.mkOption {
-      type = lib.types.package;
-      example = lib.literalExpression "pkgs.callPackage ./hydra-otel.nix { }";
-      description = ''
-        The hydra-otel package; it must provide `bin/hydra-otel`. nixpkgs has none: build it from a
-        checkout with `python3Packages.buildPythonApplication` (docs/deployment.md).
-      '';
-    };
+    # nixpkgs has no hydra-otel: the flake's overlay provides pkgs.hydra-otel; without it the
+    # package is built from this checkout's package.nix.
+    package =
+      lib.mkPackageOption pkgs "hydra-otel" { }
+      // {
+        default = pkgs.hydra-otel or (pkgs.callPackage ../package.nix { });
+        defaultText = lib.literalExpression "pkgs.hydra-otel or (pkgs.callPackage ./package.nix { })";
+      };
 
     user = lib.mkOption {
       type = lib.types.str;
@@ -159,16 +175,60 @@ in
     };
 
     settings = lib.mkOption {
-      type = lib.types.attrsOf lib.types.str;
+      type = lib.types.submodule {
+        # RFC 0042: any variable of docs/configuration.md, typed; the ones below are documented.
+        freeformType =
+          with lib.types;
+          attrsOf (
+            nullOr (oneOf [
+              str
+              int
+              bool
+              (listOf str)
+            ])
+          );
+        options.HYDRA_OTEL_STEP_LOGS_DIR = lib.mkOption {
+          type = lib.types.nullOr lib.types.str;
+          default = if hydraLocal then "${hydraBaseDir}/build-logs" else null;
+          defaultText = lib.literalExpression ''if config.services.hydra.enable then "''${config.services.hydra.baseDir}/build-logs" else null'';
+          description = ''
+            Hydra's build-log directory, for the log tails of failed steps. The service joins the
+            group `hydra` (`supplementaryGroups`) to read it; `zstd` is on its PATH for `.zst` logs.
+          '';
+        };
+        options.HYDRA_OTEL_STEP_LOGS = lib.mkOption {
+          type = lib.types.nullOr lib.types.bool;
+          default = null;
+          example = false;
+          description = "Attach the tail of a failed step's log to its span (hydra-otel's default: true).";
+        };
+      };
       default = { };
       example = {
-        HYDRA_OTEL_MAX_BUILDS_PER_TRACE = "1000";
+        HYDRA_OTEL_MAX_BUILDS_PER_TRACE = 1000;
+        HYDRA_OTEL_METRICS_EXPORT = true;
         OTEL_EXPORTER_OTLP_COMPRESSION = "gzip";
-        OTEL_RESOURCE_ATTRIBUTES = "deployment.environment.name=production";
+        OTEL_RESOURCE_ATTRIBUTES = [
+          "deployment.environment.name=production"
+          "service.namespace=ci"
+        ];
       };
       description = ''
-        Further environment variables of the service (docs/configuration.md). They override the
-        variables set from the options above. They are stored in the Nix store: no secrets here.
+        Further environment variables of the service (docs/configuration.md): booleans become
+        `true`/`false`, lists are joined with commas, `null` leaves a variable out. They override
+        the variables set from the options above. They are stored in the Nix store: no secrets here
+        (use `environmentFile`).
+      '';
+    };
+
+    supplementaryGroups = lib.mkOption {
+      type = lib.types.listOf lib.types.str;
+      default = lib.optional hydraLocal "hydra";
+      defaultText = lib.literalExpression ''lib.optional config.services.hydra.enable "hydra"'';
+      description = ''
+        Groups the service joins. nixpkgs makes Hydra's data directory `0750 hydra:hydra` and its
+        build logs `0750 hydra-queue-runner:hydra`: without the group `hydra` the log tails of
+        failed steps are empty.
       '';
     };
 
@@ -231,6 +291,8 @@ in
             "postgresql.service"
           ] ++ lib.optional cfg.configurePostgresql "hydra-otel-db-setup.service";
           environment = serviceEnvironment;
+          # zstd decompresses Hydra's .zst build logs (steplogs looks it up on PATH).
+          path = [ pkgs.zstd ];
           # The daemon exits only on a bug or after losing the HA lock (exit code 3), both fixed
           # by a restart: never stop restarting it.
           unitConfig.StartLimitIntervalSec = 0;
@@ -248,6 +310,7 @@ in
             # UID to a user name in its own process, which a dynamic user only resolves through
             # nss-systemd while the unit runs.
             User = cfg.user;
+            SupplementaryGroups = cfg.supplementaryGroups;
             # The daemon reads $STATE_DIRECTORY (/var/lib/hydra-otel), which systemd creates and
             # chowns; it is the only writable path under ProtectSystem=strict.
             StateDirectory = "hydra-otel";

@@ -1,0 +1,106 @@
+"""Both notification delivery paths, with real NOTIFYs from a real PostgreSQL.
+
+The direct hook (asyncpg's private ``_process_notification``) is an optimisation; an asyncpg
+release without it gets the public ``add_listener`` callback (docs/decisions/0002).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import asyncpg
+import pytest
+import trio
+from trio_asyncio import aio_as_trio
+
+from hydra_otel.adapters import db
+from hydra_otel.core.backoff import Backoff
+from hydra_otel.sandbox.receiver import GrpcOtlpReceiver
+from tests.integration.harness import Hydra, StartDaemon
+from tests.integration.test_eval_traces import add_eval
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.mark.parametrize("path", list(db.DeliveryPath))
+async def test_each_path_delivers_every_notification_in_order(
+    aio_loop: asyncio.AbstractEventLoop, hydra_db: str, nursery: trio.Nursery, path: db.DeliveryPath
+) -> None:
+    send, receive = trio.open_memory_channel[db.ListenItem](100)
+    stats = db.ListenStatistics()
+    consumed: list[tuple[str, str]] = []
+
+    def consume(channel: str, payload: str) -> bool:
+        if payload == "mine":
+            consumed.append((channel, payload))
+            return True
+        return False
+
+    await nursery.start(
+        lambda task_status: db.run_listener(
+            hydra_db,
+            ["eval_added", "build_finished"],
+            send,
+            stats=stats,
+            backoff=Backoff(),
+            consume=consume,
+            path=path,
+            task_status=task_status,
+        )
+    )
+    conn = await aio_as_trio(asyncpg.connect)(hydra_db)
+    try:
+        async with aio_as_trio(conn.transaction()):
+            for i in range(50):
+                await aio_as_trio(conn.execute)(f"NOTIFY build_finished, '{i}'")
+            await aio_as_trio(conn.execute)("NOTIFY eval_added, 'mine'")
+            await aio_as_trio(conn.execute)("NOTIFY unrelated, 'x'")
+    finally:
+        await aio_as_trio(conn.close)()
+    with trio.fail_after(10):
+        assert await receive.receive() == db.Resync("connected")
+        got = [await receive.receive() for _ in range(50)]
+    assert [(n.channel, n.payload) for n in got if isinstance(n, db.RawNotification)] == [
+        ("build_finished", str(i)) for i in range(50)
+    ]
+    assert consumed == [("eval_added", "mine")]
+    assert (stats.received, stats.dropped) == (51, 0)
+    nursery.cancel_scope.cancel()
+
+
+def test_an_asyncpg_without_the_hook_gets_the_public_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert db.delivery_path() is db.DeliveryPath.DIRECT
+    monkeypatch.delattr(asyncpg.Connection, "_process_notification")
+    assert db.delivery_path() is db.DeliveryPath.PUBLIC
+
+
+async def test_the_daemon_on_the_public_path_logs_it_and_exports(
+    hydra: Hydra,
+    start_daemon: StartDaemon,
+    otlp_grpc: GrpcOtlpReceiver,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(db, "delivery_path", lambda: db.DeliveryPath.PUBLIC)
+    with caplog.at_level(logging.INFO, logger="hydra_otel.db"):
+        await start_daemon()
+    chosen = [r for r in caplog.records if r.getMessage() == "notification delivery path chosen"]
+    assert [getattr(r, "path", None) for r in chosen] == ["add_listener"]
+    await add_eval(hydra)
+    spans = await otlp_grpc.wait_for_spans(3)
+    assert "eval nixpkgs:trunk" in {s.span.name for s in spans}
+
+
+def test_without_the_private_transport_the_sql_ascii_filter_is_skipped_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Connection:
+        """A connection of an asyncpg release that hides ``_transport``."""
+
+    with caplog.at_level(logging.WARNING, logger="hydra_otel.db"):
+        db._filter_undecodable(Connection(), db.ListenStatistics())  # type: ignore[arg-type]
+    assert [r.getMessage() for r in caplog.records] == [
+        "this asyncpg release hides the connection's transport: a notification that is not UTF-8 in "
+        "this SQL_ASCII database will break the LISTEN connection (it reconnects)"
+    ]
