@@ -89,7 +89,7 @@ async def test_the_daemon_on_the_public_path_logs_it_and_exports(
     assert [getattr(r, "path", None) for r in chosen] == ["add_listener"]
     await add_eval(hydra)
     spans = await otlp_grpc.wait_for_spans(3)
-    assert "eval nixpkgs:trunk" in {s.span.name for s in spans}
+    assert "BUILD nixpkgs:trunk" in {s.span.name for s in spans}
 
 
 def test_without_the_private_transport_the_sql_ascii_filter_is_skipped_with_a_warning(
