@@ -22,6 +22,7 @@ from hydra_otel.sandbox.hydrasim import HydraSim
 from hydra_otel.sandbox.receiver import GrpcOtlpReceiver
 from hydra_otel.service import Service, make_sink
 from tests.integration.harness import Hydra, StartDaemon, daemon_config, stop
+from tests.integration.workload import Daemons
 
 
 @pytest.fixture
@@ -60,3 +61,17 @@ async def start_daemon(
     yield start
     for service in services:
         await stop(service)
+
+
+@pytest.fixture
+async def daemons(
+    aio_loop: asyncio.AbstractEventLoop,
+    hydra_db: str,
+    otlp_grpc: GrpcOtlpReceiver,
+    tmp_path: Path,
+    nursery: trio.Nursery,
+) -> AsyncIterator[Daemons]:
+    """In-process daemons on the test database, ``otlp_grpc`` and ``tmp_path``; stopped after the test."""
+    started = Daemons(nursery, hydra_db, f"http://{otlp_grpc.endpoint}", tmp_path / "state")
+    yield started
+    await started.stop_all()

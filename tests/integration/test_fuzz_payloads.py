@@ -19,13 +19,11 @@ payloads per batch); a failure names the seed.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import random
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 import trio
@@ -182,20 +180,6 @@ def forged_spans(spans: Sequence[ReceivedSpan]) -> list[ReceivedSpan]:
         for s in spans
         if str(attributes_dict(s.span.attributes).get("hydra.eval.correlation_id", "")).startswith(FORGED)
     ]
-
-
-@pytest.fixture
-async def daemons(
-    aio_loop: asyncio.AbstractEventLoop,
-    hydra_db: str,
-    otlp_grpc: GrpcOtlpReceiver,
-    tmp_path: Path,
-    nursery: trio.Nursery,
-) -> AsyncIterator[Daemons]:
-    """In-process daemons on the test database and receiver; stopped after the test."""
-    started = Daemons(nursery, hydra_db, f"http://{otlp_grpc.endpoint}", tmp_path / "state")
-    yield started
-    await started.stop_all()
 
 
 # Known open defect, seen in about one run in five under load: a forged `eval_started` for a real

@@ -17,14 +17,11 @@ The seed is ``HYDRA_OTEL_FUZZ_SEED`` (default below); a failure names it.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import random
-from collections.abc import AsyncIterator, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
 import pytest
-import trio
 
 from hydra_otel.sandbox.hydrasim import NewBuild, lit, notify, tx
 from hydra_otel.sandbox.receiver import GrpcOtlpReceiver, ReceivedSpan
@@ -172,20 +169,6 @@ class Hostile:
 def _before_commit(script: str, statements: list[str]) -> str:
     assert script.endswith("\nCOMMIT;")
     return script.removesuffix("COMMIT;") + "\n".join((*statements, "COMMIT;"))
-
-
-@pytest.fixture
-async def daemons(
-    aio_loop: asyncio.AbstractEventLoop,
-    hydra_db: str,
-    otlp_grpc: GrpcOtlpReceiver,
-    tmp_path: Path,
-    nursery: trio.Nursery,
-) -> AsyncIterator[Daemons]:
-    """In-process daemons on the test database and receiver; stopped after the test."""
-    started = Daemons(nursery, hydra_db, f"http://{otlp_grpc.endpoint}", tmp_path / "state")
-    yield started
-    await started.stop_all()
 
 
 @pytest.mark.parametrize("hydra_db", [85, 87], indirect=True)

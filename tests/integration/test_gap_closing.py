@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import asyncpg
 import pytest
@@ -25,21 +23,6 @@ from hydra_otel.sandbox.pgcluster import PgCluster
 from hydra_otel.sandbox.receiver import GrpcOtlpReceiver
 from tests.integration.harness import Hydra
 from tests.integration.workload import Daemons, Player, assert_exactly, now, wait_for_expected
-
-
-@pytest.fixture
-async def daemons(
-    aio_loop: asyncio.AbstractEventLoop,
-    hydra_db: str,
-    otlp_grpc: GrpcOtlpReceiver,
-    tmp_path: Path,
-    nursery: trio.Nursery,
-) -> AsyncIterator[Daemons]:
-    """In-process daemons on the test database, ``otlp_grpc`` and ``tmp_path``; stopped after the test."""
-    started = Daemons(nursery, hydra_db, f"http://{otlp_grpc.endpoint}", tmp_path / "state")
-    yield started
-    await started.stop_all()
-
 
 #: Recovery to last gap span must stay well under the default 30 s interval: lag + 1 s, plus a scan.
 PROMPT = 8.0

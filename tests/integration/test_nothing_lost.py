@@ -20,7 +20,7 @@ import os
 import random
 import signal
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import asyncpg
@@ -46,20 +46,6 @@ from tests.integration.workload import (
 
 #: Short OTLP request timeout, so that a failing or hung collector fails an attempt quickly.
 FAST_OTLP = {"OTEL_EXPORTER_OTLP_TIMEOUT": "500"}
-
-
-@pytest.fixture
-async def daemons(
-    aio_loop: asyncio.AbstractEventLoop,
-    hydra_db: str,
-    otlp_grpc: GrpcOtlpReceiver,
-    tmp_path: Path,
-    nursery: trio.Nursery,
-) -> AsyncIterator[Daemons]:
-    """Starts in-process daemons on the test database, ``otlp_grpc`` and ``tmp_path``; stops them all after."""
-    started = Daemons(nursery, hydra_db, f"http://{otlp_grpc.endpoint}", tmp_path / "state")
-    yield started
-    await started.stop_all()
 
 
 @pytest.fixture(scope="module")

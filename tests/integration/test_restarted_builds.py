@@ -10,30 +10,11 @@ comes again, rebuilt from its step, identical.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Sequence
-from pathlib import Path
-
-import pytest
-import trio
+from collections.abc import Sequence
 
 from hydra_otel.sandbox.receiver import GrpcOtlpReceiver, ReceivedSpan
 from tests.integration.harness import Hydra
 from tests.integration.workload import Daemons, Player, assert_exactly, now, wait_for_expected
-
-
-@pytest.fixture
-async def daemons(
-    aio_loop: asyncio.AbstractEventLoop,
-    hydra_db: str,
-    otlp_grpc: GrpcOtlpReceiver,
-    tmp_path: Path,
-    nursery: trio.Nursery,
-) -> AsyncIterator[Daemons]:
-    """In-process daemons on the test database, ``otlp_grpc`` and ``tmp_path``; stopped after the test."""
-    started = Daemons(nursery, hydra_db, f"http://{otlp_grpc.endpoint}", tmp_path / "state")
-    yield started
-    await started.stop_all()
 
 
 def orphans(spans: Sequence[ReceivedSpan]) -> list[str]:
