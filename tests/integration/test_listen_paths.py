@@ -17,6 +17,7 @@ from trio_asyncio import aio_as_trio
 from hydra_otel.adapters import db
 from hydra_otel.core.backoff import Backoff
 from hydra_otel.sandbox.receiver import GrpcOtlpReceiver
+from hydra_otel.tasks.channels import receive_some
 from tests.integration.harness import Hydra, StartDaemon
 from tests.integration.test_eval_traces import add_eval
 
@@ -104,3 +105,75 @@ def test_without_the_private_transport_the_sql_ascii_filter_is_skipped_with_a_wa
         "this asyncpg release hides the connection's transport: a notification that is not UTF-8 in "
         "this SQL_ASCII database will break the LISTEN connection (it reconnects)"
     ]
+
+
+async def _listen(
+    hydra_db: str, nursery: trio.Nursery, read_linger: float
+) -> trio.MemoryReceiveChannel[db.ListenItem]:
+    send, receive = trio.open_memory_channel[db.ListenItem](100_000)
+    await nursery.start(
+        lambda task_status: db.run_listener(
+            hydra_db,
+            ["build_finished"],
+            send,
+            stats=db.ListenStatistics(),
+            backoff=Backoff(),
+            read_linger=read_linger,
+            task_status=task_status,
+        )
+    )
+    with trio.fail_after(10):
+        assert await receive.receive() == db.Resync("connected")
+    return receive
+
+
+async def test_a_trickle_of_notifications_is_read_in_one_batch_per_linger(
+    aio_loop: asyncio.AbstractEventLoop, hydra_db: str, nursery: trio.Nursery
+) -> None:
+    """After a small read the connection waits: commits 30 ms apart are handed on together."""
+    receive = await _listen(hydra_db, nursery, read_linger=1.0)
+    batches: list[list[str]] = []
+    done = trio.Event()
+
+    async def consume() -> None:  # takes whatever is queued each time it wakes, as the intake does
+        while sum(map(len, batches)) < 5:
+            batches.append(
+                [n.payload for n in await receive_some(receive) if isinstance(n, db.RawNotification)]
+            )
+        done.set()
+
+    nursery.start_soon(consume)
+    conn = await aio_as_trio(asyncpg.connect)(hydra_db)
+    try:
+        for i in range(5):  # separate commits, as Hydra finishes builds
+            await aio_as_trio(conn.execute)(f"NOTIFY build_finished, '{i}'")
+            await trio.sleep(0.03)
+        with trio.fail_after(10):
+            await done.wait()
+    finally:
+        await aio_as_trio(conn.close)()
+    # The first read is handed on at once and pauses reading; the other four wait in the
+    # socket and come in one read, so the consumer wakes twice, not five times.
+    assert batches == [["0"], ["1", "2", "3", "4"]]
+    nursery.cancel_scope.cancel()
+
+
+async def test_a_burst_is_read_without_pauses(
+    aio_loop: asyncio.AbstractEventLoop, hydra_db: str, nursery: trio.Nursery
+) -> None:
+    """Large reads do not pause: 20,000 notifications in one commit take far less than one pause each."""
+    receive = await _listen(hydra_db, nursery, read_linger=1.0)
+    conn = await aio_as_trio(asyncpg.connect)(hydra_db)
+    try:
+        await aio_as_trio(conn.execute)(
+            "SELECT count(pg_notify('build_finished', 'payload-' || i)) FROM generate_series(1, 20000) i"
+        )
+        start = trio.current_time()
+        with trio.fail_after(30):
+            for _ in range(20_000):
+                await receive.receive()
+        # 20,000 notifications are ~600 KiB: a pause after each read would take 3 s and more.
+        assert trio.current_time() - start < 2.5
+    finally:
+        await aio_as_trio(conn.close)()
+    nursery.cancel_scope.cancel()

@@ -325,6 +325,67 @@ def _filter_undecodable(conn: asyncpg.Connection, stats: ListenStatistics) -> No
     transport.set_protocol(_UndecodableFilter(transport.get_protocol(), on_undecodable))
 
 
+#: Seconds the LISTEN connection waits after a small read before it reads again (docs/performance.md).
+READ_LINGER = 0.05
+#: A read shorter than this (bytes) means the socket was drained: the notifications trickle in.
+SMALL_READ = 16 * 1024
+
+
+class _ReadPacer(asyncio.Protocol):
+    """Sits in front of the LISTEN connection's protocol; after a small read, reads again only
+    ``linger`` seconds later.
+
+    At a steady trickle each commit's notifications arrive in a read of their own, and each
+    read wakes trio-asyncio's reader machinery and every pipeline stage, and costs the
+    resolver its queries. Pausing the transport after a small read lets the kernel's socket
+    buffer collect what else arrives in the window, so one read, one wake-up of each stage
+    and one query per table serve all of it. Nothing is lost while paused: the server keeps
+    what does not fit in the socket buffer. A large read (a burst, the buffer was not drained)
+    does not pause, so bursts are read as fast as before; a notification waits ``linger`` at most.
+    """
+
+    def __init__(self, inner: asyncio.Protocol, transport: Any, linger: float, small: int) -> None:
+        self._inner = inner
+        self._transport = transport
+        self._linger = linger
+        self._small = small
+        self._timer: asyncio.TimerHandle | None = None
+
+    def data_received(self, data: bytes) -> None:
+        self._inner.data_received(data)
+        if self._timer is None and len(data) < self._small and not self._transport.is_closing():
+            self._transport.pause_reading()
+            self._timer = asyncio.get_running_loop().call_later(self._linger, self._resume)
+
+    def _resume(self) -> None:
+        self._timer = None
+        self._transport.resume_reading()  # a no-op once the transport is closing
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._inner.connection_lost(exc)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+
+def _pace_reads(conn: asyncpg.Connection, linger: float) -> None:
+    """Put a :class:`_ReadPacer` in front of ``conn``'s protocol (skipped where the private
+    transport attribute is absent: notifications are then read as they come)."""
+    transport = getattr(conn, "_transport", None)
+    if transport is None or linger <= 0:
+        return
+    transport.set_protocol(_ReadPacer(transport.get_protocol(), transport, linger, SMALL_READ))
+
+
 def _ignore(*_args: object) -> None:
     """Placeholder listener of the direct path: add_listener issues LISTEN; the hook delivers."""
 
@@ -350,9 +411,20 @@ class Database:
             ConfigError: the connection settings are invalid.
             asyncpg.PostgresError: the query itself is wrong (a bug).
         """
-        self._stats.queries += 1
+        return (await self.fetch_each([(sql, args)]))[0]
+
+    async def fetch_each(
+        self, statements: Sequence[tuple[str, Sequence[object]]]
+    ) -> list[list[asyncpg.Record]]:
+        """Run read-only queries one after the other on one connection; the rows of each, in order.
+
+        Each crossing into asyncio and each pool checkout costs more CPU than a small query's
+        own work (docs/performance.md), so queries that are always asked together share
+        them. Raises as :meth:`fetch` does, for the first statement that fails.
+        """
+        self._stats.queries += len(statements)
         try:
-            rows: list[asyncpg.Record] = await aio_as_trio(_fetch_on_pool)(self._pool, sql, args)
+            results: list[list[asyncpg.Record]] = await aio_as_trio(_fetch_on_pool)(self._pool, statements)
         except Exception as exc:
             kind = classify(exc)
             if kind is DbErrorKind.UNAVAILABLE:
@@ -363,8 +435,9 @@ class Database:
                 raise self._permission_denied(exc) from exc
             raise  # a bug in a query (syntax, types): let it surface
         if self._stats.denied_tables:
-            self._granted(sql)
-        return rows
+            for sql, _ in statements:
+                self._granted(sql)
+        return results
 
     async def fetchval(self, sql: str, *args: object) -> Any:
         """Run one query and return the first column of its first row."""
@@ -388,8 +461,11 @@ class Database:
                 log.info("permission granted: reading the table again", extra={"table": table})
 
 
-async def _fetch_on_pool(pool: asyncpg.Pool, sql: str, args: Sequence[object]) -> list[asyncpg.Record]:
-    """Pool.fetch, except that a connection that failed mid-operation never goes back to the pool.
+async def _fetch_on_pool(
+    pool: asyncpg.Pool, statements: Sequence[tuple[str, Sequence[object]]]
+) -> list[list[asyncpg.Record]]:
+    """Pool.fetch of each statement in turn on one connection, except that a connection that
+    failed mid-operation never goes back to the pool.
 
     A FATAL from a shutting-down server can leave asyncpg's protocol waiting for a
     ReadyForQuery that never comes while the socket is not closed yet; such a
@@ -399,7 +475,7 @@ async def _fetch_on_pool(pool: asyncpg.Pool, sql: str, args: Sequence[object]) -
     """
     con = await pool.acquire()
     try:
-        return await con.fetch(sql, *args)
+        return [await con.fetch(sql, *args) for sql, args in statements]
     except BaseException as exc:
         kind = classify(exc) if isinstance(exc, Exception) else DbErrorKind.OTHER
         if kind is DbErrorKind.PERMISSION:
@@ -588,9 +664,14 @@ async def run_listener(
     health_timeout: float = 3.0,
     consume: Callable[[str, str], bool] | None = None,
     path: DeliveryPath | None = None,
+    read_linger: float = READ_LINGER,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """LISTEN on ``channels`` forever, reconnecting with ``backoff``.
+
+    After a small read the connection reads again only ``read_linger`` seconds later
+    (:class:`_ReadPacer`), so a steady trickle of notifications is handed on in batches;
+    0 hands on each read at once.
 
     ``path`` picks the delivery path (tests force :attr:`DeliveryPath.PUBLIC`); by default the
     fastest one the installed asyncpg supports, logged once.
@@ -620,7 +701,16 @@ async def run_listener(
     while True:
         try:
             await _session(
-                dsn, channels, send, stats, on_ready, health_interval, health_timeout, consume, path
+                dsn,
+                channels,
+                send,
+                stats,
+                on_ready,
+                health_interval,
+                health_timeout,
+                consume,
+                path,
+                read_linger,
             )
         except* _LISTEN_LOST as group:
             stats.connection_losses += 1
@@ -655,6 +745,7 @@ async def _session(
     health_timeout: float,
     consume: Callable[[str, str], bool] | None = None,
     path: DeliveryPath = DeliveryPath.DIRECT,
+    read_linger: float = READ_LINGER,
 ) -> None:
     """One connection's life: returns never, raises DbUnavailable (or a driver error) when lost."""
     direct = path is DeliveryPath.DIRECT
@@ -693,6 +784,7 @@ async def _session(
         conn.add_termination_listener(lambda _c: flags.lost.set())
         for channel in channels:
             await aio_as_trio(conn.add_listener)(channel, _ignore if direct else public)
+        _pace_reads(conn, read_linger)  # after LISTEN: set-up round trips are not held back
         stats.connects += 1
         log.info("LISTEN active", extra={"channels": len(channels), "backend_pid": conn.get_server_pid()})
         await send.send(Resync("connected"))

@@ -290,6 +290,27 @@ class BuildQueries:
         beyond = await self._budget_of({r["eval_id"] for r in rows if r["eval_id"] is not None})
         return {r["id"]: _build_facts(r, beyond) for r in rows}
 
+    async def builds_and_steps(
+        self, build_ids: Sequence[int], subset: Sequence[tuple[int, int]] | None = None
+    ) -> tuple[dict[int, BuildFacts], dict[int, list[StepFacts]]]:
+        """:meth:`builds` and :meth:`steps` of ``build_ids`` (or :meth:`step_subset` of ``subset``),
+        in one trip to the pool: one asyncio crossing and one checkout serve both queries."""
+        if not build_ids:
+            return {}, {}
+        ids = sorted(set(build_ids))
+        resolved = await self._resolved_column()
+        if subset is None:
+            steps_sql = STEPS_SQL.format(columns=STEP_COLUMNS, resolved=resolved)
+            steps_args: tuple[object, ...] = (ids,)
+        else:
+            steps_sql = STEP_SUBSET_SQL.format(columns=STEP_COLUMNS, resolved=resolved)
+            steps_args = ([b for b, _ in subset], [n for _, n in subset])
+        build_rows, step_rows = await self._db.fetch_each(
+            [(BUILD_FACTS_SQL, (ids,)), (steps_sql, steps_args)]
+        )
+        beyond = await self._budget_of({r["eval_id"] for r in build_rows if r["eval_id"] is not None})
+        return {r["id"]: _build_facts(r, beyond) for r in build_rows}, _group_steps(step_rows)
+
     async def steps(self, build_ids: Sequence[int]) -> dict[int, list[StepFacts]]:
         """Every step row of the given builds, by build, in step order."""
         if not build_ids:

@@ -177,8 +177,9 @@ class Resolver:
     async def _steps(self, finished: list[StepFinished]) -> list[SpanRecord]:
         if not finished:
             return []
-        builds = await self.builds.builds([e.build_id for e in finished])
-        steps = await self.builds.step_subset([(e.build_id, e.step_nr) for e in finished])
+        builds, steps = await self.builds.builds_and_steps(
+            [e.build_id for e in finished], subset=[(e.build_id, e.step_nr) for e in finished]
+        )
         out: list[SpanRecord] = []
         with_build: list[BuildFinished] = []
         for e in finished:
@@ -205,8 +206,7 @@ class Resolver:
         wanted = [i for e in events for i in (e.build_id, *e.dependents)]
         if not wanted:
             return [], set()
-        builds = await self.builds.builds(wanted)
-        steps = await self.builds.steps(list(builds))
+        builds, steps = await self.builds.builds_and_steps(wanted)
         causes = await self._causes(builds, steps)
         out: list[SpanRecord] = []
         rendered: set[int] = set()
@@ -308,10 +308,15 @@ async def run_resolver(
     *,
     backoff: Backoff,
     batch_size: int = RESOLVE_BATCH,
-    gather: float = 0.05,
+    gather: float = 0.0,
     held_limit: int = HELD_LIMIT,
 ) -> None:
-    """Consume ``work`` until it closes; closes ``spans`` when done. Checkpoints keep their place."""
+    """Consume ``work`` until it closes; closes ``spans`` when done. Checkpoints keep their place.
+
+    ``gather``: seconds to wait for more work after the first item of a batch. Live work
+    needs none: the intake already batched it (``tasks/intake.py``, ``LINGER``), and
+    waiting again here would only add that much latency. The catch-up sends whole pages.
+    """
     held = Held()
 
     async def checkpoint(marks: Marks) -> None:
@@ -332,9 +337,9 @@ async def run_resolver(
                         batch = await receive_some(work, batch_size)
                     except trio.EndOfChannel:
                         closed = True
-                # Wait a moment for more: in a burst, one query then serves hundreds of events.
+                # Wait a moment for more (if asked to): one query then serves more events.
                 with trio.move_on_after(gather if batch else 0):
-                    while batch and len(batch) < batch_size:
+                    while gather > 0 and batch and len(batch) < batch_size:
                         try:
                             batch += await receive_some(work, batch_size - len(batch))
                         except trio.EndOfChannel:
