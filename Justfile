@@ -36,9 +36,10 @@ fmt:
 run *args:
     {{venv}}/hydra-otel run {{args}}
 
-# Benchmarks at nixpkgs scale: a throwaway PostgreSQL, an OTLP receiver, the real daemon (docs/performance.md).
+# Benchmarks at nixpkgs scale: a throwaway PostgreSQL, an OTLP receiver, the real daemon (docs/performance.md);
+# then the same again with a CPU hog on the machine.
 bench *args:
-    {{venv}}/python benchmarks/run.py {{args}}
+    {{venv}}/python benchmarks/run.py --hog-pass {{args}}
 
 # A small benchmark run (scale 0.02), to check it still works.
 bench-smoke:

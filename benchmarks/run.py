@@ -55,6 +55,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--export-delay", type=float, default=1.0, help="the daemon's HYDRA_OTEL_EXPORT_DELAY")
     p.add_argument("--queue-size", type=int, help="the daemon's HYDRA_OTEL_QUEUE_SIZE (default: its own)")
     p.add_argument(
+        "--hog",
+        action="store_true",
+        help="run everything (baselines included) with a CPU hog: a busy process taking one core",
+    )
+    p.add_argument(
+        "--hog-pass",
+        action="store_true",
+        help="after the run, run it all again with a CPU hog and print its targets too (just bench)",
+    )
+    p.add_argument(
         "--profile",
         type=Path,
         metavar="PATH",
@@ -74,9 +84,11 @@ class Resources:
         self.daemon: procs.Daemon | None = None
         self.sampler: procs.RssSampler | None = None
         self.spy: profiling.PySpy | None = None
+        self.hog: procs.Child | None = None
 
     def close(self) -> None:
         for stop in (
+            self.hog and self.hog.stop,
             self.spy and self.spy.stop,
             self.sampler and self.sampler.close,
             self.daemon and self.daemon.stop,
@@ -143,6 +155,10 @@ async def profiled(args: argparse.Namespace, res: Resources, name: str, phase: A
 async def run(args: argparse.Namespace, res: Resources) -> dict[str, Any]:
     lay = w.Layout(w.Sizes.scaled(args.scale), int(time.time()))
     say(f"sizes: {asdict(lay.sizes)}")
+    if args.hog:
+        # A busy process: the machine has one core fewer to spare, as on a loaded Hydra server.
+        res.hog = procs.Child([sys.executable, "-c", "while True: pass"])
+        say(f"CPU hog running (pid {res.hog.pid})")
     res.cluster = PgCluster(
         settings={"log_line_prefix": LINE_PREFIX, "shared_buffers": "128MB", "max_connections": "50"}
     )
@@ -193,6 +209,7 @@ async def run(args: argparse.Namespace, res: Resources) -> dict[str, Any]:
     baselines = {"R_listen": listen, "R_export": export, "R_export_direct": direct}
     settings = {
         "scale": args.scale,
+        "cpu_hog": args.hog,
         "export_delay_s": args.export_delay,
         "export_batch": BATCH,
         "queue_size": args.queue_size or "default (100000)",
@@ -210,14 +227,20 @@ def _terminate(signum: int, _frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
-    res = Resources(args.keep)
-    try:
-        results = asyncio.run(run(args, res))
-    except KeyboardInterrupt:
-        say("interrupted: stopping everything")
-        return 130
-    finally:
-        res.close()
+    passes = [args] if not args.hog_pass else [args, argparse.Namespace(**{**vars(args), "hog": True})]
+    runs: list[dict[str, Any]] = []
+    for pass_args in passes:
+        res = Resources(args.keep)
+        try:
+            runs.append(asyncio.run(run(pass_args, res)))
+        except KeyboardInterrupt:
+            say("interrupted: stopping everything")
+            return 130
+        finally:
+            res.close()
+    results = runs[0]
+    if len(runs) > 1:
+        results["hog"] = runs[1]
     print(report.table(results), flush=True)
     report.write(args.out, results)
     print(f"\nresults written to {args.out}", flush=True)
