@@ -27,6 +27,7 @@ import asyncio
 import enum
 import hashlib
 import logging
+import math
 import re
 import struct
 import time
@@ -325,37 +326,55 @@ def _filter_undecodable(conn: asyncpg.Connection, stats: ListenStatistics) -> No
     transport.set_protocol(_UndecodableFilter(transport.get_protocol(), on_undecodable))
 
 
-#: Seconds the LISTEN connection waits after a small read before it reads again (docs/performance.md).
+#: Seconds the LISTEN connection waits after a read before it reads again, while notifications
+#: trickle in (docs/performance.md).
 READ_LINGER = 0.05
-#: A read shorter than this (bytes) means the socket was drained: the notifications trickle in.
-SMALL_READ = 16 * 1024
+#: Bytes per ``READ_LINGER`` window below which notifications count as a trickle (about 5,000
+#: notifications a second); above it, every read is handed on at once.
+QUIET_BYTES = 16 * 1024
 
 
 class _ReadPacer(asyncio.Protocol):
-    """Sits in front of the LISTEN connection's protocol; after a small read, reads again only
-    ``linger`` seconds later.
+    """Sits in front of the LISTEN connection's protocol; while notifications trickle in, reads
+    again only ``linger`` seconds after each read.
 
     At a steady trickle each commit's notifications arrive in a read of their own, and each
     read wakes trio-asyncio's reader machinery and every pipeline stage, and costs the
-    resolver its queries. Pausing the transport after a small read lets the kernel's socket
-    buffer collect what else arrives in the window, so one read, one wake-up of each stage
-    and one query per table serve all of it. Nothing is lost while paused: the server keeps
-    what does not fit in the socket buffer. A large read (a burst, the buffer was not drained)
-    does not pause, so bursts are read as fast as before; a notification waits ``linger`` at most.
+    resolver its queries. Pausing the transport after a read lets the kernel's socket buffer
+    collect what else arrives in the window, so one read, one wake-up of each stage and one
+    query per table serve all of it. Nothing is lost while paused: the server keeps what does
+    not fit in the socket buffer.
+
+    It paces only while the last whole window brought fewer than ``quiet`` bytes. A burst
+    (far more than that) is read as fast as before: pausing then would cap it at one socket
+    buffer per window. A notification waits ``linger`` at most.
     """
 
-    def __init__(self, inner: asyncio.Protocol, transport: Any, linger: float, small: int) -> None:
+    def __init__(self, inner: asyncio.Protocol, transport: Any, linger: float, quiet: int) -> None:
         self._inner = inner
         self._transport = transport
         self._linger = linger
-        self._small = small
+        self._quiet_bytes = quiet
         self._timer: asyncio.TimerHandle | None = None
+        self._window_start = -math.inf
+        self._window_bytes = 0
+        self._quiet = True  # did the last whole window bring little?
 
     def data_received(self, data: bytes) -> None:
         self._inner.data_received(data)
-        if self._timer is None and len(data) < self._small and not self._transport.is_closing():
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if now - self._window_start >= self._linger:
+            # A new window: the one that ended was quiet if it brought little, or if a whole
+            # window without any read passed since.
+            ended_quiet = self._window_bytes < self._quiet_bytes
+            self._quiet = ended_quiet or now - self._window_start >= 2 * self._linger
+            self._window_start, self._window_bytes = now, 0
+        self._window_bytes += len(data)
+        pace = self._quiet and self._window_bytes < self._quiet_bytes
+        if pace and self._timer is None and not self._transport.is_closing():
             self._transport.pause_reading()
-            self._timer = asyncio.get_running_loop().call_later(self._linger, self._resume)
+            self._timer = loop.call_later(self._linger, self._resume)
 
     def _resume(self) -> None:
         self._timer = None
@@ -383,7 +402,7 @@ def _pace_reads(conn: asyncpg.Connection, linger: float) -> None:
     transport = getattr(conn, "_transport", None)
     if transport is None or linger <= 0:
         return
-    transport.set_protocol(_ReadPacer(transport.get_protocol(), transport, linger, SMALL_READ))
+    transport.set_protocol(_ReadPacer(transport.get_protocol(), transport, linger, QUIET_BYTES))
 
 
 def _ignore(*_args: object) -> None:
