@@ -365,10 +365,9 @@ class _ReadPacer(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         now = loop.time()
         if now - self._window_start >= self._linger:
-            # A new window: the one that ended was quiet if it brought little, or if a whole
-            # window without any read passed since.
-            ended_quiet = self._window_bytes < self._quiet_bytes
-            self._quiet = ended_quiet or now - self._window_start >= 2 * self._linger
+            # A new window. A gap since the last read says nothing: the trio thread may have
+            # been busy with a burst. Only what the last window brought does.
+            self._quiet = self._window_bytes < self._quiet_bytes
             self._window_start, self._window_bytes = now, 0
         self._window_bytes += len(data)
         pace = self._quiet and self._window_bytes < self._quiet_bytes
