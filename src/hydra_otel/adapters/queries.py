@@ -95,7 +95,7 @@ async def existing_jobsets(db: Database, jobset_ids: Sequence[int]) -> set[int]:
 
 
 CLOSING_JOBSETS_SQL = """
-SELECT id, lastcheckedtime, errortime,
+SELECT id, lastcheckedtime, errortime, starttime,
        coalesce(errormsg, '') <> '' AS has_error, coalesce(fetcherrormsg, '') <> '' AS has_fetch_error
 FROM jobsets WHERE id = ANY($1::int[])
 """
@@ -114,6 +114,7 @@ async def closing_rows(
                 has_error=r["has_error"],
                 error_time=r["errortime"],
                 has_fetch_error=r["has_fetch_error"],
+                start_time=r["starttime"],
             )
     evals: dict[int, int] = {}
     if eval_ids:

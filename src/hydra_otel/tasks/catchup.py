@@ -111,7 +111,7 @@ class Catchup:
         # it finishes, and the resolver holds those builds (and the progress marks) until then.
         with contextlib.suppress(PermissionDenied):
             await self._steps(progress, until)
-        await self._jobsets(progress)
+        await self._jobsets(progress, until)
         progress.marks = progress.marks.merged(Marks(stop_time=until))
         await self._work.send(Checkpoint(progress.marks))
         progress.scans += 1
@@ -151,10 +151,10 @@ class Catchup:
             if self._seen.add(("step", build_id, stepnr)):
                 await self._work.send(StepFinished(build_id=build_id, step_nr=stepnr, log_path=None))
 
-    async def _jobsets(self, progress: Progress) -> None:
+    async def _jobsets(self, progress: Progress, until: int) -> None:
         known = progress.marks.merged(Marks(jobsets=progress.live_jobsets)).jobsets
         failures, updated = jobset_failures(
-            await queries.catchup_jobsets(self._db), known, self._open_jobsets()
+            await queries.catchup_jobsets(self._db), known, self._open_jobsets(), until
         )
         for attempt in failures:
             await self._work.send(attempt)

@@ -8,7 +8,8 @@ left open: they are live evaluations, not abandoned ones.
 
 ``eval_started`` payloads come from any role that can connect, so before a
 start is fed the task asks :class:`KnownJobsets` whether its jobset is a row
-of Hydra's ``jobsets`` table. ``eval_cached`` and ``eval_failed`` are not
+of Hydra's ``jobsets`` table, and reads that row's ``starttime`` (the run
+hydra-evaluator recorded) with the batch's closing checks. ``eval_cached`` and ``eval_failed`` are not
 trusted either, nor ``eval_added``'s pairing with a start: for each batch the
 task reads, in one query per table, the jobset rows and JobsetEvals they name
 (:class:`~hydra_otel.core.stitch.ClosingCheck`), and the stitcher acts only on
@@ -51,8 +52,9 @@ ClosingLookup = Callable[
 ]
 #: The evaluation notifications checked against the tables.
 Closing = EvalAdded | EvalCached | EvalFailed
-#: Per closing event, what the rows said (or why nothing was read).
-Checker = Callable[[Closing], ClosingCheck | Unchecked]
+Checked = EvalStarted | Closing
+#: Per evaluation event, what the rows said (or why nothing was read).
+Checker = Callable[[Checked], ClosingCheck | Unchecked]
 
 
 class KnownJobsets:
@@ -127,13 +129,14 @@ class KnownJobsets:
                 self._unknown.popitem(last=False)
         return {j for j in jobset_ids if j in self._known}
 
-    async def closing_checks(self, events: Sequence[Closing]) -> Checker:
-        """Read, fresh (the rows change with every check), what vouches for ``events``; one query
-        per table. While the database is unreachable every event is :attr:`Unchecked.UNREADABLE`."""
+    async def closing_checks(self, events: Sequence[Checked]) -> Checker:
+        """Read, fresh (the rows change with every check and run), what vouches for ``events``; one
+        query per table. A start is checked against its jobset's row (``starttime``: which evaluator
+        run it claims). While the database is unreachable every event is :attr:`Unchecked.UNREADABLE`."""
         if self._closing is None or not events:
             return _trusted
         jobset_ids = sorted({e.jobset_id for e in events if not isinstance(e, EvalAdded)})
-        eval_ids = sorted({_named_eval(e) for e in events if not isinstance(e, EvalFailed)})
+        eval_ids = sorted({_named_eval(e) for e in events if isinstance(e, EvalAdded | EvalCached)})
         try:
             rows, evals = await self._closing(jobset_ids, eval_ids)
         except (DbUnavailable, PermissionDenied) as exc:  # a missing grant is logged by the db
@@ -142,8 +145,8 @@ class KnownJobsets:
             )
             return lambda _: Unchecked.UNREADABLE
 
-        def check(event: Closing) -> ClosingCheck:
-            named = None if isinstance(event, EvalFailed) else evals.get(_named_eval(event))
+        def check(event: Checked) -> ClosingCheck:
+            named = evals.get(_named_eval(event)) if isinstance(event, EvalAdded | EvalCached) else None
             return ClosingCheck(jobset=rows.get(event.jobset_id), eval_jobset=named)
 
         return check
@@ -201,12 +204,14 @@ async def run_stitcher(
 async def _feed_batch(stitcher: Stitcher, batch: list[Received], jobsets: KnownJobsets | None) -> list[Work]:
     """Feed one batch, with one lookup per kind of check for the whole batch."""
     starts = {r.event.jobset_id for r in batch if isinstance(r.event, EvalStarted)}
-    closings = [r.event for r in batch if isinstance(r.event, EvalAdded | EvalCached | EvalFailed)]
+    checked = [
+        r.event for r in batch if isinstance(r.event, EvalStarted | EvalAdded | EvalCached | EvalFailed)
+    ]
     known = starts
     check: Checker = _trusted
     if jobsets is not None:
         known = await jobsets.known(starts) if starts else starts
-        check = await jobsets.closing_checks(closings)
+        check = await jobsets.closing_checks(checked)
     out: list[Work] = []
     for received in batch:
         event = received.event
@@ -219,14 +224,12 @@ async def _feed_batch(stitcher: Stitcher, batch: list[Received], jobsets: KnownJ
             received.at_ns,
             trio.current_time(),
             jobset_known=event.jobset_id in known,
-            check=check(event)
-            if isinstance(event, EvalAdded | EvalCached | EvalFailed)
-            else Unchecked.TRUSTED,
+            check=check(event),
         )
     return out
 
 
-def _trusted(_: Closing) -> Unchecked:
+def _trusted(_: Checked) -> Unchecked:
     return Unchecked.TRUSTED
 
 
