@@ -39,6 +39,7 @@ from hydra_otel.tasks.retry import until_db_answers
 
 log = logging.getLogger("hydra_otel.catchup")
 
+
 class MarksStore(Protocol):
     """Where the marks are kept (:class:`~hydra_otel.adapters.state.StateStore`); blocking calls."""
 
