@@ -24,12 +24,11 @@ import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import trio
 
 from hydra_otel.adapters import queries
-from hydra_otel.adapters.db import Database
-from hydra_otel.adapters.state import StateStore
 from hydra_otel.core.catchup import Checkpoint, Marks, jobset_failures
 from hydra_otel.core.dedup import RecentKeys
 from hydra_otel.core.evals import AddedEval
@@ -39,6 +38,19 @@ from hydra_otel.errors import PermissionDenied
 from hydra_otel.tasks.retry import until_db_answers
 
 log = logging.getLogger("hydra_otel.catchup")
+
+
+class MarksStore(Protocol):
+    """Where the marks are kept (:class:`~hydra_otel.adapters.state.StateStore`); blocking calls."""
+
+    def load(self) -> Marks | None:
+        """The stored marks, or None on a first start."""
+        ...
+
+    def merge(self, marks: Marks) -> Marks:
+        """Merge ``marks`` into the stored ones, store and return them."""
+        ...
+
 
 #: The reason of a scan that closes the lag window after a start-up or triggered scan.
 FOLLOW_UP = "follow-up"
@@ -76,7 +88,7 @@ class Catchup:
 
     def __init__(
         self,
-        db: Database,
+        db: queries.Fetcher,
         work: trio.MemorySendChannel[Work | Checkpoint],
         settings: CatchupSettings,
         open_jobsets: Callable[[], frozenset[int]] = frozenset,
@@ -163,7 +175,7 @@ class Catchup:
 
 async def run_catchup(
     catchup: Catchup,
-    store: StateStore,
+    store: MarksStore,
     triggers: trio.MemoryReceiveChannel[str],
     settings: CatchupSettings,
     live_jobsets: dict[int, int],

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 import trio
 
 from hydra_otel.adapters import queries
-from hydra_otel.adapters.db import Database
 from hydra_otel.adapters.steplogs import StepLogs
 from hydra_otel.core.backoff import Backoff
 from hydra_otel.core.budget import steps_omitted
@@ -66,7 +65,7 @@ RESOLVE_BATCH = 512
 class Resolver:
     """Turns a batch of work into spans; holds the query helpers and the duplicate filter."""
 
-    db: Database
+    db: queries.Fetcher
     cfg: RenderConfig
     stats: Stats
     builds: queries.BuildQueries
@@ -84,7 +83,7 @@ class Resolver:
     @classmethod
     def create(
         cls,
-        db: Database,
+        db: queries.Fetcher,
         cfg: RenderConfig,
         stats: Stats,
         *,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 
@@ -67,7 +68,7 @@ class Harness:
                 await self.sink.changed.wait()
 
 
-async def test_a_full_batch_goes_at_once(autojump_clock: trio.testing.MockClock) -> None:
+async def test_run_exporter_sends_a_full_batch_at_once(autojump_clock: trio.testing.MockClock) -> None:
     h = Harness()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(h.run)
@@ -78,7 +79,9 @@ async def test_a_full_batch_goes_at_once(autojump_clock: trio.testing.MockClock)
         await h.send.aclose()
 
 
-async def test_a_partial_batch_waits_for_the_delay(autojump_clock: trio.testing.MockClock) -> None:
+async def test_run_exporter_holds_a_partial_batch_for_the_delay(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     h = Harness()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(h.run)
@@ -92,7 +95,7 @@ async def test_a_partial_batch_waits_for_the_delay(autojump_clock: trio.testing.
         await h.send.aclose()
 
 
-async def test_the_remainder_of_an_oversized_list_goes_after_the_delay(
+async def test_run_exporter_sends_the_remainder_of_an_oversized_list_after_the_delay(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     # One list of 6 spans: a full batch of 4 goes at once; the other 2 must not wait for more input.
@@ -107,7 +110,7 @@ async def test_the_remainder_of_an_oversized_list_goes_after_the_delay(
     assert h.stats.spans_exported == 6
 
 
-async def test_a_checkpoint_flushes_and_is_committed_after_the_spans(
+async def test_run_exporter_flushes_at_a_checkpoint_and_commits_it_after_the_spans(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     h = Harness()
@@ -123,7 +126,9 @@ async def test_a_checkpoint_flushes_and_is_committed_after_the_spans(
     assert h.committed == [marks]
 
 
-async def test_closing_flushes_what_is_left(autojump_clock: trio.testing.MockClock) -> None:
+async def test_run_exporter_flushes_what_is_left_when_its_input_closes(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     h = Harness()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(h.run)
@@ -147,7 +152,7 @@ class RefusingSink(RecordingSink):
         return Delivery(done=True, refused=refused, repaired=1)
 
 
-async def test_a_refused_span_is_counted_logged_once_and_the_checkpoint_advances(
+async def test_run_exporter_counts_and_logs_a_refused_span_once_and_the_checkpoint_advances(
     autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     h = Harness()
@@ -171,7 +176,7 @@ async def test_a_refused_span_is_counted_logged_once_and_the_checkpoint_advances
     assert [r.__dict__["spans"] for r in repairs] == [1]
 
 
-async def test_a_batch_refused_whole_leaves_the_exporter_unhealthy(
+async def test_run_exporter_is_unhealthy_after_a_batch_refused_whole(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     h = Harness()
@@ -186,3 +191,75 @@ async def test_a_batch_refused_whole_leaves_the_exporter_unhealthy(
         await h.send.aclose()
     assert h.stats.spans_refused == 2
     assert not h.stats.exporting_failed  # the next batch was taken
+
+
+class FailingSink(RecordingSink):
+    """Answers "retry later" to the first ``failures`` exports (forever if None), then takes every batch."""
+
+    def __init__(self, failures: int | None) -> None:
+        super().__init__()
+        self.failures = failures
+
+    async def export(self, batch: Sequence[SpanRecord]) -> Delivery:
+        await super().export(batch)
+        if self.failures is None or self.failures > 0:
+            if self.failures is not None:
+                self.failures -= 1
+            return Delivery(done=False, reason="UNAVAILABLE")
+        return DELIVERED
+
+
+async def test_run_exporter_retries_with_backoff_and_stores_marks_after_the_ack(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A refused export is retried after 1 s, then 2 s (no jitter); the checkpoint is committed only after the ack."""
+    h = Harness()
+    h.sink = FailingSink(failures=2)
+    marks = Marks(stop_time=9)
+    committed_at: list[float] = []
+
+    async def commit(m: Marks) -> None:
+        committed_at.append(trio.current_time())
+        await h.commit(m)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(
+            functools.partial(
+                run_exporter,
+                batch_size=BATCH,
+                delay=DELAY,
+                backoff=Backoff(base=1.0, factor=2.0, jitter=0.0),
+                commit=commit,
+            ),
+            h.receive,
+            h.sink,
+            h.stats,
+        )
+        start = trio.current_time()
+        await h.send.send([make_span(span_id=1)])
+        await h.send.send(Checkpoint(marks))
+        await h.until_sent(3)
+        assert h.stats.exporting_failed is False
+        await h.send.aclose()
+    assert [at - start for at, _ in h.sink.sent] == [0.0, 1.0, 3.0]
+    assert committed_at == [start + 3.0]
+    assert h.committed == [marks]
+    assert (h.stats.export_failures, h.stats.spans_exported) == (2, 1)
+
+
+async def test_run_exporter_counts_what_the_shutdown_deadline_cuts_off(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Spans being retried, waiting in the batch and still queued are counted as dropped; no marks are stored."""
+    h = Harness()
+    h.sink = FailingSink(failures=None)
+    with trio.move_on_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(h.run)
+            await h.send.send([make_span(span_id=i) for i in range(6)])  # a batch of 4 retried, 2 waiting
+            await h.send.send(Checkpoint(Marks(stop_time=1)))
+            await h.send.send([make_span(span_id=9)])  # queued behind the checkpoint
+    assert h.stats.exporting_failed
+    assert h.stats.spans_dropped == 7
+    assert h.stats.spans_exported == 0
+    assert h.committed == []

@@ -50,7 +50,7 @@ async def stitch(rows: FakeRows, events: list[EvalCached | EvalFailed], stats: S
     return [w async for w in out_rx]
 
 
-async def test_closings_are_checked_in_one_query_per_batch() -> None:
+async def test_run_stitcher_checks_closings_in_one_query_per_batch() -> None:
     """A batch of forged closings costs one lookup of each ID; only the one the rows vouch for becomes an attempt."""
     rows, stats = FakeRows(), Stats()
     events: list[EvalCached | EvalFailed] = [
@@ -73,7 +73,7 @@ async def test_closings_are_checked_in_one_query_per_batch() -> None:
     }
 
 
-async def test_unreadable_rows_accept_a_bounded_few() -> None:
+async def test_run_stitcher_accepts_a_bounded_few_closings_when_rows_are_unreadable() -> None:
     """With the database down, closing events are accepted only within the global budget."""
     rows, stats = FakeRows(), Stats()
     rows.down = True

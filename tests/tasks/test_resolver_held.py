@@ -39,7 +39,7 @@ def added(eval_id: int) -> AddedEval:
     return AddedEval(eval_id=eval_id, jobset_id=1, correlation_id="", started_ns=None, ended_ns=0)
 
 
-async def test_held_work_and_its_checkpoints_go_out_after_the_grant(
+async def test_run_resolver_sends_held_work_and_its_checkpoints_after_the_grant(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     fake = FakeResolver()

@@ -62,7 +62,7 @@ async def test_database_down_accepts_every_start() -> None:
     assert await known.known({5}) == {5}
 
 
-async def test_rejections_are_counted_and_logged_per_batch(caplog: pytest.LogCaptureFixture) -> None:
+async def test_run_stitcher_counts_and_logs_rejections_per_batch(caplog: pytest.LogCaptureFixture) -> None:
     """A flood for unknown jobsets is one query, one counter, and a log line per batch, not one per event."""
     table = FakeTable({1})
     stats = Stats()
