@@ -9,7 +9,6 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import TextIO
 
@@ -44,18 +43,16 @@ from hydra_otel.backfill.progress import (
     progress_text,
 )
 from hydra_otel.config import Config
-from hydra_otel.core.backoff import Backoff
 from hydra_otel.core.catchup import Checkpoint, Marks
 from hydra_otel.core.evals import AddedEval
 from hydra_otel.core.events import BuildFinished
-from hydra_otel.core.spans import SpanRecord
 from hydra_otel.core.stitch import Work
 from hydra_otel.errors import first_leaf
 from hydra_otel.log import Redactor
-from hydra_otel.service import make_sink, render_config
+from hydra_otel.pipeline.factories import close_sinks, make_sink, render_config
+from hydra_otel.pipeline.tail import start_tail, store_marks
 from hydra_otel.stats import Stats
-from hydra_otel.tasks.exporter import run_exporter
-from hydra_otel.tasks.resolver import RESOLVE_BATCH, Resolver, run_resolver
+from hydra_otel.tasks.resolver import Resolver
 from hydra_otel.tasks.retry import until_db_answers
 
 # --- SQL (plain SELECTs; columns as declared in tools.HYDRA_COLUMNS) ----------------------------------
@@ -158,7 +155,7 @@ class Backfill:
             cfg: the daemon's configuration (database, OTLP, rendering, state directory).
             opts: the selection and limits.
             out: where progress goes (the CLI passes standard error).
-            sink: the OTLP sink (default: :func:`hydra_otel.service.make_sink`); unused by a dry run.
+            sink: the OTLP sink (default: :func:`hydra_otel.pipeline.factories.make_sink`); unused by a dry run.
         """
         self.cfg = cfg
         self.opts = opts
@@ -291,61 +288,54 @@ class Backfill:
     ) -> None:
         cfg, opts = self.cfg, self.opts
         work_tx, work_rx = trio.open_memory_channel[Work | Checkpoint](WORK_QUEUE)
-        span_tx, span_rx = trio.open_memory_channel[Sequence[SpanRecord] | Checkpoint](
-            max(2, SPAN_QUEUE // RESOLVE_BATCH)
-        )
         bucket = TokenBucket(opts.rate) if opts.rate > 0 and not opts.dry_run else None
         inner = None if opts.dry_run else (self._sink or make_sink(cfg))
         sink = _MeteredSink(inner, bucket, self.result.exported)
         resolver = Resolver.create(database, render_config(cfg), self.stats, recent=RECENT_SPANS)
 
+        def save(marks: Marks) -> bool:  # in a worker thread
+            if opts.dry_run:
+                return True
+            progress = SavedProgress(
+                since=saving.since,
+                until=saving.until,
+                jobsets=saving.jobsets,
+                last_eval_id=marks.eval_id,
+                evals_done=self.result.evals_done,
+                updated=_now_iso(),
+            )
+            if store.checkpoint(key, progress):
+                return True
+            self.stats.marks_store_failures += 1  # logged once; the next checkpoint writes again
+            return False
+
+        store_checkpoint = store_marks(save, self.stats)
+
         async def commit(marks: Marks) -> None:
             self.result.last_eval_id = marks.eval_id
             self.result.evals_done = self._done_at.pop(marks.eval_id, self.result.evals_done)
-            stored = True
-            if not opts.dry_run:
-                progress = SavedProgress(
-                    since=saving.since,
-                    until=saving.until,
-                    jobsets=saving.jobsets,
-                    last_eval_id=marks.eval_id,
-                    evals_done=self.result.evals_done,
-                    updated=_now_iso(),
-                )
-                stored = await trio.to_thread.run_sync(store.checkpoint, key, progress)
-            if stored:
-                self.stats.checkpoints += 1
-            else:
-                self.stats.marks_store_failures += 1  # logged once; the next checkpoint writes again
+            await store_checkpoint(marks)
             self._draw()
 
-        async def export() -> None:
-            try:
-                await run_exporter(
-                    span_rx,
-                    sink,
-                    self.stats,
-                    batch_size=cfg.export.batch_size,
-                    delay=cfg.export.delay,
-                    backoff=Backoff(base=0.5, factor=2.0, cap=cfg.export.max_backoff, jitter=0.2),
-                    commit=commit,
-                )
-            finally:
-                sink.shutdown()
-
-        async with trio.open_nursery() as outer:
-            outer.start_soon(self._redraw)
-            async with trio.open_nursery() as pipeline:
-                pipeline.start_soon(export)
-                pipeline.start_soon(
-                    functools.partial(run_resolver, backoff=Backoff(base=0.5, cap=10.0)),
-                    work_rx,
-                    span_tx,
-                    resolver,
-                )
-                async with work_tx:
-                    await self._produce(database, work_tx, jobset_ids, after)
-            outer.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as outer:
+                outer.start_soon(self._redraw)
+                async with trio.open_nursery() as pipeline:
+                    start_tail(
+                        pipeline,
+                        work_rx,
+                        resolver,
+                        sink,
+                        self.stats,
+                        export=cfg.export,
+                        queue_size=SPAN_QUEUE,
+                        commit=commit,
+                    )
+                    async with work_tx:
+                        await self._produce(database, work_tx, jobset_ids, after)
+                outer.cancel_scope.cancel()
+        finally:
+            await close_sinks(sink)
 
     async def _produce(
         self,

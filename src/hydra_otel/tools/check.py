@@ -20,7 +20,7 @@ from hydra_otel.config import Config
 from hydra_otel.core.backoff import Backoff
 from hydra_otel.core.spans import Kind, SpanRecord
 from hydra_otel.errors import StateDirError
-from hydra_otel.service import make_sink
+from hydra_otel.pipeline.factories import make_sink
 from hydra_otel.tools.common import (
     ADDED_IN,
     CHECK_SPAN_NAME,

@@ -17,7 +17,7 @@ from hydra_otel.config import Config
 from hydra_otel.core import ids
 from hydra_otel.core.builds import build_attempt, build_span_id, placement
 from hydra_otel.dsn import has_userinfo
-from hydra_otel.service import render_config
+from hydra_otel.pipeline.factories import render_config
 from hydra_otel.tools.common import (
     DB_ERRORS,
     DB_TIMEOUT,
