@@ -66,6 +66,10 @@ RETRYABLE: tuple[type[BaseException], ...] = (
 )
 
 
+#: Every error a query of a one-shot command (backfill, check, ids) can end with that is no bug: the
+#: database is unreachable or too slow, a table unreadable, a setting wrong. They report it and exit.
+QUERY_ERRORS: tuple[type[BaseException], ...] = (DbUnavailable, PermissionDenied, DbSettingsError, *RETRYABLE)
+
 #: What ends one LISTEN session and starts a reconnect: driver errors, and our own "connection lost".
 #: (Invalid settings never get here: the connect maps them to ConfigError first.)
 _LISTEN_LOST: tuple[type[BaseException], ...] = (*RETRYABLE, DbUnavailable)

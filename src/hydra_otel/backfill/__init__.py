@@ -44,7 +44,7 @@ from hydra_otel.backfill.options import (
     options_from_args,
     parse_time,
 )
-from hydra_otel.backfill.progress import ProgressFile, Tally, TokenBucket, _MeteredSink, progress_text
+from hydra_otel.backfill.progress import PacedSink, ProgressFile, Tally, TokenBucket, progress_text
 from hydra_otel.backfill.run import Backfill, BackfillResult, backfill, run_backfill
 
 __all__ = [
@@ -56,10 +56,10 @@ __all__ = [
     "BackfillError",
     "BackfillOptions",
     "BackfillResult",
+    "PacedSink",
     "ProgressFile",
     "Tally",
     "TokenBucket",
-    "_MeteredSink",
     "add_backfill_command",
     "backfill",
     "options_from_args",
