@@ -155,7 +155,7 @@ class Service:
 
     async def _supervise(self, store: StateStore) -> None:
         """Run the pipeline; start it again whenever a task fails on an unexpected error."""
-        backoff = Backoff(base=1.0, factor=2.0, cap=30.0, jitter=0.2)
+        backoff = Backoff.restart()
         while True:
             began = trio.current_time()
             try:
@@ -266,7 +266,7 @@ class Service:
                 CHANNELS,
                 raw_tx,
                 stats=self.listen,
-                backoff=_backoff(10.0),
+                backoff=Backoff.transient(10.0),
                 consume=hint_counter(self.stats),
                 task_status=task_status,
             )
@@ -302,10 +302,6 @@ async def _open_store(cfg: Config, stats: Stats) -> StateStore:
     """
     open_store = functools.partial(StateStore, cfg.state_dir, instance=cfg.stitch.instance, stats=stats)
     return await trio.to_thread.run_sync(open_store)
-
-
-def _backoff(cap: float) -> Backoff:
-    return Backoff(base=0.5, factor=2.0, cap=cap, jitter=0.2)
 
 
 #: Each starts a graceful stop; a second one stops at once. SIGHUP too: there is no configuration

@@ -70,12 +70,12 @@ def start_tail(
             stats,
             batch_size=export.batch_size,
             delay=export.delay,
-            backoff=Backoff(base=0.5, factor=2.0, cap=export.max_backoff, jitter=0.2),
+            backoff=Backoff.transient(export.max_backoff),
             commit=commit,
         )
     )
     nursery.start_soon(
-        functools.partial(run_resolver, backoff=Backoff(base=0.5, factor=2.0, cap=10.0, jitter=0.2)),
+        functools.partial(run_resolver, backoff=Backoff.transient(10.0)),
         work,
         span_tx,
         resolver,

@@ -214,7 +214,7 @@ async def _listen_round_trip(dsn: str) -> str:
     send, receive = trio.open_memory_channel[db.ListenItem](16)
     started = trio.current_time()
     async with trio.open_nursery() as nursery:
-        backoff = Backoff(base=0.2, cap=1.0)
+        backoff = Backoff.interactive()
         await nursery.start(
             lambda task_status: db.run_listener(
                 dsn, [channel], send, stats=db.ListenStatistics(), backoff=backoff, task_status=task_status
