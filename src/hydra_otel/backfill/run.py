@@ -331,15 +331,7 @@ class Backfill:
                 return
             eval_ids = [eval_id for eval_id, _ in page]
             for eval_id, jobset_id in page:
-                await work.send(
-                    AddedEval(
-                        eval_id=eval_id,
-                        jobset_id=jobset_id,
-                        correlation_id="",
-                        started_ns=None,
-                        ended_ns=0,
-                    )
-                )
+                await work.send(AddedEval.from_table(eval_id, jobset_id))
             build_after = 0
             while True:
                 builds = await until_db_answers(
