@@ -4,8 +4,8 @@ Theory of operation (Trio-flavoured; :func:`run_demo` opens its own trio-asyncio
 
     PgCluster (worker thread)        throwaway PostgreSQL, database "hydra" with Hydra's schema 87
     └─ GrpcOtlpReceiver              in-process OTLP/gRPC receiver (unless OTEL_EXPORTER_OTLP_*ENDPOINT is set)
-       └─ trio_asyncio.open_loop()
-          ├─ Service.run             the daemon, exactly as ``hydra-otel run`` runs it
+       └─ open_loop()             trio-asyncio, for the daemon's database adapter
+          ├─ Daemon.run              the daemon, exactly as ``hydra-otel run`` runs it (the CLI passes it in)
           └─ play the workload       demo_workload's steps, on a second connection, so NOTIFYs are real
 
 Once every expected span has arrived (or a deadline passed) the daemon is stopped gracefully, then the
@@ -28,19 +28,18 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, Protocol
 
 import trio
-import trio_asyncio
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from hydra_otel import config
-from hydra_otel.adapters.db import open_connection
+from hydra_otel.adapters.db import open_connection, open_loop
 from hydra_otel.demo_workload import FULL, SHORT, Workload
 from hydra_otel.errors import ConfigError
 from hydra_otel.sandbox.pgcluster import PgCluster, SandboxError
 from hydra_otel.sandbox.receiver import GrpcOtlpReceiver, ReceivedSpan
-from hydra_otel.service import Service, make_sink
+from hydra_otel.stats import Stats
 from hydra_otel.waterfall import from_otlp, group_traces, otlp_json, render_waterfall
 
 #: Hydra's web address in span links (the demo has no web UI; this is Hydra's default).
@@ -52,6 +51,41 @@ SPAN_TIMEOUT: Final = 10.0
 _READY_TIMEOUT: Final = 30.0
 _TRACE_FILE: Final = re.compile(r"[0-9a-f]{32}\.json")
 _JAEGER: Final = "docker run --rm -d --name jaeger -p 16686:16686 -p 4317:4317 jaegertracing/jaeger"
+
+
+class Daemon(Protocol):
+    """What the demo drives of the daemon: ``hydra_otel.service.Service``, which the CLI builds.
+
+    The demo takes the daemon from the composition root rather than importing it, so that
+    nothing but the CLI depends on ``service.py``.
+    """
+
+    @property
+    def stats(self) -> Stats:
+        """The daemon's counters."""
+        ...
+
+    @property
+    def ready(self) -> trio.Event:
+        """Set once LISTEN is active and the catch-up began."""
+        ...
+
+    @property
+    def stopped(self) -> trio.Event:
+        """Set once :meth:`run` returned."""
+        ...
+
+    async def run(self) -> None:
+        """Run until stopped (inside ``open_loop()``)."""
+        ...
+
+    def stop(self) -> None:
+        """Begin a graceful stop."""
+        ...
+
+
+#: Builds the daemon for a configuration.
+DaemonFactory = Callable[[config.Config], Daemon]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -88,11 +122,12 @@ def _say(text: str = "") -> None:
     print(text, flush=True)
 
 
-async def run_demo(opts: DemoOptions) -> int:
+async def run_demo(opts: DemoOptions, daemon: DaemonFactory) -> int:
     """Run the demo (Trio-flavoured; it opens its own trio-asyncio loop).
 
     Args:
         opts: what to play and where to put the output.
+        daemon: builds the daemon for the demo's configuration (the CLI passes ``hydra-otel run``'s).
 
     Returns:
         The exit code: 0 when every expected span arrived, 1 when some did not or PostgreSQL is
@@ -101,7 +136,7 @@ async def run_demo(opts: DemoOptions) -> int:
     with trio.CancelScope() as interrupted:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_on_signal, interrupted)
-            code = await _demo(opts)
+            code = await _demo(opts, daemon)
             nursery.cancel_scope.cancel()
         return code
     _say("\ninterrupted: the daemon, the OTLP receiver and PostgreSQL are stopped, their files removed")
@@ -115,13 +150,13 @@ async def _cancel_on_signal(scope: trio.CancelScope) -> None:
             return
 
 
-async def _demo(opts: DemoOptions) -> int:
+async def _demo(opts: DemoOptions, daemon: DaemonFactory) -> int:
     workload = SHORT if opts.short else FULL
     endpoint = external_endpoint(os.environ)
     _say("hydra-otel demo: a scripted Hydra plays its SQL and NOTIFYs against a throwaway PostgreSQL")
     _say("while the hydra-otel daemon LISTENs, turns them into traces and exports them over OTLP.\n")
     try:
-        played = await _run(workload, endpoint, opts.speed)
+        played = await _run(workload, endpoint, opts.speed, daemon)
     except SandboxError as exc:  # PostgresNotFoundError included: its message says how to install it
         print(f"hydra-otel demo needs a PostgreSQL server it can start.\n{exc}", file=sys.stderr)
         return 1
@@ -138,7 +173,7 @@ def external_endpoint(environ: Mapping[str, str]) -> str | None:
     return next((environ[v] for v in ENDPOINT_VARIABLES if environ.get(v)), None)
 
 
-async def _run(workload: Workload, endpoint: str | None, speed: float) -> Played:
+async def _run(workload: Workload, endpoint: str | None, speed: float, daemon: DaemonFactory) -> Played:
     async with open_cluster() as cluster:
         dsn = await trio.to_thread.run_sync(cluster.createdb, "hydra", 87)
         with contextlib.ExitStack() as stack:
@@ -146,7 +181,7 @@ async def _run(workload: Workload, endpoint: str | None, speed: float) -> Played
             state = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="hydra-otel-demo-")))
             target = None if receiver is None else f"http://{receiver.endpoint}"
             cfg = demo_config(dsn, state, workload, receiver=target, environ=os.environ)
-            complete, exported = await _play(cfg, workload, receiver, speed)
+            complete, exported = await _play(daemon(cfg), cfg, workload, receiver, speed)
             received = None if receiver is None else receiver.spans()
             requests = [] if receiver is None else receiver.requests
     _say("daemon, receiver and PostgreSQL stopped; the cluster's files are removed.\n")
@@ -205,18 +240,17 @@ def demo_config(
 
 
 async def _play(
-    cfg: config.Config, workload: Workload, receiver: GrpcOtlpReceiver | None, speed: float
+    service: Daemon, cfg: config.Config, workload: Workload, receiver: GrpcOtlpReceiver | None, speed: float
 ) -> tuple[bool, int]:
     """Run the daemon, play the workload step by step, then stop the daemon gracefully.
 
     Returns:
         Whether every expected span arrived, and how many spans the daemon exported.
     """
-    service = Service(cfg=cfg, sink=make_sink(cfg))
     count: Callable[[], int] = (
         (lambda: service.stats.spans_exported) if receiver is None else (lambda: len(receiver.spans()))
     )
-    async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+    async with open_loop(), trio.open_nursery() as nursery:
         nursery.start_soon(service.run)
         with trio.fail_after(_READY_TIMEOUT):
             await service.ready.wait()

@@ -93,7 +93,7 @@ class Tally:
         self.spans += len(records)
 
 
-class _MeteredSink:
+class PacedSink:
     """Takes ``len(batch)`` tokens before each export attempt, and counts what was acknowledged.
 
     Without an inner sink (a dry run) every batch is acknowledged at once and goes nowhere.
@@ -290,7 +290,7 @@ class ProgressFile:
 
 
 @contextlib.contextmanager
-def _exclusive(state_dir: Path) -> Iterator[None]:
+def exclusive(state_dir: Path) -> Iterator[None]:
     """Hold ``backfill.lock``: one backfill at a time writes a state directory's progress."""
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
@@ -320,7 +320,8 @@ class _ExporterDropFilter(logging.Filter):
 
 
 @contextlib.contextmanager
-def _quiet_exporter_drop() -> Iterator[None]:
+def quiet_exporter_drop() -> Iterator[None]:
+    """Hide the exporter's "shutdown deadline passed" line while a backfill runs (see the filter)."""
     logger, drop = logging.getLogger("hydra_otel.exporter"), _ExporterDropFilter()
     logger.addFilter(drop)
     try:
@@ -332,11 +333,13 @@ def _quiet_exporter_drop() -> Iterator[None]:
 # --- progress display -----------------------------------------------------------------------------------
 
 
-def _n(count: int, noun: str) -> str:
+def plural(count: int, noun: str) -> str:
+    """``"1 build"``, ``"2 builds"``."""
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
-def _duration(seconds: float) -> str:
+def duration_text(seconds: float) -> str:
+    """``seconds`` as ``H:MM:SS``."""
     s = max(0, round(seconds))
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
@@ -368,7 +371,7 @@ def progress_text(
     if done >= total:
         eta = "0:00:00"
     elif done_here > 0 and elapsed > 0:
-        eta = _duration((total - done) * elapsed / done_here)
+        eta = duration_text((total - done) * elapsed / done_here)
     else:
         eta = "-:--:--"
     text = (
@@ -378,7 +381,7 @@ def progress_text(
     return text + ("  (export failing, retrying)" if failing else "")
 
 
-class _Display:
+class Display:
     """Draws the progress: one updating line on a terminal, else a line every ``interval`` seconds."""
 
     def __init__(self, out: TextIO, *, tty: bool, interval: float) -> None:

@@ -134,15 +134,7 @@ class Catchup:
             after = page[-1][0]
             for eval_id, jobset_id in page:
                 if self._seen.add(("eval", eval_id)):
-                    await self._work.send(
-                        AddedEval(
-                            eval_id=eval_id,
-                            jobset_id=jobset_id,
-                            correlation_id="",
-                            started_ns=None,
-                            ended_ns=0,
-                        )
-                    )
+                    await self._work.send(AddedEval.from_table(eval_id, jobset_id))
             progress.marks = progress.marks.merged(Marks(eval_id=page[-1][0]))
             await self._work.send(Checkpoint(progress.marks))
 

@@ -4,7 +4,7 @@ Theory of operation. Both commands reuse the daemon's own code, so they answer
 for the daemon rather than for a re-implementation: ``ids`` derives IDs with
 :mod:`hydra_otel.core.ids` and places builds with ``core.builds.placement`` over
 the rows :class:`~hydra_otel.adapters.queries.BuildQueries` reads; ``check``
-exports through the same sink :func:`hydra_otel.service.make_sink` builds and
+exports through the same sink :func:`hydra_otel.pipeline.factories.make_sink` builds and
 LISTENs through :func:`hydra_otel.adapters.db.run_listener`.
 
 The async functions here are **Trio-flavoured** and need

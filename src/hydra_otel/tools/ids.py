@@ -17,9 +17,8 @@ from hydra_otel.config import Config
 from hydra_otel.core import ids
 from hydra_otel.core.builds import build_attempt, build_span_id, placement
 from hydra_otel.dsn import has_userinfo
-from hydra_otel.service import render_config
+from hydra_otel.pipeline.factories import render_config
 from hydra_otel.tools.common import (
-    DB_ERRORS,
     DB_TIMEOUT,
     JAEGER_URL_ENV,
     TEMPO_DATASOURCE_ENV,
@@ -156,7 +155,7 @@ async def build_ids(cfg: Config, build_id: int, attempt: int | None = None) -> d
                 q = BuildQueries(database, budget=cfg.stitch.max_builds_per_trace)
                 facts = (await q.builds([build_id])).get(build_id)
                 steps = (await q.steps([build_id])).get(build_id, []) if facts is not None else []
-    except DB_ERRORS as exc:
+    except db.QUERY_ERRORS as exc:
         raise ToolError(f"cannot read the database {cfg.db.redacted_url}: {describe(exc, cfg)}") from None
     if facts is None:
         raise ToolError(f"build {build_id} is not in the database {cfg.db.redacted_url}")
