@@ -1,6 +1,6 @@
 """An in-process OTLP/gRPC receiver for metrics and logs, for the tests.
 
-The trace receivers live in ``hydra_otel.sandbox.receiver``; this one serves
+The trace receivers live in ``hydra_otel.demo.sandbox.receiver``; this one serves
 ``MetricsService/Export`` and ``LogsService/Export`` on one 127.0.0.1 port the OS
 picks, keeps every request in a lock-protected list (the gRPC server answers on
 its own threads), and offers helpers that flatten requests into data points
@@ -30,7 +30,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord
 from opentelemetry.proto.metrics.v1.metrics_pb2 import HistogramDataPoint, Metric, NumberDataPoint
 
-from hydra_otel.sandbox.receiver import AttributeValue, ServerTls, attributes_dict
+from hydra_otel.demo.sandbox.receiver import AttributeValue, ServerTls, attributes_dict
 
 
 class ReceivedMetric(NamedTuple):

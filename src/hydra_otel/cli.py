@@ -103,7 +103,7 @@ def _demo(args: argparse.Namespace) -> int:
     try:
         import trio
 
-        from hydra_otel.demo import DemoOptions, run_demo
+        from hydra_otel.demo.run import DemoOptions, run_demo
 
         opts = DemoOptions(
             short=args.short,

@@ -36,8 +36,8 @@ from typing import Any
 import trio
 import trio_asyncio
 
-from hydra_otel.sandbox.pgcluster import PgCluster
-from hydra_otel.sandbox.receiver import GrpcOtlpReceiver
+from hydra_otel.demo.sandbox.pgcluster import PgCluster
+from hydra_otel.demo.sandbox.receiver import GrpcOtlpReceiver
 from tests.chaos import check
 from tests.chaos.workload import Driver, Workload
 

@@ -44,8 +44,8 @@ from hydra_otel.backfill import (
 )
 from hydra_otel.config import Config
 from hydra_otel.core import ids
-from hydra_otel.sandbox.hydrasim import NewBuild, store_path
-from hydra_otel.sandbox.receiver import GrpcOtlpReceiver, ReceivedSpan
+from hydra_otel.demo.sandbox.hydrasim import NewBuild, store_path
+from hydra_otel.demo.sandbox.receiver import GrpcOtlpReceiver, ReceivedSpan
 from tests.integration.harness import HYDRA_URL, Hydra, StartDaemon, daemon_config, stop
 
 T0 = 1_700_000_000

@@ -17,7 +17,7 @@ import pytest
 import trio
 
 from hydra_otel.adapters.state import FILENAME, inspect
-from hydra_otel.sandbox.receiver import GrpcOtlpReceiver
+from hydra_otel.demo.sandbox.receiver import GrpcOtlpReceiver
 from tests.integration.harness import Hydra, daemon_env, daemon_process
 from tests.integration.test_cli import CID, free_port, http_get, read_until
 

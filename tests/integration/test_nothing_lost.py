@@ -29,9 +29,9 @@ import trio
 from trio_asyncio import aio_as_trio
 
 from hydra_otel.core.events import DATA_CHANNELS, TRIGGER_CHANNELS
-from hydra_otel.sandbox.hydrasim import HydraSim
-from hydra_otel.sandbox.pgcluster import PgCluster
-from hydra_otel.sandbox.receiver import GrpcOtlpReceiver
+from hydra_otel.demo.sandbox.hydrasim import HydraSim
+from hydra_otel.demo.sandbox.pgcluster import PgCluster
+from hydra_otel.demo.sandbox.receiver import GrpcOtlpReceiver
 from hydra_otel.service import Service
 from tests.integration.harness import Hydra
 from tests.integration.workload import (

@@ -25,8 +25,8 @@ from hydra_otel import cli, config
 from hydra_otel.adapters import db, queries
 from hydra_otel.adapters.state import FILENAME, StateStore
 from hydra_otel.core.catchup import Marks
-from hydra_otel.sandbox.hydrasim import NewBuild
-from hydra_otel.sandbox.receiver import GrpcOtlpReceiver, HttpOtlpReceiver, ReceivedSpan
+from hydra_otel.demo.sandbox.hydrasim import NewBuild
+from hydra_otel.demo.sandbox.receiver import GrpcOtlpReceiver, HttpOtlpReceiver, ReceivedSpan
 from hydra_otel.tools import (
     HYDRA_COLUMNS,
     add_tool_commands,
