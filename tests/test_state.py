@@ -15,7 +15,7 @@ import pytest
 from hydra_otel.adapters.state import FILENAME, LOCK_FILENAME, StateStore, inspect
 from hydra_otel.core.catchup import Marks
 from hydra_otel.errors import StateDirError
-from hydra_otel.stats import Stats
+from hydra_otel.selfmon.stats import Stats
 
 MARKS = Marks(eval_id=42, stop_time=1_700_000_123, jobsets={1: 1_700_000_100, 20: 1_700_000_050})
 

@@ -63,8 +63,8 @@ from hydra_otel.core.events import DATA_CHANNELS, TRIGGER_CHANNELS, Received
 from hydra_otel.core.spans import SpanRecord
 from hydra_otel.core.stitch import Stitcher, Work
 from hydra_otel.errors import ConfigError, LeadershipLost, StateDirError
-from hydra_otel.metrics_http import MetricsSnapshot, gauge, serve_metrics, snapshot_from
-from hydra_otel.stats import Stats
+from hydra_otel.selfmon.server import MetricsSnapshot, gauge, serve_metrics, snapshot_from
+from hydra_otel.selfmon.stats import Stats
 from hydra_otel.tasks.catchup import Catchup, CatchupSettings, Progress, run_catchup
 from hydra_otel.tasks.exporter import run_exporter
 from hydra_otel.tasks.intake import hint_counter, run_intake

@@ -17,7 +17,7 @@ import pytest
 import trio
 
 from hydra_otel.adapters.otlp_metrics import MeteredSpanSink, MetricsSink, make_metric_exporter
-from hydra_otel.core.metrics import PIPELINE_RUN_ACTIVE, PIPELINE_RUN_ERRORS, SYSTEM_ERRORS, WORKER_COUNT
+from hydra_otel.core.cicd_metrics import PIPELINE_RUN_ACTIVE, PIPELINE_RUN_ERRORS, SYSTEM_ERRORS, WORKER_COUNT
 from hydra_otel.demo.sandbox.hydrasim import NewBuild
 from hydra_otel.demo.sandbox.receiver import GrpcOtlpReceiver, ReceivedSpan, attributes_dict
 from hydra_otel.service import Service, export_settings, make_sink, otel_resource

@@ -34,7 +34,7 @@ from typing import Final
 
 from hydra_otel.core.catchup import Marks, marks_from_json, marks_to_json
 from hydra_otel.errors import StateDirError
-from hydra_otel.stats import Stats
+from hydra_otel.selfmon.stats import Stats
 
 log = logging.getLogger("hydra_otel.state")
 

@@ -52,8 +52,8 @@ from hydra_otel.core.spans import SpanRecord
 from hydra_otel.core.stitch import Work
 from hydra_otel.errors import first_leaf
 from hydra_otel.log import Redactor
+from hydra_otel.selfmon.stats import Stats
 from hydra_otel.service import make_sink, render_config
-from hydra_otel.stats import Stats
 from hydra_otel.tasks.exporter import run_exporter
 from hydra_otel.tasks.resolver import RESOLVE_BATCH, Resolver, run_resolver
 from hydra_otel.tasks.retry import until_db_answers
