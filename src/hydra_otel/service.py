@@ -65,12 +65,12 @@ from hydra_otel.core.stitch import Stitcher, Work
 from hydra_otel.errors import ConfigError, LeadershipLost, StateDirError
 from hydra_otel.selfmon.server import MetricsSnapshot, gauge, serve_metrics, snapshot_from
 from hydra_otel.selfmon.stats import Stats
-from hydra_otel.tasks.catchup import Catchup, CatchupSettings, Progress, run_catchup
+from hydra_otel.tasks.catchup_task import Catchup, CatchupSettings, Progress, run_catchup
 from hydra_otel.tasks.exporter import run_exporter
 from hydra_otel.tasks.intake import hint_counter, run_intake
 from hydra_otel.tasks.live_metrics import run_live_metrics
 from hydra_otel.tasks.resolver import RESOLVE_BATCH, Resolver, run_resolver
-from hydra_otel.tasks.stitcher import KnownJobsets, run_stitcher
+from hydra_otel.tasks.stitch_task import KnownJobsets, run_stitcher
 
 log = logging.getLogger("hydra_otel.service")
 

@@ -3,7 +3,7 @@
 A small SQLite database (``<state dir>/progress.sqlite3``), written in WAL mode
 with synchronous=FULL so a committed mark survives a crash or power loss. Marks
 are only written after the OTLP endpoint acknowledged every span derived from
-what they cover (see tasks/catchup.py), so losing the process at any moment
+what they cover (see tasks/catchup_task.py), so losing the process at any moment
 re-exports at most the window since the last mark. The store is the daemon's
 only write, and it never touches Hydra's database.
 
