@@ -52,7 +52,7 @@ from hydra_otel.adapters.db import (
 )
 from hydra_otel.adapters.otlp import ExporterSettings, OtlpSink, SpanSink, make_exporter
 from hydra_otel.adapters.otlp_metrics import MeteredSpanSink, MetricsSink, make_metrics_sink
-from hydra_otel.adapters.state import StateStore
+from hydra_otel.adapters.progress_store import ProgressStore
 from hydra_otel.adapters.steplogs import LogTailSink, StepLogs, TailSettings, make_log_exporter
 from hydra_otel.config import Config, OtlpTarget, Signal
 from hydra_otel.core.backoff import Backoff
@@ -65,7 +65,7 @@ from hydra_otel.core.stitch import Stitcher, Work
 from hydra_otel.errors import ConfigError, LeadershipLost, StateDirError
 from hydra_otel.selfmon.server import MetricsSnapshot, gauge, serve_metrics, snapshot_from
 from hydra_otel.selfmon.stats import Stats
-from hydra_otel.tasks.catchup_task import Catchup, CatchupSettings, Progress, run_catchup
+from hydra_otel.tasks.catchup_task import Catchup, CatchupSettings, CatchupState, run_catchup
 from hydra_otel.tasks.exporter import run_exporter
 from hydra_otel.tasks.intake import hint_counter, run_intake
 from hydra_otel.tasks.live_metrics import run_live_metrics
@@ -89,7 +89,7 @@ class Service:
     ready: trio.Event = field(default_factory=trio.Event)
     stopped: trio.Event = field(default_factory=trio.Event)
     stopping: bool = False
-    progress: Progress | None = None
+    catchup_state: CatchupState | None = None
     committed: Marks | None = None
     takeover: bool = False
     metrics: MetricsSink | None = None
@@ -147,7 +147,7 @@ class Service:
             log.info("stopped", extra=self.stats.snapshot())
             self.stopped.set()
 
-    async def _supervise(self, store: StateStore) -> None:
+    async def _supervise(self, store: ProgressStore) -> None:
         """Run the pipeline; start it again whenever a task fails on an unexpected error."""
         backoff = Backoff(base=1.0, factor=2.0, cap=30.0, jitter=0.2)
         while True:
@@ -185,7 +185,7 @@ class Service:
             if self.step_logs is not None:
                 await self.step_logs.aclose()
 
-    async def _run(self, store: StateStore) -> None:
+    async def _run(self, store: ProgressStore) -> None:
         cfg = self.cfg
         raw_tx, raw_rx = trio.open_memory_channel[ListenItem](cfg.queue_size)
         ev_tx, ev_rx = trio.open_memory_channel[Received](cfg.queue_size)
@@ -223,7 +223,7 @@ class Service:
                 await sources.start(self._listen, raw_tx)
                 # Catch-up starts once LISTEN is active, so the table scan and the live stream overlap.
                 catchup = Catchup(db, work_tx, self.catchup_settings(), stitcher.open_jobsets, handled)
-                self.progress = await sources.start(
+                self.catchup_state = await sources.start(
                     run_catchup, catchup, store, trig_rx, self.catchup_settings(), resolver.live_jobsets
                 )
                 if self.metrics is not None and self.metrics.enabled:
@@ -273,7 +273,7 @@ class Service:
             )
 
     async def _export(
-        self, span_rx: trio.MemoryReceiveChannel[Sequence[SpanRecord] | Checkpoint], store: StateStore
+        self, span_rx: trio.MemoryReceiveChannel[Sequence[SpanRecord] | Checkpoint], store: ProgressStore
     ) -> None:
         cfg = self.cfg.export
 
@@ -308,13 +308,13 @@ def _fatal(exc: BaseException) -> bool:
     return isinstance(exc, _FATAL)
 
 
-async def _open_store(cfg: Config, stats: Stats) -> StateStore:
+async def _open_store(cfg: Config, stats: Stats) -> ProgressStore:
     """The progress store, checked before anything else starts (an unusable one is fatal).
 
     Raises:
         StateDirError: the message says what is wrong and what to do (the CLI exits with code 2).
     """
-    open_store = functools.partial(StateStore, cfg.state_dir, instance=cfg.stitch.instance, stats=stats)
+    open_store = functools.partial(ProgressStore, cfg.state_dir, instance=cfg.stitch.instance, stats=stats)
     return await trio.to_thread.run_sync(open_store)
 
 

@@ -274,7 +274,7 @@ async def test_missing_grant_on_buildsteps_holds_builds_and_exports_evaluations(
         assert "GRANT SELECT ON buildsteps TO otel_reader;" in caplog.text
         # The builds are held, and so are the progress marks behind them: the catch-up scans
         # (every second) send checkpoints, and none is stored while the builds are held.
-        progress = service.progress
+        progress = service.catchup_state
         assert progress is not None
         scans = progress.scans
         await poll("a catch-up scan", lambda: progress.scans > scans)

@@ -44,7 +44,7 @@ from hydra_otel.backfill.options import (
     options_from_args,
     parse_time,
 )
-from hydra_otel.backfill.progress import ProgressFile, Tally, TokenBucket, _MeteredSink, progress_text
+from hydra_otel.backfill.progress import BackfillProgressFile, Tally, TokenBucket, _MeteredSink, progress_text
 from hydra_otel.backfill.run import Backfill, BackfillResult, backfill, run_backfill
 
 __all__ = [
@@ -55,8 +55,8 @@ __all__ = [
     "Backfill",
     "BackfillError",
     "BackfillOptions",
+    "BackfillProgressFile",
     "BackfillResult",
-    "ProgressFile",
     "Tally",
     "TokenBucket",
     "_MeteredSink",

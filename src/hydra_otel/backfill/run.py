@@ -31,8 +31,8 @@ from hydra_otel.backfill.options import (
     options_from_args,
 )
 from hydra_otel.backfill.progress import (
-    ProgressFile,
-    SavedProgress,
+    BackfillProgressFile,
+    SelectionProgress,
     Tally,
     TokenBucket,
     _Display,
@@ -181,14 +181,14 @@ class Backfill:
             BackfillError: unusable state directory or progress file, another backfill running,
                 unknown jobset, invalid period, database unreachable at the start.
         """
-        store = ProgressFile(self.cfg.state_dir)
+        store = BackfillProgressFile(self.cfg.state_dir)
         with _quiet_exporter_drop():
             if self.opts.dry_run:
                 return await self._run(store)
             with _exclusive(self.cfg.state_dir):
                 return await self._run(store)
 
-    async def _run(self, store: ProgressFile) -> BackfillResult:
+    async def _run(self, store: BackfillProgressFile) -> BackfillResult:
         opts, result = self.opts, self.result
         key = opts.key()
         saved = None if opts.restart else await trio.to_thread.run_sync(store.load, key)
@@ -222,7 +222,7 @@ class Backfill:
                         f"backfill: resuming after evaluation {after} "
                         f"({result.evals_done} of {result.evals_total} evaluations done)"
                     )
-                saving = SavedProgress(since=opts.since, until=until, jobsets=tuple(opts.jobsets))
+                saving = SelectionProgress(since=opts.since, until=until, jobsets=tuple(opts.jobsets))
                 if saved is None and not opts.dry_run:
                     # Recorded at once: a run interrupted before its first page then resumes with the
                     # same "now", and an interrupted --restart does not leave an old "complete" behind.
@@ -234,7 +234,7 @@ class Backfill:
                     raise _first(group) from None
             result.complete = True
             if not opts.dry_run:
-                done = SavedProgress(
+                done = SelectionProgress(
                     since=opts.since,
                     until=until,
                     jobsets=tuple(opts.jobsets),
@@ -283,9 +283,9 @@ class Backfill:
     async def _pipeline(
         self,
         database: db.Database,
-        store: ProgressFile,
+        store: BackfillProgressFile,
         key: str,
-        saving: SavedProgress,
+        saving: SelectionProgress,
         jobset_ids: list[int] | None,
         after: int,
     ) -> None:
@@ -304,7 +304,7 @@ class Backfill:
             self.result.evals_done = self._done_at.pop(marks.eval_id, self.result.evals_done)
             stored = True
             if not opts.dry_run:
-                progress = SavedProgress(
+                progress = SelectionProgress(
                     since=saving.since,
                     until=saving.until,
                     jobsets=saving.jobsets,

@@ -47,7 +47,7 @@ STORE_ERRORS: Final = (OSError, sqlite3.Error)
 _START_OVER = "delete it to start from the present (`hydra-otel backfill` loads history)"
 
 
-class StateStore:
+class ProgressStore:
     """Reads and writes :class:`Marks` (blocking; call from a worker thread).
 
     Args:
