@@ -33,7 +33,12 @@ from hydra_otel.core.cicd_metrics import (
 )
 from hydra_otel.core.spans import SpanRecord
 from tests.core.test_cicd_metrics import BUILD, CFG, STEPS
-from tests.otlp_more import GrpcMetricsLogsReceiver, histogram_points, point_attributes, sum_points
+from tests.metrics_logs_receiver import (
+    GrpcMetricsLogsReceiver,
+    histogram_points,
+    point_attributes,
+    sum_points,
+)
 
 RESOURCE = Resource({"service.name": "hydra-otel-test"})
 

@@ -21,7 +21,7 @@ from hydra_otel.core.cicd_metrics import BUILD_DURATION, MetricDeriver
 from hydra_otel.demo.sandbox.receiver import GrpcOtlpReceiver, HttpOtlpReceiver, TraceSink
 from hydra_otel.service import make_metrics, make_sink, make_step_logs
 from tests.core.test_cicd_metrics import BUILD, CFG, STEPS
-from tests.otlp_more import GrpcMetricsLogsReceiver, histogram_points
+from tests.metrics_logs_receiver import GrpcMetricsLogsReceiver, histogram_points
 from tests.test_steplogs import BUILD as LOG_BUILD
 from tests.test_steplogs import CFG as LOG_CFG
 from tests.test_steplogs import LINES, STEP, write_log

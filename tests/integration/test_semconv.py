@@ -22,7 +22,7 @@ from hydra_otel.demo.sandbox.hydrasim import NewBuild
 from hydra_otel.demo.sandbox.receiver import GrpcOtlpReceiver, ReceivedSpan, attributes_dict
 from hydra_otel.service import Service, export_settings, make_sink, otel_resource
 from tests.integration.harness import Hydra, StartDaemon, daemon_config, stop
-from tests.otlp_more import GrpcMetricsLogsReceiver, ReceivedMetric, point_attributes, sum_points
+from tests.metrics_logs_receiver import GrpcMetricsLogsReceiver, ReceivedMetric, point_attributes, sum_points
 
 T0 = 1_700_000_000
 STATUS_UNSET, STATUS_OK, STATUS_ERROR = 0, 1, 2
