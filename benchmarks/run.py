@@ -33,7 +33,7 @@ from model import CFG
 from pglog import LINE_PREFIX, QueryLog, role_sql
 
 from hydra_otel.core.events import DATA_CHANNELS, TRIGGER_CHANNELS
-from hydra_otel.sandbox.pgcluster import SUPERUSER, PgCluster
+from hydra_otel.demo.sandbox.pgcluster import SUPERUSER, PgCluster
 
 ROLE = "hydra_otel"  # the daemon's read-only role; its statements are logged (pglog.py)
 BATCH = 512  # the daemon's default export batch size, used by R_export too

@@ -25,8 +25,8 @@ PACKAGE = SRC / "hydra_otel"
 #: Modules allowed to import the composition root.
 SERVICE_IMPORTERS = {"hydra_otel.cli"}
 #: Folders (below the package) whose modules may hold SQL text: the adapters, and the demo's
-#: scripted Hydra (sandbox/), which plays Hydra's own writes into a throwaway database.
-SQL_HOMES = ("adapters/", "sandbox/")
+#: scripted Hydra (demo/sandbox/), which plays Hydra's own writes into a throwaway database.
+SQL_HOMES = ("adapters/", "demo/sandbox/")
 #: Statements as they start; prose that starts with such a word ("LISTEN connections lost",
 #: "SELECT privilege") does not look like this.
 SQL = re.compile(

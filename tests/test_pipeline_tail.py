@@ -8,7 +8,7 @@ import pytest
 
 from hydra_otel.core.catchup import Marks
 from hydra_otel.pipeline.tail import span_lists, store_marks
-from hydra_otel.stats import Stats
+from hydra_otel.selfmon.stats import Stats
 from hydra_otel.tasks.resolver import RESOLVE_BATCH
 
 

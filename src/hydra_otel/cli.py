@@ -104,7 +104,7 @@ def _demo(args: argparse.Namespace) -> int:
         import trio
 
         from hydra_otel import service
-        from hydra_otel.demo import DemoOptions, run_demo
+        from hydra_otel.demo.run import DemoOptions, run_demo
         from hydra_otel.pipeline.factories import make_sink
 
         opts = DemoOptions(

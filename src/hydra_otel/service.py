@@ -8,7 +8,7 @@ resolver → exporter tail and the sinks that ``backfill`` builds from too
     ├─ _watch_signals                            SIGINT/SIGTERM/SIGHUP: drain; a second one: cancel
     ├─ serve_metrics                             /metrics and /healthz (--metrics-address)
     └─ Service.run
-       ├─ StateStore                             checked first: an unusable state dir is fatal
+       ├─ ProgressStore                          checked first: an unusable state dir is fatal
        └─ nursery "lead"
           ├─ hold_leadership                     advisory lock: standbys wait here
           └─ _supervise                          restarts everything below on an unexpected error
@@ -59,7 +59,7 @@ from hydra_otel.adapters.db import (
 )
 from hydra_otel.adapters.otlp import SpanSink
 from hydra_otel.adapters.otlp_metrics import MeteredSpanSink, MetricsSink
-from hydra_otel.adapters.state import StateStore
+from hydra_otel.adapters.progress_store import ProgressStore
 from hydra_otel.adapters.steplogs import StepLogs
 from hydra_otel.config import Config
 from hydra_otel.core.backoff import Backoff
@@ -68,15 +68,15 @@ from hydra_otel.core.dedup import RecentKeys
 from hydra_otel.core.events import DATA_CHANNELS, TRIGGER_CHANNELS, Received
 from hydra_otel.core.stitch import Stitcher, Work
 from hydra_otel.errors import ConfigError, LeadershipLost, StateDirError
-from hydra_otel.metrics_http import MetricsSnapshot, gauge, serve_metrics, snapshot_from
 from hydra_otel.pipeline.factories import close_sinks, make_metrics, make_sink, make_step_logs, render_config
 from hydra_otel.pipeline.tail import start_tail, store_marks
-from hydra_otel.stats import Stats
-from hydra_otel.tasks.catchup import Catchup, CatchupSettings, Progress, run_catchup
+from hydra_otel.selfmon.server import MetricsSnapshot, gauge, serve_metrics, snapshot_from
+from hydra_otel.selfmon.stats import Stats
+from hydra_otel.tasks.catchup_task import Catchup, CatchupSettings, CatchupState, run_catchup
 from hydra_otel.tasks.intake import hint_counter, run_intake
 from hydra_otel.tasks.live_metrics import run_live_metrics
 from hydra_otel.tasks.resolver import Resolver
-from hydra_otel.tasks.stitcher import KnownJobsets, run_stitcher
+from hydra_otel.tasks.stitch_task import KnownJobsets, run_stitcher
 
 log = logging.getLogger("hydra_otel.service")
 
@@ -95,7 +95,7 @@ class Service:
     ready: trio.Event = field(default_factory=trio.Event)
     stopped: trio.Event = field(default_factory=trio.Event)
     stopping: bool = False
-    progress: Progress | None = None
+    catchup_state: CatchupState | None = None
     committed: Marks | None = None
     takeover: bool = False
     metrics: MetricsSink | None = None
@@ -153,7 +153,7 @@ class Service:
             log.info("stopped", extra=self.stats.snapshot())
             self.stopped.set()
 
-    async def _supervise(self, store: StateStore) -> None:
+    async def _supervise(self, store: ProgressStore) -> None:
         """Run the pipeline; start it again whenever a task fails on an unexpected error."""
         backoff = Backoff.restart()
         while True:
@@ -181,7 +181,7 @@ class Service:
             del failure
             await trio.sleep(delay)
 
-    async def _run(self, store: StateStore) -> None:
+    async def _run(self, store: ProgressStore) -> None:
         cfg = self.cfg
         raw_tx, raw_rx = trio.open_memory_channel[ListenItem](cfg.queue_size)
         ev_tx, ev_rx = trio.open_memory_channel[Received](cfg.queue_size)
@@ -222,7 +222,7 @@ class Service:
                 await sources.start(self._listen, raw_tx)
                 # Catch-up starts once LISTEN is active, so the table scan and the live stream overlap.
                 catchup = Catchup(db, work_tx, self.catchup_settings(), stitcher.open_jobsets, handled)
-                self.progress = await sources.start(
+                self.catchup_state = await sources.start(
                     run_catchup, catchup, store, trig_rx, self.catchup_settings(), resolver.live_jobsets
                 )
                 if self.metrics is not None and self.metrics.enabled:
@@ -271,7 +271,7 @@ class Service:
                 task_status=task_status,
             )
 
-    def _save_marks(self, store: StateStore, marks: Marks) -> bool:
+    def _save_marks(self, store: ProgressStore, marks: Marks) -> bool:
         """Merge and store ``marks`` (in a worker thread); a failed write is counted by the store."""
         merged = store.merge(marks)
         if store.pending:  # retried with the next checkpoint
@@ -294,13 +294,13 @@ def _fatal(exc: BaseException) -> bool:
     return isinstance(exc, _FATAL)
 
 
-async def _open_store(cfg: Config, stats: Stats) -> StateStore:
+async def _open_store(cfg: Config, stats: Stats) -> ProgressStore:
     """The progress store, checked before anything else starts (an unusable one is fatal).
 
     Raises:
         StateDirError: the message says what is wrong and what to do (the CLI exits with code 2).
     """
-    open_store = functools.partial(StateStore, cfg.state_dir, instance=cfg.stitch.instance, stats=stats)
+    open_store = functools.partial(ProgressStore, cfg.state_dir, instance=cfg.stitch.instance, stats=stats)
     return await trio.to_thread.run_sync(open_store)
 
 

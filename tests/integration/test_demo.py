@@ -19,13 +19,13 @@ from typing import Any
 import pytest
 import trio
 
-from hydra_otel import demo
 from hydra_otel.config import Config
-from hydra_otel.demo import DemoOptions, run_demo
-from hydra_otel.demo_workload import SHORT
+from hydra_otel.demo import run as demo
+from hydra_otel.demo.run import DemoOptions, run_demo
+from hydra_otel.demo.sandbox.pgcluster import INSTALL_HINT, PostgresNotFoundError
+from hydra_otel.demo.sandbox.receiver import GrpcOtlpReceiver
+from hydra_otel.demo.workload import SHORT
 from hydra_otel.pipeline.factories import make_sink
-from hydra_otel.sandbox.pgcluster import INSTALL_HINT, PostgresNotFoundError
-from hydra_otel.sandbox.receiver import GrpcOtlpReceiver
 from hydra_otel.service import Service
 
 STATUS_OK, STATUS_ERROR = 1, 2

@@ -30,8 +30,8 @@ from trio_asyncio import aio_as_trio
 
 from hydra_otel.core.events import DATA_CHANNELS, TRIGGER_CHANNELS
 from hydra_otel.core.stitch import SUPERSEDE_BURST
-from hydra_otel.sandbox.hydrasim import NewBuild
-from hydra_otel.sandbox.receiver import GrpcOtlpReceiver, ReceivedSpan, attributes_dict
+from hydra_otel.demo.sandbox.hydrasim import NewBuild
+from hydra_otel.demo.sandbox.receiver import GrpcOtlpReceiver, ReceivedSpan, attributes_dict
 from tests.integration.harness import Hydra
 from tests.integration.workload import Daemons, Player, assert_exactly, now, wait_for_expected
 

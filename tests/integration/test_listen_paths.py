@@ -16,7 +16,7 @@ from trio_asyncio import aio_as_trio
 
 from hydra_otel.adapters import db
 from hydra_otel.core.backoff import Backoff
-from hydra_otel.sandbox.receiver import GrpcOtlpReceiver
+from hydra_otel.demo.sandbox.receiver import GrpcOtlpReceiver
 from tests.integration.harness import Hydra, StartDaemon
 from tests.integration.test_eval_traces import add_eval
 

@@ -28,9 +28,9 @@ import trio
 from hydra_otel import config
 from hydra_otel.config import Config
 from hydra_otel.core import ids
+from hydra_otel.demo.sandbox.hydrasim import NewBuild
+from hydra_otel.demo.sandbox.receiver import ReceivedSpan, TraceSink, attributes_dict
 from hydra_otel.pipeline.factories import make_sink
-from hydra_otel.sandbox.hydrasim import NewBuild
-from hydra_otel.sandbox.receiver import ReceivedSpan, TraceSink, attributes_dict
 from hydra_otel.service import Service
 from tests.integration.harness import HYDRA_URL, Hydra
 

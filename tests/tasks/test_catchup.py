@@ -18,7 +18,7 @@ from hydra_otel.core.catchup import Checkpoint, Marks
 from hydra_otel.core.evals import AddedEval, Attempt, AttemptKind
 from hydra_otel.core.events import BuildFinished, StepFinished
 from hydra_otel.core.stitch import Work
-from hydra_otel.tasks.catchup import Catchup, CatchupSettings, Progress, run_catchup
+from hydra_otel.tasks.catchup_task import Catchup, CatchupSettings, CatchupState, run_catchup
 from tests.tasks.fakedb import FakeDb
 
 T = 1_700_000_000
@@ -73,7 +73,7 @@ async def test_catchup_scan_sends_each_page_then_a_checkpoint_of_it() -> None:
     db.add_step(9, 2, None)  # still running
     work_tx, work_rx = trio.open_memory_channel[Work | Checkpoint](100)
     catchup = Catchup(db, work_tx, CatchupSettings(page=2, lag=LAG, overlap=100, eval_overlap=0))
-    progress = Progress(marks=Marks(eval_id=10, stop_time=T - 60), live_jobsets={})
+    progress = CatchupState(marks=Marks(eval_id=10, stop_time=T - 60), live_jobsets={})
     await catchup.scan(progress)
     assert drain(work_rx) == [
         added(11),
@@ -100,7 +100,7 @@ async def test_catchup_scan_does_not_send_again_what_it_sent() -> None:
     db.add_build(5, T - 40)
     work_tx, work_rx = trio.open_memory_channel[Work | Checkpoint](100)
     catchup = Catchup(db, work_tx, CatchupSettings(lag=LAG, overlap=100))
-    progress = Progress(marks=Marks(stop_time=T - 60), live_jobsets={})
+    progress = CatchupState(marks=Marks(stop_time=T - 60), live_jobsets={})
     await catchup.scan(progress)
     assert [w for w in drain(work_rx) if not isinstance(w, Checkpoint)] == [added(1), build(5)]
     db.now += 10
@@ -122,7 +122,9 @@ async def test_catchup_reports_failed_checks_of_jobsets_the_stitcher_is_not_foll
     db.add_jobset(3, T - 10)  # succeeded
     work_tx, work_rx = trio.open_memory_channel[Work | Checkpoint](100)
     catchup = Catchup(db, work_tx, CatchupSettings(lag=LAG), open_jobsets=lambda: frozenset({2}))
-    progress = Progress(marks=Marks(stop_time=T, jobsets={1: T - 20, 2: T - 20, 3: T - 20}), live_jobsets={})
+    progress = CatchupState(
+        marks=Marks(stop_time=T, jobsets={1: T - 20, 2: T - 20, 3: T - 20}), live_jobsets={}
+    )
     await catchup.scan(progress)
     attempts = [w for w in drain(work_rx) if isinstance(w, Attempt)]
     assert [(a.kind, a.jobset_id) for a in attempts] == [(AttemptKind.FAILED, 1)]
@@ -157,8 +159,8 @@ class Scans:
         """Virtual times (from ``t0``) of the scans: each reads the database clock first."""
         return [at - t0 for sql, at in self.db.timed if sql == q.CATCHUP_START_SQL]
 
-    async def start(self, nursery: trio.Nursery) -> Progress:
-        progress: Progress = await nursery.start(
+    async def start(self, nursery: trio.Nursery) -> CatchupState:
+        progress: CatchupState = await nursery.start(
             functools.partial(
                 run_catchup, self.catchup, self.store, self._triggers_rx, self.settings, live_jobsets={}
             )

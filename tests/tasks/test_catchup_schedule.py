@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hydra_otel.tasks.catchup import FOLLOW_UP, next_follow_up
+from hydra_otel.tasks.catchup_task import FOLLOW_UP, next_follow_up
 
 LAG = 2
 

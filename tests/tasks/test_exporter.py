@@ -14,7 +14,7 @@ from hydra_otel.adapters.otlp import DELIVERED, Delivery
 from hydra_otel.core.backoff import Backoff
 from hydra_otel.core.catchup import Checkpoint, Marks
 from hydra_otel.core.spans import SpanRecord
-from hydra_otel.stats import Stats
+from hydra_otel.selfmon.stats import Stats
 from hydra_otel.tasks.exporter import run_exporter
 from tests.factories import make_span
 

@@ -10,7 +10,7 @@ import trio
 from hydra_otel.adapters.db import ListenItem, RawNotification, Resync
 from hydra_otel.core import events as ev
 from hydra_otel.core.events import Received
-from hydra_otel.stats import Stats
+from hydra_otel.selfmon.stats import Stats
 from hydra_otel.tasks.intake import HINT_CHANNELS, hint_counter, run_intake
 
 

@@ -8,8 +8,8 @@ import trio.testing
 from hydra_otel.core.evals import AddedEval, Attempt, AttemptKind
 from hydra_otel.core.events import BuildFinished, EvalAdded, EvalFailed, EvalStarted, Received, StepFinished
 from hydra_otel.core.stitch import EXPIRED, SUPERSEDED, Stitcher, Work
-from hydra_otel.stats import Stats
-from hydra_otel.tasks.stitcher import run_stitcher
+from hydra_otel.selfmon.stats import Stats
+from hydra_otel.tasks.stitch_task import run_stitcher
 
 ABANDON = 600.0
 

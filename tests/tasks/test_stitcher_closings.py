@@ -10,9 +10,9 @@ from hydra_otel.core.evals import Attempt
 from hydra_otel.core.events import EvalCached, EvalFailed, Received
 from hydra_otel.core.stitch import UNVERIFIED_BURST, JobsetCheck, Stitcher, Work
 from hydra_otel.errors import DbUnavailable
-from hydra_otel.stats import Stats
+from hydra_otel.selfmon.stats import Stats
 from hydra_otel.tasks.channels import DRAIN_LIMIT
-from hydra_otel.tasks.stitcher import KnownJobsets, run_stitcher
+from hydra_otel.tasks.stitch_task import KnownJobsets, run_stitcher
 
 T = 1_700_000_000
 

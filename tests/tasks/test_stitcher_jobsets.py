@@ -13,8 +13,8 @@ from hydra_otel.core.evals import AddedEval
 from hydra_otel.core.events import EvalAdded, EvalStarted, Received
 from hydra_otel.core.stitch import Stitcher, Work
 from hydra_otel.errors import DbUnavailable
-from hydra_otel.stats import Stats
-from hydra_otel.tasks.stitcher import KnownJobsets, run_stitcher
+from hydra_otel.selfmon.stats import Stats
+from hydra_otel.tasks.stitch_task import KnownJobsets, run_stitcher
 
 
 class FakeTable:

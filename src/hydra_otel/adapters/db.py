@@ -51,7 +51,7 @@ from hydra_otel.errors import (
     quote_payload,
 )
 from hydra_otel.log import RateLimitedLog
-from hydra_otel.stats import Stats
+from hydra_otel.selfmon.stats import Stats
 
 log = logging.getLogger("hydra_otel.db")
 

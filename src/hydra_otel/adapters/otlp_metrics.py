@@ -1,7 +1,7 @@
-"""OTLP metrics: :class:`~hydra_otel.core.metrics.Observation` values -> SDK instruments -> OTLP.
+"""OTLP metrics: :class:`~hydra_otel.core.cicd_metrics.Observation` values -> SDK instruments -> OTLP.
 
 Theory of operation. Unlike spans, metrics go through the SDK's own pipeline: a
-``MeterProvider`` with one instrument per entry of ``core.metrics.INSTRUMENTS``,
+``MeterProvider`` with one instrument per entry of ``core.cicd_metrics.INSTRUMENTS``,
 explicit-bucket Views for the histograms, and a ``PeriodicExportingMetricReader``
 whose daemon thread collects and exports every ``interval_s`` seconds
 (cumulative temporality, the OTLP exporters' default). Recording is a locked
@@ -33,7 +33,7 @@ from opentelemetry.sdk.resources import Resource
 import hydra_otel
 from hydra_otel.adapters.export_log import watch
 from hydra_otel.adapters.otlp import Delivery, ExporterSettings, SpanSink, signal_exporter
-from hydra_otel.core.metrics import (
+from hydra_otel.core.cicd_metrics import (
     DURATION_BUCKETS,
     INSTRUMENTS,
     InstrumentKind,
@@ -162,7 +162,7 @@ class MetricsSink:
         """Record ``observations`` (non-blocking; safe from any thread).
 
         Raises:
-            KeyError: an observation names no instrument in ``core.metrics.INSTRUMENTS`` (a bug).
+            KeyError: an observation names no instrument in ``core.cicd_metrics.INSTRUMENTS`` (a bug).
         """
         if self._provider is None:
             return

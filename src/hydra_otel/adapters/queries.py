@@ -395,7 +395,7 @@ def _group_steps(rows: Sequence[Row]) -> dict[int, list[StepFacts]]:
     return out
 
 
-# Catch-up scans (tasks/catchup.py). Each is keyed so a page can resume where the last one ended.
+# Catch-up scans (tasks/catchup_task.py). Each is keyed so a page can resume where the last one ended.
 CATCHUP_EVALS_SQL = "SELECT id, jobset_id FROM jobsetevals WHERE id > $1 ORDER BY id LIMIT $2"
 CATCHUP_BUILDS_SQL = """
 SELECT id, stoptime FROM builds

@@ -91,7 +91,7 @@ from hydra_otel.core.logtail import (
 from hydra_otel.core.spans import SpanRecord
 from hydra_otel.errors import quote_payload
 from hydra_otel.log import RateLimitedLog
-from hydra_otel.metrics_http import Metric, counter, labelled_counter
+from hydra_otel.selfmon.server import Metric, counter, labelled_counter
 
 log = logging.getLogger("hydra_otel.steplogs")
 

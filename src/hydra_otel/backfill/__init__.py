@@ -45,7 +45,7 @@ from hydra_otel.backfill.options import (
     options_from_args,
     parse_time,
 )
-from hydra_otel.backfill.progress import PacedSink, ProgressFile, Tally, TokenBucket, progress_text
+from hydra_otel.backfill.progress import BackfillProgressFile, PacedSink, Tally, TokenBucket, progress_text
 from hydra_otel.backfill.run import Backfill, BackfillResult, backfill, run_backfill
 
 __all__ = [
@@ -56,9 +56,9 @@ __all__ = [
     "Backfill",
     "BackfillError",
     "BackfillOptions",
+    "BackfillProgressFile",
     "BackfillResult",
     "PacedSink",
-    "ProgressFile",
     "Tally",
     "TokenBucket",
     "add_backfill_command",

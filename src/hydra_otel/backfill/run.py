@@ -29,10 +29,10 @@ from hydra_otel.backfill.options import (
     options_from_args,
 )
 from hydra_otel.backfill.progress import (
+    BackfillProgressFile,
     Display,
     PacedSink,
-    ProgressFile,
-    SavedProgress,
+    SelectionProgress,
     Tally,
     TokenBucket,
     duration_text,
@@ -50,7 +50,7 @@ from hydra_otel.errors import first_leaf
 from hydra_otel.log import Redactor
 from hydra_otel.pipeline.factories import close_sinks, make_sink, render_config
 from hydra_otel.pipeline.tail import start_tail, store_marks
-from hydra_otel.stats import Stats
+from hydra_otel.selfmon.stats import Stats
 from hydra_otel.tasks.resolver import Resolver
 from hydra_otel.tasks.retry import until_db_answers
 
@@ -150,14 +150,14 @@ class Backfill:
             BackfillError: unusable state directory or progress file, another backfill running,
                 unknown jobset, invalid period, database unreachable at the start.
         """
-        store = ProgressFile(self.cfg.state_dir)
+        store = BackfillProgressFile(self.cfg.state_dir)
         with quiet_exporter_drop():
             if self.opts.dry_run:
                 return await self._run(store)
             with exclusive(self.cfg.state_dir):
                 return await self._run(store)
 
-    async def _run(self, store: ProgressFile) -> BackfillResult:
+    async def _run(self, store: BackfillProgressFile) -> BackfillResult:
         opts, result = self.opts, self.result
         key = opts.key()
         saved = None if opts.restart else await trio.to_thread.run_sync(store.load, key)
@@ -191,7 +191,7 @@ class Backfill:
                         f"backfill: resuming after evaluation {after} "
                         f"({result.evals_done} of {result.evals_total} evaluations done)"
                     )
-                saving = SavedProgress(since=opts.since, until=until, jobsets=tuple(opts.jobsets))
+                saving = SelectionProgress(since=opts.since, until=until, jobsets=tuple(opts.jobsets))
                 if saved is None and not opts.dry_run:
                     # Recorded at once: a run interrupted before its first page then resumes with the
                     # same "now", and an interrupted --restart does not leave an old "complete" behind.
@@ -203,7 +203,7 @@ class Backfill:
                     raise _first(group) from None
             result.complete = True
             if not opts.dry_run:
-                done = SavedProgress(
+                done = SelectionProgress(
                     since=opts.since,
                     until=until,
                     jobsets=tuple(opts.jobsets),
@@ -253,9 +253,9 @@ class Backfill:
     async def _pipeline(
         self,
         database: db.Database,
-        store: ProgressFile,
+        store: BackfillProgressFile,
         key: str,
-        saving: SavedProgress,
+        saving: SelectionProgress,
         jobset_ids: list[int] | None,
         after: int,
     ) -> None:
@@ -269,7 +269,7 @@ class Backfill:
         def save(marks: Marks) -> bool:  # in a worker thread
             if opts.dry_run:
                 return True
-            progress = SavedProgress(
+            progress = SelectionProgress(
                 since=saving.since,
                 until=saving.until,
                 jobsets=saving.jobsets,

@@ -23,7 +23,7 @@ from hydra_otel.core.backoff import Backoff
 from hydra_otel.core.catchup import Checkpoint, Marks
 from hydra_otel.core.spans import SpanRecord
 from hydra_otel.core.stitch import Work
-from hydra_otel.stats import Stats
+from hydra_otel.selfmon.stats import Stats
 from hydra_otel.tasks.exporter import run_exporter
 from hydra_otel.tasks.resolver import RESOLVE_BATCH, Resolver, run_resolver
 

@@ -29,7 +29,7 @@ from hydra_otel.core.batching import Batcher
 from hydra_otel.core.catchup import Checkpoint, Marks
 from hydra_otel.core.spans import SpanRecord
 from hydra_otel.log import RateLimitedLog
-from hydra_otel.stats import Stats
+from hydra_otel.selfmon.stats import Stats
 
 log = logging.getLogger("hydra_otel.exporter")
 

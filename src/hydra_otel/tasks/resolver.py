@@ -54,7 +54,7 @@ from hydra_otel.core.spans import SpanRecord
 from hydra_otel.core.stitch import Work
 from hydra_otel.errors import DbUnavailable, PermissionDenied
 from hydra_otel.log import RateLimitedLog
-from hydra_otel.stats import Stats
+from hydra_otel.selfmon.stats import Stats
 from hydra_otel.tasks.channels import receive_some
 
 log = logging.getLogger("hydra_otel.resolver")

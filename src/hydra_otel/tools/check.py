@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 import trio
 
-from hydra_otel.adapters import command_queries, db, state
+from hydra_otel.adapters import command_queries, db, progress_store
 from hydra_otel.adapters.otlp import Delivery
 from hydra_otel.config import Config
 from hydra_otel.core.backoff import Backoff
@@ -299,7 +299,7 @@ async def _check_progress(cfg: Config) -> CheckResult:
     """Would the daemon accept the progress store (format, instance, marks)? Read-only, without the lock."""
     name = "progress store"
     try:
-        detail = await trio.to_thread.run_sync(state.inspect, cfg.state_dir, cfg.stitch.instance)
+        detail = await trio.to_thread.run_sync(progress_store.inspect, cfg.state_dir, cfg.stitch.instance)
     except StateDirError as exc:
         return CheckResult(name=name, ok=False, detail=str(exc))
     except OSError as exc:
@@ -330,7 +330,7 @@ def state_dir_writable(path: Path) -> str:
         finally:
             os.close(fd)
             os.unlink(temp)
-        progress = path / state.FILENAME
+        progress = path / progress_store.FILENAME
         if progress.exists() and not os.access(progress, os.R_OK | os.W_OK):
             raise PermissionError(13, "progress file not readable and writable", str(progress))
     finally:

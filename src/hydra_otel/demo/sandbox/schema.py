@@ -40,7 +40,7 @@ def schema_sql(version: int) -> str:
     if version not in SCHEMA_VERSIONS:
         known = ", ".join(str(v) for v in SCHEMA_VERSIONS)
         raise ValueError(f"no sandbox schema for Hydra schema version {version!r} (known: {known})")
-    files = resources.files("hydra_otel.sandbox")
+    files = resources.files("hydra_otel.demo.sandbox")
     scripts = [f"hydra-{BASE_SCHEMA_VERSION}.sql"]
     scripts += [f"upgrade-{v}.sql" for v in range(BASE_SCHEMA_VERSION + 1, version + 1)]
     return "\n".join(files.joinpath(name).read_text(encoding="utf-8") for name in scripts)

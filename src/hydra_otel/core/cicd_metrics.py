@@ -121,6 +121,18 @@ class Instrument:
     attributes: tuple[str, ...]
 
 
+def _error_counter(name: str, description: str, *, by: str) -> Instrument:
+    # The two error counters differ only in what they count errors of (a jobset or a part of
+    # Hydra); a failure feeds exactly one of them (see _error below).
+    return Instrument(
+        name=name,
+        kind=InstrumentKind.COUNTER,
+        unit="{error}",
+        description=description,
+        attributes=(by, sc.ERROR_TYPE),
+    )
+
+
 INSTRUMENTS: Final[Mapping[str, Instrument]] = {
     i.name: i
     for i in (
@@ -139,19 +151,15 @@ INSTRUMENTS: Final[Mapping[str, Instrument]] = {
                 sc.HYDRA_EVAL_INPUTS_UNCHANGED,
             ),
         ),
-        Instrument(
-            name=PIPELINE_RUN_ERRORS,
-            kind=InstrumentKind.COUNTER,
-            unit="{error}",
-            description="Failed evaluations and failed builds, by jobset and error type.",
-            attributes=(sc.CICD_PIPELINE_NAME, sc.ERROR_TYPE),
+        _error_counter(
+            PIPELINE_RUN_ERRORS,
+            "Failed evaluations and failed builds, by jobset and error type.",
+            by=sc.CICD_PIPELINE_NAME,
         ),
-        Instrument(
-            name=SYSTEM_ERRORS,
-            kind=InstrumentKind.COUNTER,
-            unit="{error}",
-            description="Failures of Hydra itself (evaluator deaths, aborted builds), by component and error type.",
-            attributes=(sc.CICD_SYSTEM_COMPONENT, sc.ERROR_TYPE),
+        _error_counter(
+            SYSTEM_ERRORS,
+            "Failures of Hydra itself (evaluator deaths, aborted builds), by component and error type.",
+            by=sc.CICD_SYSTEM_COMPONENT,
         ),
         Instrument(
             name=PIPELINE_RUN_ACTIVE,

@@ -2,7 +2,7 @@
 
 Theory of operation: each :class:`Step` is one thing Hydra does (an evaluator starting, an
 evaluation being added, a build finishing, a user restarting a build). Its ``play`` function renders
-the SQL Hydra would run, through :class:`~hydra_otel.sandbox.hydrasim.HydraSim`, on a :class:`Script`
+the SQL Hydra would run, through :class:`~hydra_otel.demo.sandbox.hydrasim.HydraSim`, on a :class:`Script`
 that carries the simulated IDs and the timeline. Row times are integer Unix seconds ``base + offset``:
 the timeline starts ``Workload.starts_before`` seconds before the demo runs, so the traces look like
 a run that just happened. What Hydra does not store (when an evaluator started, crashed or was
@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
-from hydra_otel.sandbox.hydrasim import HydraSim, NewBuild, store_path
+from hydra_otel.demo.sandbox.hydrasim import HydraSim, NewBuild, store_path
 
 #: Hydra's ``buildsteps.machine`` values of the two simulated build machines.
 BUILDER_1: Final = "ssh://builder-1"

@@ -39,8 +39,8 @@ from types import TracebackType
 from typing import Final, Literal, Self
 from urllib.parse import quote
 
+from hydra_otel.demo.sandbox.schema import CURRENT_SCHEMA_VERSION, schema_sql
 from hydra_otel.errors import HydraOtelError
-from hydra_otel.sandbox.schema import CURRENT_SCHEMA_VERSION, schema_sql
 
 #: Printed when no PostgreSQL installation is found.
 INSTALL_HINT: Final = (
@@ -397,7 +397,7 @@ class PgCluster:
             **DEFAULT_SETTINGS,
             **settings,
         }
-        lines = ["", "# Added by hydra-otel's sandbox (hydra_otel.sandbox.pgcluster)."]
+        lines = ["", "# Added by hydra-otel's sandbox (hydra_otel.demo.sandbox.pgcluster)."]
         for name, value in merged.items():
             if not _SETTING_NAME.fullmatch(name):
                 raise ValueError(f"not a PostgreSQL setting name: {name!r}")

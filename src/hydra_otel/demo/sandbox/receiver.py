@@ -10,7 +10,9 @@ retryable error (gRPC UNAVAILABLE, HTTP 503) to exercise exporters' retries; ``r
 refuse, for good (gRPC INVALID_ARGUMENT, HTTP 400), every request holding a span it picks, as a
 collector refuses a request with bad data.
 
-For benchmarks run a receiver in another process: in the same process it competes for the GIL.
+Both gRPC receivers, this trace one and the tests' metrics and logs one, run on a
+:class:`GrpcServer`. For benchmarks run a receiver in another process (benchmarks/otlp_sink.py): in
+the same process it competes for the GIL.
 """
 
 from __future__ import annotations
@@ -323,7 +325,68 @@ class ServerTls:
         return context
 
 
-class GrpcOtlpReceiver(TraceSink[grpc.StatusCode]):
+class GrpcServer:
+    """A grpcio server on ``host``, at a port the OS picks, answering on worker threads.
+
+    The trace receiver here and the tests' metrics and logs receiver share it; what each serves is
+    up to ``add_servicers``.
+
+    Args:
+        add_servicers: adds the receiver's servicers to the server.
+        host: the address to listen on.
+        tls: serve over TLS (then ``endpoint`` is an ``https://`` URL), mutual if it says so.
+        threads: the name prefix of the worker threads.
+        workers: how many requests are answered at once.
+    """
+
+    def __init__(
+        self,
+        add_servicers: Callable[[grpc.Server], None],
+        *,
+        host: str,
+        tls: ServerTls | None,
+        threads: str,
+        workers: int,
+    ) -> None:
+        self._executor = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=threads)
+        self._server = grpc.server(self._executor)
+        add_servicers(self._server)
+        self.port: Final[int] = (
+            self._server.add_insecure_port(f"{host}:0")
+            if tls is None
+            else self._server.add_secure_port(f"{host}:0", tls.grpc_credentials())
+        )
+        #: What the gRPC exporters take as ``endpoint``: ``"HOST:PORT"``, with TLS ``"https://HOST:PORT"``.
+        self.endpoint: Final = f"{host}:{self.port}" if tls is None else f"https://{host}:{self.port}"
+
+    def start(self) -> None:
+        """Start serving."""
+        self._server.start()
+
+    def stop(self) -> None:
+        """Stop serving, cancel calls in progress, and join the worker threads."""
+        self._server.stop(grace=None).wait()
+        self._executor.shutdown(wait=True)
+
+
+class ServesGrpc:
+    """A receiver that runs on a :class:`GrpcServer` (``_grpc``) and serves inside a ``with`` block."""
+
+    _grpc: GrpcServer
+
+    def __enter__(self) -> Self:
+        """Start serving."""
+        self._grpc.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        """Stop serving, cancel calls in progress, and join the worker threads."""
+        self._grpc.stop()
+
+
+class GrpcOtlpReceiver(TraceSink[grpc.StatusCode], ServesGrpc):
     """An OTLP/gRPC trace receiver on 127.0.0.1, for ``OTLPSpanExporter(endpoint, insecure=True)``.
 
     Use as a context manager: the server runs inside the ``with`` block.
@@ -335,31 +398,18 @@ class GrpcOtlpReceiver(TraceSink[grpc.StatusCode]):
 
     def __init__(self, host: str = "127.0.0.1", tls: ServerTls | None = None) -> None:
         super().__init__(grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INVALID_ARGUMENT)
-        self._executor = futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="otlp-grpc-receiver")
-        self._server = grpc.server(self._executor)
+        self._grpc = GrpcServer(
+            self._add_servicer, host=host, tls=tls, threads="otlp-grpc-receiver", workers=4
+        )
+        self.port: Final[int] = self._grpc.port
+        #: What the gRPC exporter takes as ``endpoint``: ``"127.0.0.1:PORT"``, with TLS ``"https://..."``.
+        self.endpoint: Final = self._grpc.endpoint
+
+    def _add_servicer(self, server: grpc.Server) -> None:
         # The generated gRPC module is unannotated.
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            _TraceServicer(self), self._server
+            _TraceServicer(self), server
         )
-        self.port: Final[int] = (
-            self._server.add_insecure_port(f"{host}:0")
-            if tls is None
-            else self._server.add_secure_port(f"{host}:0", tls.grpc_credentials())
-        )
-        #: What the gRPC exporter takes as ``endpoint``: ``"127.0.0.1:PORT"``, with TLS ``"https://..."``.
-        self.endpoint: Final = f"{host}:{self.port}" if tls is None else f"https://{host}:{self.port}"
-
-    def __enter__(self) -> Self:
-        """Start serving."""
-        self._server.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        """Stop serving, cancel calls in progress, and join the worker threads."""
-        self._server.stop(grace=None).wait()
-        self._executor.shutdown(wait=True)
 
 
 class _OtlpHttpServer(ThreadingHTTPServer):

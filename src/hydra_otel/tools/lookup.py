@@ -1,4 +1,4 @@
-"""``hydra-otel ids``: the trace and span IDs the daemon uses for an evaluation or a build."""
+"""``hydra-otel ids``: looks up the trace and span IDs the daemon uses for an evaluation or a build."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ import pytest
 import trio
 
 from hydra_otel.adapters.db import ListenStatistics
-from hydra_otel.metrics_http import (
+from hydra_otel.selfmon.server import (
     MAX_REQUEST_BYTES,
     PROMETHEUS_CONTENT_TYPE,
     Metric,
@@ -27,7 +27,7 @@ from hydra_otel.metrics_http import (
     serve_metrics,
     snapshot_from,
 )
-from hydra_otel.stats import Stats
+from hydra_otel.selfmon.stats import Stats
 
 WATCHDOG = 10
 

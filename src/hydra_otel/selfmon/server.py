@@ -10,7 +10,7 @@ close" so a client whose oversized request was refused still reads the answer.
 There is no new dependency and nothing here touches the pipeline: the service
 passes two callables, one for a snapshot and one for health.
 
-:func:`snapshot_from` maps the counters in :mod:`hydra_otel.stats` and
+:func:`snapshot_from` maps the counters in :mod:`hydra_otel.selfmon.stats` and
 :class:`~hydra_otel.adapters.db.ListenStatistics` to metric names (see
 docs/operations-tools.md).
 """
@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 import trio
 
 from hydra_otel.adapters.db import ListenStatistics
-from hydra_otel.stats import Stats
+from hydra_otel.selfmon.stats import Stats
 
 #: Largest request head (request line plus headers) accepted; larger gets 431.
 MAX_REQUEST_BYTES = 8192

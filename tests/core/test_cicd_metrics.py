@@ -1,4 +1,4 @@
-"""CI/CD metric observations derived from exported spans (core/metrics.py).
+"""CI/CD metric observations derived from exported spans (core/cicd_metrics.py).
 
 The spans come from the real renderers (core.evals, core.builds) with rows shaped like Hydra's, so
 the roles the deriver reads from attributes are the ones production spans carry.
@@ -13,16 +13,7 @@ import pytest
 
 from hydra_otel.core import semconv as sc
 from hydra_otel.core.builds import StepFacts, build_spans, step_span
-from hydra_otel.core.evals import (
-    Attempt,
-    AttemptKind,
-    EvalFacts,
-    JobsetFacts,
-    RenderConfig,
-    attempt_span,
-    eval_spans,
-)
-from hydra_otel.core.metrics import (
+from hydra_otel.core.cicd_metrics import (
     BUILD_DURATION,
     BUILD_QUEUE_WAIT,
     DURATION_BUCKETS,
@@ -39,6 +30,15 @@ from hydra_otel.core.metrics import (
     live_observations,
     observation,
     span_role,
+)
+from hydra_otel.core.evals import (
+    Attempt,
+    AttemptKind,
+    EvalFacts,
+    JobsetFacts,
+    RenderConfig,
+    attempt_span,
+    eval_spans,
 )
 from hydra_otel.core.spans import SpanRecord, Status
 from tests.factories import make_build

@@ -41,7 +41,7 @@ log = logging.getLogger("hydra_otel.catchup")
 
 
 class MarksStore(Protocol):
-    """Where the marks are kept (:class:`~hydra_otel.adapters.state.StateStore`); blocking calls."""
+    """Where the marks are kept (:class:`~hydra_otel.adapters.progress_store.ProgressStore`); blocking calls."""
 
     def load(self) -> Marks | None:
         """The stored marks, or None on a first start."""
@@ -73,8 +73,11 @@ class CatchupSettings:
 
 
 @dataclass(slots=True)
-class Progress:
-    """Catch-up state shared with the resolver (which records live-handled jobset checks)."""
+class CatchupState:
+    """What the running catch-up has reached (not what is stored: a checkpoint is stored once acknowledged).
+
+    ``live_jobsets`` is shared with the resolver, which records the jobset checks it handled live.
+    """
 
     marks: Marks
     live_jobsets: dict[int, int]
@@ -111,58 +114,58 @@ class Catchup:
         log.info("no stored progress: catching up from", extra={"eval_id": eval_id, "seconds_ago": look_back})
         return Marks(eval_id=eval_id, stop_time=now - look_back - self._s.lag, jobsets=jobsets)
 
-    async def scan(self, progress: Progress) -> None:
-        """Send everything recorded since ``progress.marks``, updating them page by page."""
+    async def scan(self, state: CatchupState) -> None:
+        """Send everything recorded since ``state.marks``, updating them page by page."""
         _, now = await queries.catchup_start(self._db)
-        progress.clock_read_at = trio.current_time()
+        state.clock_read_at = trio.current_time()
         until = now - self._s.lag
-        await self._evals(progress)
-        await self._builds(progress, until)
+        await self._evals(state)
+        await self._builds(state, until)
         # A missing grant on buildsteps is logged (with the GRANT) by the database adapter. The
         # steps of running builds are only early copies: each build renders all its steps when
         # it finishes, and the resolver holds those builds (and the progress marks) until then.
         with contextlib.suppress(PermissionDenied):
-            await self._steps(progress, until)
-        await self._jobsets(progress, until)
-        progress.marks = progress.marks.merged(Marks(stop_time=until))
-        await self._work.send(Checkpoint(progress.marks))
-        progress.scans += 1
+            await self._steps(state, until)
+        await self._jobsets(state, until)
+        state.marks = state.marks.merged(Marks(stop_time=until))
+        await self._work.send(Checkpoint(state.marks))
+        state.scans += 1
 
-    async def _evals(self, progress: Progress) -> None:
-        after = max(0, progress.marks.eval_id - self._s.eval_overlap)
+    async def _evals(self, state: CatchupState) -> None:
+        after = max(0, state.marks.eval_id - self._s.eval_overlap)
         while page := await queries.catchup_evals(self._db, after, self._s.page):
             after = page[-1][0]
             for eval_id, jobset_id in page:
                 if self._seen.add(("eval", eval_id)):
                     await self._work.send(AddedEval.from_table(eval_id, jobset_id))
-            progress.marks = progress.marks.merged(Marks(eval_id=page[-1][0]))
-            await self._work.send(Checkpoint(progress.marks))
+            state.marks = state.marks.merged(Marks(eval_id=page[-1][0]))
+            await self._work.send(Checkpoint(state.marks))
 
-    async def _builds(self, progress: Progress, until: int) -> None:
-        since, after = progress.marks.stop_time - self._s.overlap, (0, 0)
+    async def _builds(self, state: CatchupState, until: int) -> None:
+        since, after = state.marks.stop_time - self._s.overlap, (0, 0)
         while page := await queries.catchup_builds(self._db, since, until, after, self._s.page):
             for build_id, stoptime in page:
                 if self._seen.add(("build", build_id, stoptime)):
                     await self._work.send(BuildFinished(build_id=build_id, dependents=()))
             after = (page[-1][1], page[-1][0])
             # Every build that stopped before the last one's second is done (same-second ones may follow).
-            progress.marks = progress.marks.merged(Marks(stop_time=page[-1][1]))
-            await self._work.send(Checkpoint(progress.marks))
+            state.marks = state.marks.merged(Marks(stop_time=page[-1][1]))
+            await self._work.send(Checkpoint(state.marks))
 
-    async def _steps(self, progress: Progress, until: int) -> None:
-        since = progress.marks.stop_time - self._s.overlap
+    async def _steps(self, state: CatchupState, until: int) -> None:
+        since = state.marks.stop_time - self._s.overlap
         for build_id, stepnr in await queries.catchup_steps(self._db, since, until, self._s.page * 10):
             if self._seen.add(("step", build_id, stepnr)):
                 await self._work.send(StepFinished(build_id=build_id, step_nr=stepnr, log_path=None))
 
-    async def _jobsets(self, progress: Progress, until: int) -> None:
-        known = progress.marks.merged(Marks(jobsets=progress.live_jobsets)).jobsets
+    async def _jobsets(self, state: CatchupState, until: int) -> None:
+        known = state.marks.merged(Marks(jobsets=state.live_jobsets)).jobsets
         failures, updated = jobset_failures(
             await queries.catchup_jobsets(self._db), known, self._open_jobsets(), until
         )
         for attempt in failures:
             await self._work.send(attempt)
-        progress.marks = progress.marks.merged(Marks(jobsets=updated))
+        state.marks = state.marks.merged(Marks(jobsets=updated))
 
 
 async def run_catchup(
@@ -172,7 +175,7 @@ async def run_catchup(
     settings: CatchupSettings,
     live_jobsets: dict[int, int],
     *,
-    task_status: trio.TaskStatus[Progress] = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[CatchupState] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Scan at start, on each trigger and every ``interval`` seconds; retries while the database is down."""
     stored = await trio.to_thread.run_sync(store.load)
@@ -183,12 +186,12 @@ async def run_catchup(
         # The first marks cover nothing yet, so they are stored at once: a restart before the
         # first export (a collector that is down, say) must resume from here, not from "now".
         marks = await trio.to_thread.run_sync(store.merge, marks)
-    progress = Progress(marks=marks, live_jobsets=live_jobsets)
-    task_status.started(progress)
+    state = CatchupState(marks=marks, live_jobsets=live_jobsets)
+    task_status.started(state)
     reasons, follow_up_at = ["start"], None
     while True:
-        await until_db_answers(lambda: catchup.scan(progress), waiting="catch-up waiting for the database")
-        follow_up_at = next_follow_up(follow_up_at, reasons, progress.clock_read_at, settings.lag)
+        await until_db_answers(lambda: catchup.scan(state), waiting="catch-up waiting for the database")
+        follow_up_at = next_follow_up(follow_up_at, reasons, state.clock_read_at, settings.lag)
         reasons = await _next_trigger(triggers, trio.current_time() + settings.interval, follow_up_at)
         log.debug("catch-up scan", extra={"reasons": reasons})
 

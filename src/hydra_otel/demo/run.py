@@ -6,7 +6,7 @@ Theory of operation (Trio-flavoured; :func:`run_demo` opens its own trio-asyncio
     └─ GrpcOtlpReceiver              in-process OTLP/gRPC receiver (unless OTEL_EXPORTER_OTLP_*ENDPOINT is set)
        └─ open_loop()             trio-asyncio, for the daemon's database adapter
           ├─ Daemon.run              the daemon, exactly as ``hydra-otel run`` runs it (the CLI passes it in)
-          └─ play the workload       demo_workload's steps, on a second connection, so NOTIFYs are real
+          └─ play the workload       workload.py's steps, on a second connection, so NOTIFYs are real
 
 Once every expected span has arrived (or a deadline passed) the daemon is stopped gracefully, then the
 receiver and the cluster, whose files are deleted. Only then are the traces drawn as waterfalls and
@@ -35,12 +35,12 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 
 from hydra_otel import config
 from hydra_otel.adapters.db import open_connection, open_loop
-from hydra_otel.demo_workload import FULL, SHORT, Workload
+from hydra_otel.demo.sandbox.pgcluster import PgCluster, SandboxError
+from hydra_otel.demo.sandbox.receiver import GrpcOtlpReceiver, ReceivedSpan
+from hydra_otel.demo.waterfall import from_otlp, group_traces, otlp_json, render_waterfall
+from hydra_otel.demo.workload import FULL, SHORT, Workload
 from hydra_otel.errors import ConfigError
-from hydra_otel.sandbox.pgcluster import PgCluster, SandboxError
-from hydra_otel.sandbox.receiver import GrpcOtlpReceiver, ReceivedSpan
-from hydra_otel.stats import Stats
-from hydra_otel.waterfall import from_otlp, group_traces, otlp_json, render_waterfall
+from hydra_otel.selfmon.stats import Stats
 
 #: Hydra's web address in span links (the demo has no web UI; this is Hydra's default).
 HYDRA_URL: Final = "http://localhost:3000"

@@ -12,16 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from hydra_otel.adapters.state import FILENAME, LOCK_FILENAME, StateStore, inspect
+from hydra_otel.adapters.progress_store import FILENAME, LOCK_FILENAME, ProgressStore, inspect
 from hydra_otel.core.catchup import Marks
 from hydra_otel.errors import StateDirError
-from hydra_otel.stats import Stats
+from hydra_otel.selfmon.stats import Stats
 
 MARKS = Marks(eval_id=42, stop_time=1_700_000_123, jobsets={1: 1_700_000_100, 20: 1_700_000_050})
 
 
-def open_store(path: Path, instance: str = "hydra", **kwargs: object) -> StateStore:
-    return StateStore(path, instance=instance, **kwargs)  # type: ignore[arg-type]
+def open_store(path: Path, instance: str = "hydra", **kwargs: object) -> ProgressStore:
+    return ProgressStore(path, instance=instance, **kwargs)  # type: ignore[arg-type]
 
 
 def test_first_start_has_no_marks(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Process-wide counters: what happened, for logs, tests and (later) metrics.
+"""Process-wide counters of the daemon itself: what happened, for logs, tests and /metrics.
 
 One mutable object owned by the service and handed to each task; tasks only
 increment. ``snapshot()`` gives a plain dict for a log line or a test.

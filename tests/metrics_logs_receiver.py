@@ -1,19 +1,18 @@
 """An in-process OTLP/gRPC receiver for metrics and logs, for the tests.
 
-The trace receivers live in ``hydra_otel.sandbox.receiver``; this one serves
-``MetricsService/Export`` and ``LogsService/Export`` on one 127.0.0.1 port the OS
-picks, keeps every request in a lock-protected list (the gRPC server answers on
-its own threads), and offers helpers that flatten requests into data points
-and log records.
+It serves ``MetricsService/Export`` and ``LogsService/Export`` on one 127.0.0.1 port the OS
+picks (the :class:`~hydra_otel.demo.sandbox.receiver.GrpcServer` the trace receiver runs on),
+keeps every request in a lock-protected list (the gRPC server answers on its own threads), and
+offers helpers that flatten requests into data points and log records. The trace receivers live
+in ``hydra_otel.demo.sandbox.receiver`` because the demo needs them; nothing but the tests needs
+this one.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable
-from concurrent import futures
-from types import TracebackType
-from typing import Final, NamedTuple, Self
+from typing import Final, NamedTuple
 
 import grpc
 import trio
@@ -30,7 +29,13 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord
 from opentelemetry.proto.metrics.v1.metrics_pb2 import HistogramDataPoint, Metric, NumberDataPoint
 
-from hydra_otel.sandbox.receiver import AttributeValue, ServerTls, attributes_dict
+from hydra_otel.demo.sandbox.receiver import (
+    AttributeValue,
+    GrpcServer,
+    ServerTls,
+    ServesGrpc,
+    attributes_dict,
+)
 
 
 class ReceivedMetric(NamedTuple):
@@ -73,7 +78,7 @@ class _LogsServicer(logs_service_pb2_grpc.LogsServiceServicer):
         return ExportLogsServiceResponse()
 
 
-class GrpcMetricsLogsReceiver:
+class GrpcMetricsLogsReceiver(ServesGrpc):
     """OTLP/gRPC MetricsService and LogsService on 127.0.0.1; use as a context manager.
 
     Args:
@@ -85,34 +90,21 @@ class GrpcMetricsLogsReceiver:
         self.lock = threading.Lock()
         self.metric_requests: list[ExportMetricsServiceRequest] = []
         self.log_requests: list[ExportLogsServiceRequest] = []
-        self._executor = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="otlp-more-receiver")
-        self._server = grpc.server(self._executor)
+        self._grpc = GrpcServer(
+            self._add_servicers, host=host, tls=tls, threads="otlp-metrics-logs-receiver", workers=2
+        )
+        self.port: Final[int] = self._grpc.port
+        #: What the gRPC exporters take as ``endpoint`` (an ``https://`` URL with TLS).
+        self.endpoint: Final = self._grpc.endpoint
+
+    def _add_servicers(self, server: grpc.Server) -> None:
         # The generated gRPC modules are unannotated.
         metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            _MetricsServicer(self), self._server
+            _MetricsServicer(self), server
         )
         logs_service_pb2_grpc.add_LogsServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            _LogsServicer(self), self._server
+            _LogsServicer(self), server
         )
-        self.port: Final[int] = (
-            self._server.add_insecure_port(f"{host}:0")
-            if tls is None
-            else self._server.add_secure_port(f"{host}:0", tls.grpc_credentials())
-        )
-        #: What the gRPC exporters take as ``endpoint`` (an ``https://`` URL with TLS).
-        self.endpoint: Final = f"{host}:{self.port}" if tls is None else f"https://{host}:{self.port}"
-
-    def __enter__(self) -> Self:
-        """Start serving."""
-        self._server.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        """Stop serving and join the worker threads."""
-        self._server.stop(grace=None).wait()
-        self._executor.shutdown(wait=True)
 
     def metrics(self) -> list[ReceivedMetric]:
         """Every metric received so far, in order."""

@@ -39,7 +39,7 @@ from hydra_otel.core.events import (
 from hydra_otel.core.stitch import ClosingCheck, JobsetCheck, Stitcher, Unchecked, Work
 from hydra_otel.errors import DbUnavailable, PermissionDenied
 from hydra_otel.log import RateLimitedLog
-from hydra_otel.stats import Stats
+from hydra_otel.selfmon.stats import Stats
 from hydra_otel.tasks.channels import receive_some, send_all
 
 log = logging.getLogger("hydra_otel.stitcher")

@@ -3,7 +3,7 @@
 A small SQLite database (``<state dir>/progress.sqlite3``), written in WAL mode
 with synchronous=FULL so a committed mark survives a crash or power loss. Marks
 are only written after the OTLP endpoint acknowledged every span derived from
-what they cover (see tasks/catchup.py), so losing the process at any moment
+what they cover (see tasks/catchup_task.py), so losing the process at any moment
 re-exports at most the window since the last mark. The store is the daemon's
 only write, and it never touches Hydra's database.
 
@@ -34,7 +34,7 @@ from typing import Final
 
 from hydra_otel.core.catchup import Marks, marks_from_json, marks_to_json
 from hydra_otel.errors import StateDirError
-from hydra_otel.stats import Stats
+from hydra_otel.selfmon.stats import Stats
 
 log = logging.getLogger("hydra_otel.state")
 
@@ -47,7 +47,7 @@ STORE_ERRORS: Final = (OSError, sqlite3.Error)
 _START_OVER = "delete it to start from the present (`hydra-otel backfill` loads history)"
 
 
-class StateStore:
+class ProgressStore:
     """Reads and writes :class:`Marks` (blocking; call from a worker thread).
 
     Args:
