@@ -12,7 +12,6 @@ from collections import Counter
 import pytest
 import trio
 
-from hydra_otel.adapters.db import ListenStatistics
 from hydra_otel.selfmon.server import (
     MAX_REQUEST_BYTES,
     PROMETHEUS_CONTENT_TYPE,
@@ -27,7 +26,7 @@ from hydra_otel.selfmon.server import (
     serve_metrics,
     snapshot_from,
 )
-from hydra_otel.selfmon.stats import Stats
+from hydra_otel.selfmon.stats import ListenStatistics, Stats
 
 WATCHDOG = 10
 

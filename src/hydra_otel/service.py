@@ -50,7 +50,6 @@ import hydra_otel
 from hydra_otel.adapters import queries
 from hydra_otel.adapters.db import (
     ListenItem,
-    ListenStatistics,
     hold_leadership,
     leader_lock_key,
     open_database,
@@ -71,7 +70,7 @@ from hydra_otel.errors import ConfigError, LeadershipLost, StateDirError
 from hydra_otel.pipeline.factories import close_sinks, make_metrics, make_sink, make_step_logs, render_config
 from hydra_otel.pipeline.tail import start_tail, store_marks
 from hydra_otel.selfmon.server import MetricsSnapshot, gauge, serve_metrics, snapshot_from
-from hydra_otel.selfmon.stats import Stats
+from hydra_otel.selfmon.stats import ListenStatistics, Stats
 from hydra_otel.tasks.catchup_task import Catchup, CatchupSettings, CatchupState, run_catchup
 from hydra_otel.tasks.intake import hint_counter, run_intake
 from hydra_otel.tasks.live_metrics import run_live_metrics

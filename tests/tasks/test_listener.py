@@ -18,7 +18,6 @@ from hydra_otel.adapters import db
 from hydra_otel.adapters.db import (
     DeliveryPath,
     ListenItem,
-    ListenStatistics,
     RawNotification,
     Resync,
     hold_leadership,
@@ -26,6 +25,7 @@ from hydra_otel.adapters.db import (
 )
 from hydra_otel.core.backoff import Backoff
 from hydra_otel.errors import LeadershipLost
+from hydra_otel.selfmon.stats import ListenStatistics
 from tests.tasks.fakepg import FakeServer
 
 CHANNELS = ("eval_started", "build_finished", "build_queued")

@@ -51,7 +51,7 @@ from hydra_otel.errors import (
     quote_payload,
 )
 from hydra_otel.log import RateLimitedLog
-from hydra_otel.selfmon.stats import Stats
+from hydra_otel.selfmon.stats import ListenStatistics, Stats
 
 log = logging.getLogger("hydra_otel.db")
 
@@ -174,17 +174,6 @@ class Resync:
 
 
 ListenItem = RawNotification | Resync
-
-
-@dataclass(slots=True)
-class ListenStatistics:
-    """Counters of the LISTEN connection (mutable, owned by the listener)."""
-
-    received: int = 0
-    dropped: int = 0
-    connects: int = 0
-    connection_losses: int = 0
-    undecodable: int = 0  # notifications whose channel or payload is not UTF-8, dropped
 
 
 #: Bad-input warnings of the LISTEN connection (undecodable payloads), rate-limited.

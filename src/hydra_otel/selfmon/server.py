@@ -11,7 +11,7 @@ There is no new dependency and nothing here touches the pipeline: the service
 passes two callables, one for a snapshot and one for health.
 
 :func:`snapshot_from` maps the counters in :mod:`hydra_otel.selfmon.stats` and
-:class:`~hydra_otel.adapters.db.ListenStatistics` to metric names (see
+:class:`~hydra_otel.selfmon.stats.ListenStatistics` to metric names (see
 docs/operations-tools.md).
 """
 
@@ -27,8 +27,7 @@ from urllib.parse import urlsplit
 
 import trio
 
-from hydra_otel.adapters.db import ListenStatistics
-from hydra_otel.selfmon.stats import Stats
+from hydra_otel.selfmon.stats import ListenStatistics, Stats
 
 #: Largest request head (request line plus headers) accepted; larger gets 431.
 MAX_REQUEST_BYTES = 8192

@@ -59,3 +59,14 @@ class Stats:
             "task_restarts": self.task_restarts,
             "queries": self.queries,
         }
+
+
+@dataclass(slots=True)
+class ListenStatistics:
+    """Counters of the LISTEN connection (mutable, owned by the listener)."""
+
+    received: int = 0
+    dropped: int = 0
+    connects: int = 0
+    connection_losses: int = 0
+    undecodable: int = 0  # notifications whose channel or payload is not UTF-8, dropped

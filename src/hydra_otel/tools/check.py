@@ -21,6 +21,7 @@ from hydra_otel.core.backoff import Backoff
 from hydra_otel.core.spans import Kind, SpanRecord
 from hydra_otel.errors import StateDirError
 from hydra_otel.pipeline.factories import make_sink
+from hydra_otel.selfmon.stats import ListenStatistics
 from hydra_otel.tools.common import (
     ADDED_IN,
     CHECK_SPAN_NAME,
@@ -217,7 +218,7 @@ async def _listen_round_trip(dsn: str) -> str:
         backoff = Backoff.interactive()
         await nursery.start(
             lambda task_status: db.run_listener(
-                dsn, [channel], send, stats=db.ListenStatistics(), backoff=backoff, task_status=task_status
+                dsn, [channel], send, stats=ListenStatistics(), backoff=backoff, task_status=task_status
             )
         )
         async with db.open_connection(dsn) as conn:
