@@ -19,17 +19,27 @@ SELECT j.id, j.project, j.name FROM jobsets j
 JOIN unnest($1::text[], $2::text[]) AS w(project, name) ON w.project = j.project AND w.name = j.name
 """
 
-# The selection, in ID order, after the key ``$3``; ``$4`` NULL means every jobset.
-SELECT_EVALS_SQL = """
+# Hydra has no index on jobsetevals.timestamp, but hydra-eval-jobset sets it when it inserts the
+# row, so IDs grow with it: every evaluation below the last one recorded a day before ``since``
+# (found by walking the primary key down from the newest) was recorded before ``since``. The
+# selection is then read by ID from there, never from the first evaluation (docs/performance.md).
+SINCE_FLOOR = """coalesce((SELECT p.id FROM jobsetevals p WHERE p.timestamp < $1 - 86400
+                           ORDER BY p.id DESC LIMIT 1), 0)"""
+
+# The selection, in ID order, after the key ``$3`` (from the floor while ``$3`` is 0); ``$4`` NULL
+# means every jobset.
+SELECT_EVALS_SQL = f"""
 SELECT e.id, e.jobset_id FROM jobsetevals e
-WHERE e.timestamp >= $1 AND e.timestamp < $2 AND e.id > $3
+WHERE e.timestamp >= $1 AND e.timestamp < $2
+  AND e.id > CASE WHEN $3 > 0 THEN $3 ELSE {SINCE_FLOOR} END
   AND ($4::int[] IS NULL OR e.jobset_id = ANY($4::int[]))
 ORDER BY e.id LIMIT $5
 """
 
-COUNT_EVALS_SQL = """
+COUNT_EVALS_SQL = f"""
 SELECT count(*) AS total, count(*) FILTER (WHERE e.id > $3) AS remaining FROM jobsetevals e
 WHERE e.timestamp >= $1 AND e.timestamp < $2 AND ($4::int[] IS NULL OR e.jobset_id = ANY($4::int[]))
+  AND e.id > {SINCE_FLOOR}
 """
 
 # Finished builds the given evaluations created, in ID order, after the key ``$2``.

@@ -409,10 +409,14 @@ WHERE b.finished = 0 AND s.status IS NOT NULL AND s.starttime IS NOT NULL
 ORDER BY s.stoptime, s.build, s.stepnr LIMIT $3
 """
 CATCHUP_JOBSETS_SQL = "SELECT id, lastcheckedtime, errormsg, errortime, fetcherrormsg FROM jobsets"
+# Hydra has no index on jobsetevals.timestamp: the newest evaluation recorded before the point is
+# found by walking the primary key down from the newest one, which reads only the evaluations of the
+# last ``$1`` seconds (the same result as max(id) over the matching rows, which reads the whole
+# table; docs/performance.md). Every scan runs this for the database's clock.
 CATCHUP_START_SQL = """
-SELECT coalesce(max(id) FILTER (WHERE timestamp < extract(epoch FROM now())::int - $1), 0) AS eval_id,
+SELECT coalesce((SELECT e.id FROM jobsetevals e WHERE e.timestamp < extract(epoch FROM now())::int - $1
+                 ORDER BY e.id DESC LIMIT 1), 0) AS eval_id,
        extract(epoch FROM now())::int AS now
-FROM jobsetevals
 """
 
 
