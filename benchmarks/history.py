@@ -100,7 +100,7 @@ def evals_sql(h: History) -> str:
     return f"""
 INSERT INTO jobsetevals (id, jobset_id, timestamp, checkouttime, evaltime, hasnewbuilds, hash,
                          nrbuilds, nrsucceeded, nixexprinput, nixexprpath)
-SELECT e, 1 + (e * 7919) % {h.jobsets}, {h.t_start} + e * {EVAL_EVERY}, 5 + e % 20, 30 + e % 300, 1,
+SELECT e, 1 + (e::bigint * 7919) % {h.jobsets}, {h.t_start} + e * {EVAL_EVERY}, 5 + e % 20, 30 + e % 300, 1,
        md5(e::text), {n}, {n}, 'src', 'release.nix'
 FROM generate_series(1, {h.evals}) e;
 SELECT setval('jobsetevals_id_seq', {h.evals});
@@ -124,7 +124,7 @@ INSERT INTO builds (id, finished, timestamp, jobset_id, job, nixname, drvpath, s
                     priority, globalpriority, starttime, stoptime, iscachedbuild, buildstatus, size,
                     closuresize, releasename)
 SELECT b, CASE WHEN {done} THEN 1 ELSE 0 END, {queued},
-       1 + (((b - 1) / {BUILDS_PER_EVAL} + 1) * 7919) % {h.jobsets},
+       1 + (((b - 1) / {BUILDS_PER_EVAL} + 1)::bigint * 7919) % {h.jobsets},
        'job' || (b % 20000), 'pkg-' || (b % 20000) || '-1.0',
        '/nix/store/' || md5(b::text) || '-pkg-' || (b % 20000) || '-1.0.drv',
        CASE b % 4 WHEN 0 THEN 'aarch64-linux' ELSE 'x86_64-linux' END,

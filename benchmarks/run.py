@@ -25,6 +25,7 @@ from typing import Any
 
 import asyncpg
 import bench
+import bigdb
 import procs
 import profiling
 import report
@@ -60,6 +61,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="PATH",
         help="record the daemon with py-spy: PATH-eval.txt, PATH-bursts.txt, PATH-steady.txt (raw stacks)",
     )
+    p.add_argument(
+        "--big-db",
+        action="store_true",
+        help="run only the production-sized database phase (bigdb.py; sizes times --scale)",
+    )
+    p.add_argument("--skip-big-db", action="store_true", help="leave out the big-database phase")
     return p.parse_args(argv)
 
 
@@ -210,6 +217,12 @@ def _terminate(signum: int, _frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
+    if args.big_db:
+        try:
+            bigdb.main(args.scale, args.out)
+        except KeyboardInterrupt:
+            return 130
+        return 0
     res = Resources(args.keep)
     try:
         results = asyncio.run(run(args, res))
@@ -220,6 +233,12 @@ def main(argv: list[str] | None = None) -> int:
         res.close()
     print(report.table(results), flush=True)
     report.write(args.out, results)
+    if args.scale >= 1 and not args.skip_big_db:  # minutes and ~10 GB: not in smoke runs
+        try:
+            results["big_db"] = bigdb.main(1.0)
+        except KeyboardInterrupt:
+            return 130
+        report.write(args.out, results)
     print(f"\nresults written to {args.out}", flush=True)
     return 0
 
