@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -40,14 +39,25 @@ from typing import Any
 import asyncpg
 import history
 import procs
-from pglog import LINE_PREFIX, classify
+from pglog import LINE_PREFIX
+from plans import (
+    ROLE,
+    delta,
+    generic_plans,
+    is_scan_end,
+    logged_plans,
+    phase_figures,
+    plan_summary,
+    query_texts,
+    seq_scans,
+    statements,
+)
 
 from hydra_otel.adapters.state import StateStore
 from hydra_otel.core.catchup import Marks
 from hydra_otel.sandbox.hydrasim import HydraSim, NewBuild, notify, tx
 from hydra_otel.sandbox.pgcluster import SUPERUSER, PgCluster
 
-ROLE = "hydra_otel"
 INSTANCE = "bigdb"
 BIG_EVALS = 1_000_000
 SMALL_EVALS = 20_000
@@ -80,17 +90,6 @@ ALTER ROLE {ROLE} SET auto_explain.log_min_duration = 0;
 ALTER ROLE {ROLE} SET auto_explain.log_format = 'json';
 CREATE EXTENSION IF NOT EXISTS pg_stat_statements;
 """
-
-
-def normalized(sql: str) -> str:
-    return " ".join(sql.split())
-
-
-def is_scan_end(sql: str) -> bool:
-    """CATCHUP_JOBSETS_SQL: the last query of every catch-up scan (and of a first start's marks)."""
-    return normalized(sql).startswith(
-        "SELECT id, lastcheckedtime, errormsg, errortime, fetcherrormsg FROM jobsets"
-    )
 
 
 # --- loading -----------------------------------------------------------------------------------------
@@ -133,46 +132,7 @@ async def index_names(conn: asyncpg.Connection) -> dict[str, list[str]]:
     return out
 
 
-# --- statement statistics ----------------------------------------------------------------------------
-
-
-async def statements(conn: asyncpg.Connection) -> dict[str, tuple[int, float]]:
-    """The role's statements in this database: text -> (calls, total execution ms)."""
-    rows = await conn.fetch(
-        "SELECT s.query, s.calls, s.total_exec_time FROM pg_stat_statements s "
-        "JOIN pg_roles r ON r.oid = s.userid JOIN pg_database d ON d.oid = s.dbid "
-        "WHERE r.rolname = $1 AND d.datname = current_database()",
-        ROLE,
-    )
-    out: dict[str, tuple[int, float]] = {}
-    for r in rows:
-        calls, ms = out.get(r["query"], (0, 0.0))
-        out[r["query"]] = (calls + r["calls"], ms + r["total_exec_time"])
-    return out
-
-
-def delta(
-    after: dict[str, tuple[int, float]], before: dict[str, tuple[int, float]]
-) -> dict[str, tuple[int, float]]:
-    out = {}
-    for q, (calls, ms) in after.items():
-        c0, m0 = before.get(q, (0, 0.0))
-        if calls > c0:
-            out[q] = (calls - c0, ms - m0)
-    return out
-
-
-def phase_figures(d: dict[str, tuple[int, float]]) -> dict[str, Any]:
-    """Calls and database time of a phase, and of its catch-up scans."""
-    scans = sum(c for q, (c, _) in d.items() if is_scan_end(q))
-    catchup_ms = sum(ms for q, (_, ms) in d.items() if classify(q) == "catchup")
-    return {
-        "statements": sum(c for c, _ in d.values()),
-        "db_ms": round(sum(ms for _, ms in d.values()), 2),
-        "scans": scans,
-        "catchup_ms": round(catchup_ms, 3),
-        "catchup_ms_per_scan": round(catchup_ms / scans, 3) if scans else None,
-    }
+# --- waiting -----------------------------------------------------------------------------------------
 
 
 async def wait_scans(
@@ -309,85 +269,6 @@ class Scenario:
         self.phases["backfill_output"] = out.decode().strip().splitlines()[-1:]
 
 
-# --- plans ---------------------------------------------------------------------------------------------
-
-_PLAN = re.compile(r"LOG:  duration: ([\d.]+) ms  plan:\n", re.M)
-_ENTRY = re.compile(r"^@@ \S+ \S+ \S+ \[\d+\] ", re.M)
-
-
-def logged_plans(log: Path, start: int, end: int) -> list[tuple[float, dict[str, Any]]]:
-    """auto_explain's (duration in ms, JSON plan) between two byte offsets of the server log."""
-    with log.open("rb") as f:
-        f.seek(start)
-        text = f.read(end - start).decode("utf-8", "replace")
-    plans = []
-    for entry in _ENTRY.split(text):
-        m = _PLAN.search(entry)
-        if m:
-            try:
-                plans.append((float(m.group(1)), json.loads(entry[m.end() :])))
-            except ValueError:
-                continue
-    return plans
-
-
-def nodes(plan: dict[str, Any]) -> list[str]:
-    """``Node Type on table [using index]`` of every scan of a big table (or its index) in a plan."""
-    out = []
-    table = plan.get("Relation Name")
-    index = plan.get("Index Name", "")
-    if table in history.BIG_TABLES or (table is None and index):
-        using = f" using {index}" if index else ""
-        out.append(f"{plan['Node Type']}{f' on {table}' if table else ''}{using}")
-    for child in plan.get("Plans", ()):
-        out += nodes(child)
-    return out
-
-
-def plan_summary(plans: list[tuple[float, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
-    """Per statement (first 90 characters): executions, total and slowest ms, the scans of big tables."""
-    out: dict[str, dict[str, Any]] = {}
-    for ms, p in plans:
-        key = normalized(p.get("Query Text", ""))[:90]
-        s = out.setdefault(key, {"runs": 0, "scans": set(), "total_ms": 0.0, "max_ms": 0.0})
-        s["runs"] += 1
-        s["scans"].update(nodes(p["Plan"]))
-        s["total_ms"] = round(s["total_ms"] + ms, 3)
-        s["max_ms"] = max(s["max_ms"], ms)
-    return {k: {**v, "scans": sorted(v["scans"])} for k, v in out.items() if v["scans"]}
-
-
-async def generic_plans(conn: asyncpg.Connection, texts: list[str]) -> dict[str, list[str]]:
-    """The generic plan's scans of big tables, for each statement that reads one."""
-    out: dict[str, list[str]] = {}
-    for sql in texts:
-        if not any(t in sql for t in history.BIG_TABLES) or not sql.lstrip().upper().startswith(
-            ("SELECT", "WITH")
-        ):
-            continue
-        n = max((int(x) for x in re.findall(r"\$(\d+)", sql)), default=0)
-        key = normalized(sql)[:90]
-        try:
-            await conn.execute(f"PREPARE g AS {sql}")
-            await conn.execute("SET plan_cache_mode = force_generic_plan")
-            args = f"({', '.join(['NULL'] * n)})" if n else ""
-            raw = await conn.fetchval(f"EXPLAIN (FORMAT JSON) EXECUTE g{args}")
-            out[key] = nodes(json.loads(raw)[0]["Plan"])
-        except asyncpg.PostgresError as exc:
-            out[key] = [f"not explained: {exc}"]
-        finally:
-            await conn.execute("DEALLOCATE ALL; RESET plan_cache_mode")
-    return out
-
-
-def seq_scans(summary: dict[str, dict[str, Any]] | dict[str, list[str]]) -> list[str]:
-    found = []
-    for key, v in summary.items():
-        scans = v["scans"] if isinstance(v, dict) else v
-        found += [f"{key}: {s}" for s in scans if s.startswith("Seq Scan")]
-    return found
-
-
 # --- the phase -----------------------------------------------------------------------------------------
 
 
@@ -409,8 +290,9 @@ async def one_database(
         say(f"{name}: loaded in {loading:.0f} s: {size}")
         log_start = cluster.log_file.stat().st_size
         phases = await Scenario(name, dsn, h, tmp, receiver).run()
-        ran = plan_summary(logged_plans(cluster.log_file, log_start, cluster.log_file.stat().st_size))
-        generic = await generic_plans(conn, list(await statements(conn)))
+        logged = logged_plans(cluster.log_file, log_start, cluster.log_file.stat().st_size)
+        ran = plan_summary(logged)
+        generic = await generic_plans(dsn, query_texts(logged))
     finally:
         await conn.close()
     cluster.dropdb(name)
@@ -478,6 +360,12 @@ def table(r: dict[str, Any]) -> str:
             f"  {v['runs']:>5}x {v['total_ms'] / v['runs']:>7.2f} ms avg {v['max_ms']:>8.2f} max  {key[:56]:<56}"
             f"  {'; '.join(v['scans'])}"
         )
+    generic = big["plans_generic"]
+    failed = [k for k, v in generic.items() if any(s.startswith("not explained") for s in v)]
+    lines.append(
+        f"generic plans of the same {len(generic)} statements: EXPLAINed {len(generic) - len(failed)}"
+    )
+    lines += [f"  not explained: {k[:80]}: {generic[k][0][:100]}" for k in failed]
     seq, ratio = t["no_seq_scan"], t["catchup_ratio"]
     lines += [
         f"no sequential scan of {', '.join(history.BIG_TABLES)}: "
