@@ -53,10 +53,10 @@ from plans import (
     statements,
 )
 
-from hydra_otel.adapters.state import StateStore
+from hydra_otel.adapters.progress_store import ProgressStore
 from hydra_otel.core.catchup import Marks
-from hydra_otel.sandbox.hydrasim import HydraSim, NewBuild, notify, tx
-from hydra_otel.sandbox.pgcluster import SUPERUSER, PgCluster
+from hydra_otel.demo.sandbox.hydrasim import HydraSim, NewBuild, notify, tx
+from hydra_otel.demo.sandbox.pgcluster import SUPERUSER, PgCluster
 
 INSTANCE = "bigdb"
 BIG_EVALS = 1_000_000
@@ -166,7 +166,7 @@ def daemon_env(dsn: str, endpoint: str, state: Path) -> dict[str, str]:
 
 def rewind_marks(state: Path, h: history.History) -> None:
     """Move the stored marks OUTAGE seconds before the history's end (the daemon is stopped)."""
-    store = StateStore(state, instance=INSTANCE)
+    store = ProgressStore(state, instance=INSTANCE)
     try:
         marks = store.load()
         assert marks is not None, "the start-up phase stored no marks"
