@@ -390,4 +390,4 @@ def main(scale: float = 1.0, out: Path | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(float(sys.argv[1]) if len(sys.argv) > 1 else 1.0, Path("bigdb-results.json"))
+    main(float(sys.argv[1]) if len(sys.argv) > 1 else 1.0)
