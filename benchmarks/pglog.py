@@ -32,7 +32,7 @@ _SIGNATURES: tuple[tuple[str, str], ...] = (
     ("catchup", "WHERE finished = 1 AND stoptime >= $1"),
     ("catchup", "WHERE b.finished = 0 AND s.status IS NOT NULL"),
     ("catchup", "SELECT id, lastcheckedtime, errormsg"),
-    ("catchup", "coalesce(max(id) FILTER"),
+    ("catchup", ") AS eval_id, extract(epoch FROM now())"),  # CATCHUP_START_SQL
     ("enrichment", "FROM builds b JOIN jobsets j"),  # BUILD_FACTS_SQL
     ("enrichment", "AS first_beyond"),  # BUDGET_SQL
     ("enrichment", "FROM buildsteps s"),  # STEPS_SQL, STEP_SUBSET_SQL

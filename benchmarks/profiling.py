@@ -77,7 +77,7 @@ STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("resolver: other", ("run_resolver",)),
     ("exporter: to_readable (SDK objects)", ("run_exporter", "to_readable")),
     ("exporter: other", ("run_exporter",)),
-    ("catch-up", ("tasks/catchup.py",)),
+    ("catch-up", ("tasks/catchup_task.py",)),
     ("trio-asyncio loop", ("trio_asyncio/",)),
     ("asyncio (transports, callbacks)", ("asyncio/",)),
     ("trio scheduler and I/O", ("trio/",)),

@@ -25,6 +25,7 @@ from typing import Any
 
 import asyncpg
 import bench
+import bigdb
 import procs
 import profiling
 import report
@@ -33,7 +34,7 @@ from model import CFG
 from pglog import LINE_PREFIX, QueryLog, role_sql
 
 from hydra_otel.core.events import DATA_CHANNELS, TRIGGER_CHANNELS
-from hydra_otel.sandbox.pgcluster import SUPERUSER, PgCluster
+from hydra_otel.demo.sandbox.pgcluster import SUPERUSER, PgCluster
 
 ROLE = "hydra_otel"  # the daemon's read-only role; its statements are logged (pglog.py)
 BATCH = 512  # the daemon's default export batch size, used by R_export too
@@ -70,6 +71,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="PATH",
         help="record the daemon with py-spy: PATH-eval.txt, PATH-bursts.txt, PATH-steady.txt (raw stacks)",
     )
+    p.add_argument(
+        "--big-db",
+        action="store_true",
+        help="run only the production-sized database phase (bigdb.py; sizes times --scale)",
+    )
+    p.add_argument("--skip-big-db", action="store_true", help="leave out the big-database phase")
     return p.parse_args(argv)
 
 
@@ -227,6 +234,12 @@ def _terminate(signum: int, _frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
+    if args.big_db:
+        try:
+            bigdb.main(args.scale, args.out)
+        except KeyboardInterrupt:
+            return 130
+        return 0
     passes = [args] if not args.hog_pass else [args, argparse.Namespace(**{**vars(args), "hog": True})]
     runs: list[dict[str, Any]] = []
     for pass_args in passes:
@@ -243,6 +256,12 @@ def main(argv: list[str] | None = None) -> int:
         results["hog"] = runs[1]
     print(report.table(results), flush=True)
     report.write(args.out, results)
+    if args.scale >= 1 and not args.skip_big_db:  # minutes and ~10 GB: not in smoke runs
+        try:
+            results["big_db"] = bigdb.main(1.0)
+        except KeyboardInterrupt:
+            return 130
+        report.write(args.out, results)
     print(f"\nresults written to {args.out}", flush=True)
     return 0
 

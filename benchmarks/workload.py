@@ -2,7 +2,7 @@
 
 Every phase is bulk SQL run on a connection of its own (not the daemon's), with
 ``pg_notify`` inside the same transaction as the rows it announces, in the order
-Hydra's programs send them (see ``hydra_otel.sandbox.hydrasim`` and
+Hydra's programs send them (see ``hydra_otel.demo.sandbox.hydrasim`` and
 docs/notifications.md). Payloads always differ: PostgreSQL folds identical
 (channel, payload) pairs within one transaction.
 
@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from hydra_otel.sandbox.hydrasim import lit, notify
+from hydra_otel.demo.sandbox.hydrasim import lit, notify
 
 JOBSET = 1
 HISTORY_EVAL = 1

@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 import trio_asyncio
 
-from hydra_otel.sandbox.pgcluster import PgCluster
-from hydra_otel.sandbox.receiver import GrpcOtlpReceiver, HttpOtlpReceiver
-from hydra_otel.sandbox.schema import CURRENT_SCHEMA_VERSION
+from hydra_otel.demo.sandbox.pgcluster import PgCluster
+from hydra_otel.demo.sandbox.receiver import GrpcOtlpReceiver, HttpOtlpReceiver
+from hydra_otel.demo.sandbox.schema import CURRENT_SCHEMA_VERSION
 
 _INTEGRATION_DIR = Path(__file__).parent / "integration"
 _database_numbers = itertools.count(1)

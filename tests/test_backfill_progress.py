@@ -12,18 +12,18 @@ from pathlib import Path
 
 import pytest
 
-from hydra_otel.backfill import PROGRESS_FILE, BackfillError, ProgressFile
-from hydra_otel.backfill.progress import SavedProgress, saved_from_json
+from hydra_otel.backfill import PROGRESS_FILE, BackfillError, BackfillProgressFile
+from hydra_otel.backfill.progress import SelectionProgress, selection_progress_from_json
 
 ENTRY = {"since": 0, "until": 1_700_000_000, "jobsets": ["nixpkgs:trunk"], "last_eval_id": 7,
          "evals_done": 3, "complete": False, "updated": "2026-12-01T00:00:00Z"}  # fmt: skip
-PROGRESS = SavedProgress(since=0, until=1_700_000_000, jobsets=("nixpkgs:trunk",), last_eval_id=7)
+PROGRESS = SelectionProgress(since=0, until=1_700_000_000, jobsets=("nixpkgs:trunk",), last_eval_id=7)
 
 
 def test_entry_round_trip_and_earlier_versions() -> None:
     """A full entry is read as written; one without the optional keys gets their defaults."""
-    assert saved_from_json(ENTRY).last_eval_id == 7
-    assert saved_from_json({"since": 1, "until": 2, "jobsets": []}) == SavedProgress(
+    assert selection_progress_from_json(ENTRY).last_eval_id == 7
+    assert selection_progress_from_json({"since": 1, "until": 2, "jobsets": []}) == SelectionProgress(
         since=1, until=2, jobsets=()
     )
 
@@ -47,7 +47,7 @@ INVALID: list[tuple[object, str]] = [
 def test_invalid_entries(entry: object, reason: str) -> None:
     """An entry with an unknown or missing key, a wrong type or an out-of-range value is refused, saying which."""
     with pytest.raises(ValueError, match="^" + reason.replace("(", r"\(").replace(")", r"\)")):
-        saved_from_json(entry)
+        selection_progress_from_json(entry)
 
 
 @pytest.mark.parametrize(
@@ -67,7 +67,7 @@ def test_unusable_file_exit_2(tmp_path: Path, content: object, reason: str) -> N
     """A file hydra-otel cannot use stops the backfill with exit code 2 and a message, never a traceback."""
     (tmp_path / PROGRESS_FILE).write_text(json.dumps(content))
     with pytest.raises(BackfillError) as info:
-        ProgressFile(tmp_path).load("k")
+        BackfillProgressFile(tmp_path).load("k")
     assert info.value.status == 2
     assert reason in str(info.value)
 
@@ -87,23 +87,23 @@ def file_size_limit(size: int) -> Iterator[None]:
 def test_checkpoint_survives_a_full_disk(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A checkpoint that cannot be written returns False and is logged once; the next one writes everything."""
     caplog.set_level(logging.INFO, "hydra_otel.backfill")
-    store = ProgressFile(tmp_path)
+    store = BackfillProgressFile(tmp_path)
     assert store.checkpoint("k", PROGRESS)
     with file_size_limit(16):
         assert not store.checkpoint("k", PROGRESS)
-        assert not store.checkpoint("k", SavedProgress(since=0, until=1, jobsets=(), last_eval_id=9))
+        assert not store.checkpoint("k", SelectionProgress(since=0, until=1, jobsets=(), last_eval_id=9))
     assert store.load("k") == PROGRESS, "the previous version is intact"
     assert [r.getMessage() for r in caplog.records] == [
         "cannot write the backfill progress; exporting goes on and every checkpoint tries again"
     ]
-    assert store.checkpoint("k", SavedProgress(since=0, until=1, jobsets=(), last_eval_id=10))
+    assert store.checkpoint("k", SelectionProgress(since=0, until=1, jobsets=(), last_eval_id=10))
     assert caplog.records[-1].getMessage() == "backfill progress written again"
-    assert store.load("k") == SavedProgress(since=0, until=1, jobsets=(), last_eval_id=10)
+    assert store.load("k") == SelectionProgress(since=0, until=1, jobsets=(), last_eval_id=10)
     assert [p.name for p in tmp_path.iterdir()] == [PROGRESS_FILE], "no temporary file left behind"
 
 
 def test_first_and_last_write_fail_clearly(tmp_path: Path) -> None:
     """The writes that cannot wait for a later checkpoint fail with exit code 2 and what to do."""
     with file_size_limit(16), pytest.raises(BackfillError, match="free space") as info:
-        ProgressFile(tmp_path).store("k", PROGRESS)
+        BackfillProgressFile(tmp_path).store("k", PROGRESS)
     assert info.value.status == 2

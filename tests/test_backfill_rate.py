@@ -16,19 +16,19 @@ import pytest
 import trio
 import trio.testing
 
+from hydra_otel.adapters import command_queries
 from hydra_otel.adapters.otlp import DELIVERED, Delivery
 from hydra_otel.backfill import (
     BackfillOptions,
     BackfillResult,
+    PacedSink,
     Tally,
     TokenBucket,
-    _MeteredSink,
     add_backfill_command,
     options_from_args,
     parse_time,
     progress_text,
 )
-from hydra_otel.backfill import run as backfill_module
 from hydra_otel.core.spans import Kind, SpanRecord
 from hydra_otel.tools import HYDRA_COLUMNS
 
@@ -152,7 +152,7 @@ class _Recorder:
 async def test_metered_sink_limits_and_counts(autojump_clock: trio.testing.MockClock) -> None:
     """Batches of 512 at --rate 1000 go 0.512 s apart; a failed attempt spends its tokens too."""
     inner, tally = _Recorder(failures=1), Tally()
-    sink = _MeteredSink(inner, TokenBucket(1000), tally)
+    sink = PacedSink(inner, TokenBucket(1000), tally)
     batch = [span("step x", {"hydra.step.nr": 1})] * 512
     assert not (await sink.export(batch)).done  # rejected: nothing counted
     for _ in range(3):
@@ -164,7 +164,7 @@ async def test_metered_sink_limits_and_counts(autojump_clock: trio.testing.MockC
 async def test_dry_run_sink_acknowledges_without_waiting(autojump_clock: trio.testing.MockClock) -> None:
     """Without an inner sink or a bucket, every batch is counted at once."""
     tally = Tally()
-    sink = _MeteredSink(None, None, tally)
+    sink = PacedSink(None, None, tally)
     assert (await sink.export([span("eval p:j", {"cicd.pipeline.run.id": "1"})] * 10_000)).done
     assert trio.current_time() == 0
     assert (tally.evaluations, tally.spans) == (10_000, 10_000)
@@ -292,14 +292,15 @@ def test_summaries() -> None:
     )
 
 
-# Table aliases used in the backfill's SQL (backfill/run.py).
+# Table aliases used in the backfill's SQL (adapters/command_queries.py; check's own catalogue
+# queries there use other aliases).
 ALIASES = {"b": "builds", "e": "jobsetevals", "j": "jobsets", "m": "jobsetevalmembers"}
 
 
 def test_columns_are_the_ones_check_verifies() -> None:
-    """Every alias.column in the backfill's SQL (backfill/run.py) is in tools.HYDRA_COLUMNS, so `check` vouches for it."""
-    texts = [v for k, v in vars(backfill_module).items() if k.endswith("_SQL") and isinstance(v, str)]
-    assert len(texts) == 4
+    """Every alias.column in the backfill's SQL (command_queries) is in tools.HYDRA_COLUMNS, so `check` vouches for it."""
+    texts = [v for k, v in vars(command_queries).items() if k.endswith("_SQL") and isinstance(v, str)]
+    assert len(texts) == 6  # the backfill's four, check's two
     referenced = {
         (ALIASES[alias], column)
         for text in texts

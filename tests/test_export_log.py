@@ -16,8 +16,8 @@ from hydra_otel.adapters.otlp import ExporterSettings, OtlpSink, make_exporter
 from hydra_otel.core.backoff import Backoff
 from hydra_otel.core.catchup import Checkpoint, Marks
 from hydra_otel.core.spans import SpanRecord
-from hydra_otel.sandbox.receiver import GrpcOtlpReceiver, HttpOtlpReceiver
-from hydra_otel.stats import Stats
+from hydra_otel.demo.sandbox.receiver import GrpcOtlpReceiver, HttpOtlpReceiver
+from hydra_otel.selfmon.stats import Stats
 from hydra_otel.tasks.exporter import run_exporter
 from tests.factories import make_span
 

@@ -22,7 +22,7 @@ from hydra_otel.adapters.otlp_metrics import make_metric_exporter
 from hydra_otel.adapters.steplogs import make_log_exporter
 from hydra_otel.config import Config, OtlpProtocol, OtlpTarget, Signal, load, otel_variables
 from hydra_otel.errors import ConfigError
-from hydra_otel.service import export_settings
+from hydra_otel.pipeline.factories import export_settings
 
 Env = dict[str, str]
 OPTIONS = (

@@ -27,7 +27,7 @@ from opentelemetry.sdk.resources import Resource
 from hydra_otel.adapters.otlp import to_readable
 from hydra_otel.core.spans import Kind, SpanLink, SpanRecord, attributes
 from hydra_otel.core.spans import Status as RecordStatus
-from hydra_otel.waterfall import (
+from hydra_otel.demo.waterfall import (
     SpanStatus,
     SpanView,
     format_duration,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from hydra_otel.sandbox.receiver import ServerTls
+from hydra_otel.demo.sandbox.receiver import ServerTls
 
 
 @dataclass(frozen=True, slots=True)

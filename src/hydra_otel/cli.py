@@ -103,7 +103,9 @@ def _demo(args: argparse.Namespace) -> int:
     try:
         import trio
 
-        from hydra_otel.demo import DemoOptions, run_demo
+        from hydra_otel import service
+        from hydra_otel.demo.run import DemoOptions, run_demo
+        from hydra_otel.pipeline.factories import make_sink
 
         opts = DemoOptions(
             short=args.short,
@@ -112,6 +114,6 @@ def _demo(args: argparse.Namespace) -> int:
             ascii=args.ascii,
             speed=0.0 if args.short else 1.0,
         )
-        return trio.run(run_demo, opts)
+        return trio.run(run_demo, opts, lambda cfg: service.Service(cfg=cfg, sink=make_sink(cfg)))
     except KeyboardInterrupt:  # before the demo's own signal handling was installed, or a second Ctrl-C
         return 130

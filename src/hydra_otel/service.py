@@ -1,16 +1,27 @@
-"""Composition root: builds the pipeline and runs it under one trio nursery tree.
+"""Composition root of the live daemon (``hydra-otel run``): the one module only the CLI imports.
 
-::
+It adds the live head (listener, intake, stitcher, catch-up, leadership) to the
+resolver → exporter tail and the sinks that ``backfill`` builds from too
+(hydra_otel.pipeline), and runs them under one trio nursery tree::
 
-    trio_asyncio.open_loop()
-    └─ open_database()                      query pool (separate from LISTEN)
-       └─ nursery "pipeline"                 deadline = shutdown grace once sources stop
-          ├─ run_exporter   spans    -> OTLP
-          ├─ run_resolver   outcomes -> spans      (reads Hydra's tables)
-          ├─ run_stitcher   events   -> outcomes   (pure core.stitch.Stitcher)
-          ├─ run_intake     raw      -> events     (pure core.parse)
-          └─ nursery "sources"                   the only thing a signal cancels
-             └─ run_listener  LISTEN -> raw        (one dedicated connection)
+    open_loop()                                  trio-asyncio (adapters/db.py)
+    ├─ _watch_signals                            SIGINT/SIGTERM/SIGHUP: drain; a second one: cancel
+    ├─ serve_metrics                             /metrics and /healthz (--metrics-address)
+    └─ Service.run
+       ├─ ProgressStore                          checked first: an unusable state dir is fatal
+       └─ nursery "lead"
+          ├─ hold_leadership                     advisory lock: standbys wait here
+          └─ _supervise                          restarts everything below on an unexpected error
+             └─ open_database()                  query pool (separate from LISTEN)
+                └─ nursery "pipeline"            deadline = shutdown grace once sources stop
+                   ├─ run_exporter   spans    -> OTLP, marks -> state dir   (pipeline.tail)
+                   ├─ run_resolver   work     -> spans  (reads Hydra's tables; pipeline.tail)
+                   ├─ run_stitcher   events   -> work   (pure core.stitch.Stitcher)
+                   ├─ run_intake     raw      -> events (pure core.parse)
+                   └─ nursery "sources"          the only thing a signal cancels
+                      ├─ run_listener      LISTEN -> raw   (one dedicated connection)
+                      ├─ run_catchup       tables -> work  (started once LISTEN is active)
+                      └─ run_live_metrics  busy machines, running evaluations (--metrics-export)
 
 Sinks start before sources, and the listener reports ``started()`` only once
 LISTEN is active. On SIGINT/SIGTERM/SIGHUP the sources stop; closing their send
@@ -31,46 +42,40 @@ from __future__ import annotations
 import functools
 import logging
 import signal
-import socket
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import trio
-import trio_asyncio
-from opentelemetry.sdk.resources import Resource
 
 import hydra_otel
 from hydra_otel.adapters import queries
 from hydra_otel.adapters.db import (
     ListenItem,
-    ListenStatistics,
     hold_leadership,
     leader_lock_key,
     open_database,
+    open_loop,
     run_listener,
 )
-from hydra_otel.adapters.otlp import ExporterSettings, OtlpSink, SpanSink, make_exporter
-from hydra_otel.adapters.otlp_metrics import MeteredSpanSink, MetricsSink, make_metrics_sink
-from hydra_otel.adapters.state import StateStore
-from hydra_otel.adapters.steplogs import LogTailSink, StepLogs, TailSettings, make_log_exporter
-from hydra_otel.config import Config, OtlpTarget, Signal
+from hydra_otel.adapters.otlp import SpanSink
+from hydra_otel.adapters.otlp_metrics import MeteredSpanSink, MetricsSink
+from hydra_otel.adapters.progress_store import ProgressStore
+from hydra_otel.adapters.steplogs import StepLogs
+from hydra_otel.config import Config
 from hydra_otel.core.backoff import Backoff
 from hydra_otel.core.catchup import Checkpoint, Marks
 from hydra_otel.core.dedup import RecentKeys
-from hydra_otel.core.evals import RenderConfig
 from hydra_otel.core.events import DATA_CHANNELS, TRIGGER_CHANNELS, Received
-from hydra_otel.core.spans import SpanRecord
 from hydra_otel.core.stitch import Stitcher, Work
 from hydra_otel.errors import ConfigError, LeadershipLost, StateDirError
-from hydra_otel.metrics_http import MetricsSnapshot, gauge, serve_metrics, snapshot_from
-from hydra_otel.stats import Stats
-from hydra_otel.tasks.catchup import Catchup, CatchupSettings, Progress, run_catchup
-from hydra_otel.tasks.exporter import run_exporter
+from hydra_otel.pipeline.factories import close_sinks, make_metrics, make_sink, make_step_logs, render_config
+from hydra_otel.pipeline.tail import start_tail, store_marks
+from hydra_otel.selfmon.server import MetricsSnapshot, gauge, serve_metrics, snapshot_from
+from hydra_otel.selfmon.stats import ListenStatistics, Stats
+from hydra_otel.tasks.catchup_task import Catchup, CatchupSettings, CatchupState, run_catchup
 from hydra_otel.tasks.intake import hint_counter, run_intake
 from hydra_otel.tasks.live_metrics import run_live_metrics
-from hydra_otel.tasks.resolver import RESOLVE_BATCH, Resolver, run_resolver
-from hydra_otel.tasks.stitcher import KnownJobsets, run_stitcher
+from hydra_otel.tasks.resolver import Resolver
+from hydra_otel.tasks.stitch_task import KnownJobsets, run_stitcher
 
 log = logging.getLogger("hydra_otel.service")
 
@@ -89,7 +94,7 @@ class Service:
     ready: trio.Event = field(default_factory=trio.Event)
     stopped: trio.Event = field(default_factory=trio.Event)
     stopping: bool = False
-    progress: Progress | None = None
+    catchup_state: CatchupState | None = None
     committed: Marks | None = None
     takeover: bool = False
     metrics: MetricsSink | None = None
@@ -142,14 +147,14 @@ class Service:
                     lead.cancel_scope.cancel()
             finally:
                 await trio.to_thread.run_sync(store.close)
-                await self._close_sinks()
+                await close_sinks(self.sink, self.metrics, self.step_logs)
         finally:
             log.info("stopped", extra=self.stats.snapshot())
             self.stopped.set()
 
-    async def _supervise(self, store: StateStore) -> None:
+    async def _supervise(self, store: ProgressStore) -> None:
         """Run the pipeline; start it again whenever a task fails on an unexpected error."""
-        backoff = Backoff(base=1.0, factor=2.0, cap=30.0, jitter=0.2)
+        backoff = Backoff.restart()
         while True:
             began = trio.current_time()
             try:
@@ -175,24 +180,11 @@ class Service:
             del failure
             await trio.sleep(delay)
 
-    async def _close_sinks(self) -> None:
-        """Release the exporters once, when the service ends (a restarted pipeline reuses them)."""
-        self.sink.shutdown()
-        with trio.CancelScope(shield=True) as scope:
-            scope.deadline = trio.current_time() + 5  # a last metric export and the queued log records
-            if self.metrics is not None:
-                await self.metrics.shutdown()
-            if self.step_logs is not None:
-                await self.step_logs.aclose()
-
-    async def _run(self, store: StateStore) -> None:
+    async def _run(self, store: ProgressStore) -> None:
         cfg = self.cfg
         raw_tx, raw_rx = trio.open_memory_channel[ListenItem](cfg.queue_size)
         ev_tx, ev_rx = trio.open_memory_channel[Received](cfg.queue_size)
         work_tx, work_rx = trio.open_memory_channel[Work | Checkpoint](cfg.queue_size)
-        # Spans travel as one list per resolved batch (up to RESOLVE_BATCH work items): bound the lists.
-        span_lists = max(2, cfg.queue_size // RESOLVE_BATCH)
-        span_tx, span_rx = trio.open_memory_channel[Sequence[SpanRecord] | Checkpoint](span_lists)
         trig_tx, trig_rx = trio.open_memory_channel[str](16)
         stitcher = Stitcher(abandon_after=cfg.stitch.abandon_after, max_open=cfg.stitch.max_open_evals)
         async with open_database(cfg.db.url, stats=self.stats) as db, trio.open_nursery() as pipeline:
@@ -201,9 +193,15 @@ class Service:
             resolver = Resolver.create(
                 db, render_config(cfg), self.stats, step_logs=self.step_logs, handled=handled
             )
-            pipeline.start_soon(self._export, span_rx, store)
-            pipeline.start_soon(
-                functools.partial(run_resolver, backoff=_backoff(10.0)), work_rx, span_tx, resolver
+            start_tail(
+                pipeline,
+                work_rx,
+                resolver,
+                self.sink,
+                self.stats,
+                export=cfg.export,
+                queue_size=cfg.queue_size,
+                commit=store_marks(functools.partial(self._save_marks, store), self.stats),
             )
             known = KnownJobsets(
                 functools.partial(queries.existing_jobsets, db),
@@ -223,7 +221,7 @@ class Service:
                 await sources.start(self._listen, raw_tx)
                 # Catch-up starts once LISTEN is active, so the table scan and the live stream overlap.
                 catchup = Catchup(db, work_tx, self.catchup_settings(), stitcher.open_jobsets, handled)
-                self.progress = await sources.start(
+                self.catchup_state = await sources.start(
                     run_catchup, catchup, store, trig_rx, self.catchup_settings(), resolver.live_jobsets
                 )
                 if self.metrics is not None and self.metrics.enabled:
@@ -267,31 +265,18 @@ class Service:
                 CHANNELS,
                 raw_tx,
                 stats=self.listen,
-                backoff=_backoff(10.0),
+                backoff=Backoff.transient(10.0),
                 consume=hint_counter(self.stats),
                 task_status=task_status,
             )
 
-    async def _export(
-        self, span_rx: trio.MemoryReceiveChannel[Sequence[SpanRecord] | Checkpoint], store: StateStore
-    ) -> None:
-        cfg = self.cfg.export
-
-        async def commit(marks: Marks) -> None:
-            merged = await trio.to_thread.run_sync(store.merge, marks)
-            if not store.pending:  # a failed write is counted by the store and retried next time
-                self.committed = merged
-                self.stats.checkpoints += 1
-
-        await run_exporter(
-            span_rx,
-            self.sink,
-            self.stats,
-            batch_size=cfg.batch_size,
-            delay=cfg.delay,
-            backoff=_backoff(cfg.max_backoff),
-            commit=commit,
-        )
+    def _save_marks(self, store: ProgressStore, marks: Marks) -> bool:
+        """Merge and store ``marks`` (in a worker thread); a failed write is counted by the store."""
+        merged = store.merge(marks)
+        if store.pending:  # retried with the next checkpoint
+            return False
+        self.committed = merged
+        return True
 
 
 #: A pipeline that ran this long before failing starts its restart backoff from the bottom again.
@@ -308,100 +293,14 @@ def _fatal(exc: BaseException) -> bool:
     return isinstance(exc, _FATAL)
 
 
-async def _open_store(cfg: Config, stats: Stats) -> StateStore:
+async def _open_store(cfg: Config, stats: Stats) -> ProgressStore:
     """The progress store, checked before anything else starts (an unusable one is fatal).
 
     Raises:
         StateDirError: the message says what is wrong and what to do (the CLI exits with code 2).
     """
-    open_store = functools.partial(StateStore, cfg.state_dir, instance=cfg.stitch.instance, stats=stats)
+    open_store = functools.partial(ProgressStore, cfg.state_dir, instance=cfg.stitch.instance, stats=stats)
     return await trio.to_thread.run_sync(open_store)
-
-
-def render_config(cfg: Config) -> RenderConfig:
-    """What span rendering needs from the configuration."""
-    return RenderConfig(
-        instance=cfg.stitch.instance,
-        hydra_url=cfg.stitch.hydra_url,
-        error_text_limit=cfg.stitch.error_text_limit,
-        max_builds_per_trace=cfg.stitch.max_builds_per_trace,
-        max_links=cfg.stitch.max_links,
-        max_spans_per_trace=cfg.stitch.max_spans_per_trace,
-    )
-
-
-def _backoff(cap: float) -> Backoff:
-    return Backoff(base=0.5, factor=2.0, cap=cap, jitter=0.2)
-
-
-def export_settings(cfg: Config, kind: Signal = Signal.TRACES) -> ExporterSettings:
-    """The OTLP exporter settings the configuration asks for, for one signal."""
-    t: OtlpTarget = getattr(cfg.export, kind)
-
-    def path(p: Path | None) -> str | None:
-        return None if p is None else str(p)
-
-    return ExporterSettings(
-        protocol=t.protocol,
-        endpoint=t.endpoint,
-        headers=dict(t.headers),
-        timeout_s=t.timeout,
-        certificate=path(t.certificate),
-        client_key=path(t.client_key),
-        client_certificate=path(t.client_certificate),
-        insecure=t.insecure,
-        compression=str(t.compression),
-    )
-
-
-def otel_resource(cfg: Config) -> Resource:
-    """The resource every exported span, metric and log record carries.
-
-    ``service.instance.id`` defaults to ``<instance>@<host name>``: HA instances share the instance
-    name (and so the trace IDs) but not the host, and the exporting one must be told apart.
-    ``OTEL_RESOURCE_ATTRIBUTES`` can set it.
-    """
-    instance_id = f"{cfg.stitch.instance}@{socket.gethostname()}"
-    return Resource(
-        {
-            "service.instance.id": instance_id,
-            **dict(cfg.export.resource),
-            "service.version": hydra_otel.__version__,
-        }
-    )
-
-
-def make_sink(cfg: Config) -> OtlpSink:
-    """The OTLP span sink the configuration asks for."""
-    return OtlpSink(
-        make_exporter(export_settings(cfg)),
-        otel_resource(cfg),
-        max_request_bytes=cfg.export.max_request_bytes,
-    )
-
-
-def make_metrics(cfg: Config) -> MetricsSink:
-    """The CI/CD metrics sink (a no-op unless ``--metrics-export``)."""
-    t = cfg.telemetry
-    return make_metrics_sink(
-        export_settings(cfg, Signal.METRICS),
-        otel_resource(cfg),
-        enabled=t.metrics_export,
-        interval_s=t.metrics_interval,
-        endpoint=cfg.export.metrics.endpoint,  # final: a per-signal URL is used as it is
-    )
-
-
-def make_step_logs(cfg: Config) -> StepLogs | None:
-    """Failed-step log tails (span events, or OTLP log records with ``--logs-export``), or None when off."""
-    t = cfg.telemetry
-    if not t.step_logs:
-        return None
-    sink = None
-    if t.logs_export:
-        exporter = make_log_exporter(export_settings(cfg, Signal.LOGS), cfg.export.logs.endpoint)
-        sink = LogTailSink(exporter, otel_resource(cfg))
-    return StepLogs(TailSettings(logs_dir=str(t.step_logs_dir), max_lines=t.step_log_lines), sink)
 
 
 #: Each starts a graceful stop; a second one stops at once. SIGHUP too: there is no configuration
@@ -426,7 +325,7 @@ async def main(cfg: Config) -> None:
     service = Service(
         cfg=cfg, sink=MeteredSpanSink(make_sink(cfg), metrics), metrics=metrics, step_logs=make_step_logs(cfg)
     )
-    async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+    async with open_loop(), trio.open_nursery() as nursery:
         nursery.start_soon(_watch_signals, service)
         if cfg.metrics_address is not None:
             # Outside the pipeline, so serving scrapes never holds up a drain.

@@ -16,7 +16,7 @@ import asyncpg
 from hydra_otel.core import ids
 from hydra_otel.core.spans import Status
 from hydra_otel.core.status import status_info
-from hydra_otel.sandbox.receiver import ReceivedSpan, attributes_dict
+from hydra_otel.demo.sandbox.receiver import ReceivedSpan, attributes_dict
 from tests.chaos.workload import Build
 
 S = 1_000_000_000

@@ -21,7 +21,6 @@ too). The report prints the seed and the fault log, so a failing run can be repl
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -36,10 +35,11 @@ from typing import Any
 import trio
 import trio_asyncio
 
-from hydra_otel.sandbox.pgcluster import PgCluster
-from hydra_otel.sandbox.receiver import GrpcOtlpReceiver
+from hydra_otel.demo.sandbox.pgcluster import PgCluster
+from hydra_otel.demo.sandbox.receiver import GrpcOtlpReceiver
 from tests.chaos import check
 from tests.chaos.workload import Driver, Workload
+from tests.integration.workload import DaemonProcess as LoggingDaemon
 
 FAULTS = ("pg_restart", "listen_killed", "backends_killed", "daemon_killed", "collector_unavailable")
 INSTANCE = "hydra"
@@ -99,23 +99,10 @@ class Report:
 
 
 @dataclass
-class DaemonProcess:
-    """One ``hydra-otel run`` process and its JSON log lines."""
+class DaemonProcess(LoggingDaemon):
+    """One ``hydra-otel run`` process of the chaos run, its JSON log lines and whether we killed it."""
 
-    process: trio.Process
-    lines: list[dict[str, Any]] = field(default_factory=list)
     killed: bool = False
-
-    async def collect(self) -> None:
-        stream, buffer = self.process.stderr, b""
-        assert stream is not None
-        while chunk := await stream.receive_some():
-            *complete, buffer = (buffer + chunk).split(b"\n")
-            for line in complete:
-                try:
-                    self.lines.append(json.loads(line))
-                except ValueError:
-                    self.lines.append({"message": line.decode(errors="replace"), "level": "unparsed"})
 
     def said(self, message: str) -> bool:
         return any(line.get("message") == message for line in self.lines)

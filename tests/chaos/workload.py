@@ -23,7 +23,7 @@ import asyncpg
 import trio
 from trio_asyncio import aio_as_trio
 
-from hydra_otel.sandbox.hydrasim import HydraSim, NewBuild, store_path
+from hydra_otel.demo.sandbox.hydrasim import HydraSim, NewBuild, store_path
 
 JOBSETS = ("trunk", "staging", "small")
 

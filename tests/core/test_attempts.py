@@ -36,7 +36,7 @@ from hydra_otel.core.builds import (
     step_span,
 )
 from hydra_otel.core.spans import Kind, SpanRecord
-from hydra_otel.waterfall import from_record, render_waterfall
+from hydra_otel.demo.waterfall import from_record, render_waterfall
 from tests.factories import RENDER_CONFIG, make_build, make_step
 
 T0 = 1_700_000_000

@@ -70,6 +70,14 @@ def test_fetch_error_is_reported() -> None:
     assert known == {1: T + 10}
 
 
+def test_check_younger_than_the_lag_is_left_to_the_live_path() -> None:
+    """A failure recorded after ``until`` may still be on its way as eval_failed: not reported, mark
+    unmoved, so the next scan reports it if the live path did not."""
+    rows = [row(1, T + 10, fetch_error_msg="cannot fetch 'src'")]
+    assert jobset_failures(rows, {1: T}, until=T + 9) == ([], {1: T})
+    assert jobset_failures(rows, {1: T}, until=T + 10) == ([failed(1, T + 10)], {1: T + 10})
+
+
 def test_evaluation_error_is_reported() -> None:
     """An evaluator error sets errormsg with errortime equal to lastcheckedtime: a failed attempt."""
     rows = [row(1, T + 10, error_msg="evaluation crashed", error_time=T + 10)]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hydra_otel.stats import Stats
+from hydra_otel.selfmon.stats import Stats
 from hydra_otel.tasks.intake import HINT_CHANNELS, hint_counter
 
 

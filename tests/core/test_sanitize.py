@@ -15,7 +15,7 @@ from hydra_otel.core import sanitize
 from hydra_otel.core.otlp_wire import SpanEncoder
 from hydra_otel.core.sanitize import DATA_ISSUE, SPAN_BYTES_LIMIT, TIME_MAX_NS, repair
 from hydra_otel.core.spans import Kind, SpanEvent, SpanLink, SpanRecord, Status
-from hydra_otel.sandbox.receiver import attributes_dict
+from hydra_otel.demo.sandbox.receiver import attributes_dict
 from tests.factories import T0, make_span
 
 S = 1_000_000_000

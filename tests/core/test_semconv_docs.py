@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 from hydra_otel.core import semconv as sc
-from hydra_otel.core.metrics import INSTRUMENTS
+from hydra_otel.core.cicd_metrics import INSTRUMENTS
 
 DOC = Path(__file__).parents[2] / "docs" / "spans.md"
 VALUE_PREFIXES = ("RESULT_", "ACTION_", "STATE_", "COMPONENT_")

@@ -18,9 +18,10 @@ import pytest
 import trio
 from trio_asyncio import aio_as_trio
 
-from hydra_otel.sandbox.hydrasim import HydraSim
-from hydra_otel.sandbox.receiver import GrpcOtlpReceiver
-from hydra_otel.service import Service, make_sink
+from hydra_otel.demo.sandbox.hydrasim import HydraSim
+from hydra_otel.demo.sandbox.receiver import GrpcOtlpReceiver
+from hydra_otel.pipeline.factories import make_sink
+from hydra_otel.service import Service
 from tests.integration.harness import Hydra, StartDaemon, daemon_config, stop
 from tests.integration.workload import Daemons
 

@@ -15,7 +15,7 @@ import trio
 from trio_asyncio import aio_as_trio
 
 from hydra_otel import config
-from hydra_otel.sandbox.hydrasim import HydraSim
+from hydra_otel.demo.sandbox.hydrasim import HydraSim
 from hydra_otel.service import Service
 
 HYDRA_URL = "https://hydra.example.org"

@@ -35,8 +35,8 @@ from hydra_otel.backfill import (
     Backfill,
     BackfillError,
     BackfillOptions,
+    BackfillProgressFile,
     BackfillResult,
-    ProgressFile,
     Tally,
     add_backfill_command,
     backfill,
@@ -44,8 +44,8 @@ from hydra_otel.backfill import (
 )
 from hydra_otel.config import Config
 from hydra_otel.core import ids
-from hydra_otel.sandbox.hydrasim import NewBuild, store_path
-from hydra_otel.sandbox.receiver import GrpcOtlpReceiver, ReceivedSpan
+from hydra_otel.demo.sandbox.hydrasim import NewBuild, store_path
+from hydra_otel.demo.sandbox.receiver import GrpcOtlpReceiver, ReceivedSpan
 from tests.integration.harness import HYDRA_URL, Hydra, StartDaemon, daemon_config, stop
 
 T0 = 1_700_000_000
@@ -262,7 +262,7 @@ async def test_backfill_equals_the_live_export(
         assert by_key(fresh.spans()) == backfilled
 
         # A --restart interrupted at once replaces the "complete" entry, so the next run resumes.
-        store, slow = ProgressFile(tmp_path), options(restart=True, batch=1, rate=1)
+        store, slow = BackfillProgressFile(tmp_path), options(restart=True, batch=1, rate=1)
         with trio.fail_after(WATCHDOG):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(Backfill(cfg, slow, out=io.StringIO()).run)
@@ -273,7 +273,7 @@ async def test_backfill_equals_the_live_export(
         assert (resumed.already_complete, resumed.complete) == (False, True)
         assert resumed.resumed_after in (0, h.a)
         assert by_key(fresh.spans()) == backfilled
-    saved = ProgressFile(tmp_path).load(options().key())
+    saved = BackfillProgressFile(tmp_path).load(options().key())
     assert saved is not None
     assert (saved.last_eval_id, saved.complete, saved.until) == (h.c, True, UNTIL)
     assert (tmp_path / "progress.sqlite3").exists(), "the daemon's marks are a separate file"
@@ -310,7 +310,7 @@ async def test_dry_run_and_jobset_filter(
     assert re.fullmatch(
         r"\[#{24}\] 100\.0%  1/1 evals  [\d,]+ spans/s  ETA 0:00:00\x1b\[K\n", drawn.rsplit("\r", 1)[1]
     )
-    saved = ProgressFile(tmp_path).load(options(jobsets=("nixpkgs:staging",)).key())
+    saved = BackfillProgressFile(tmp_path).load(options(jobsets=("nixpkgs:staging",)).key())
     assert saved is not None
     assert saved.complete
 
@@ -341,7 +341,7 @@ async def test_interrupted_backfill_resumes(
             nursery.cancel_scope.cancel()
     assert not first.result.complete
     assert first.result.evals_done == 1
-    saved = ProgressFile(tmp_path).load(slow.key())
+    saved = BackfillProgressFile(tmp_path).load(slow.key())
     assert saved is not None
     assert (saved.last_eval_id, saved.evals_done, saved.complete) == (h.a, 1, False)
     assert "backfill: [########----------------]  33.3%  1/3 evals" in out.getvalue()
@@ -444,7 +444,7 @@ async def test_sigint_stops_and_the_same_command_resumes(
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HYDRA_", "OTEL_"))}
     env["OTEL_RESOURCE_ATTRIBUTES"] = "deployment.environment.name=test"
-    store = ProgressFile(tmp_path)
+    store = BackfillProgressFile(tmp_path)
     key = options().key()
 
     def first_page_stored() -> bool:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 
 from hydra_otel.core import ids
-from hydra_otel.sandbox.hydrasim import NewBuild, store_path
-from hydra_otel.sandbox.receiver import GrpcOtlpReceiver, ReceivedSpan, attributes_dict
+from hydra_otel.demo.sandbox.hydrasim import NewBuild, store_path
+from hydra_otel.demo.sandbox.receiver import GrpcOtlpReceiver, ReceivedSpan, attributes_dict
 from tests.integration.harness import HYDRA_URL, Hydra, StartDaemon
 
 S = 1_000_000_000

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import trio
 
-from hydra_otel.sandbox.receiver import GrpcOtlpReceiver
+from hydra_otel.demo.sandbox.receiver import GrpcOtlpReceiver
 from tests.integration.harness import Hydra, daemon_env, daemon_process
 
 CID = "77.1"

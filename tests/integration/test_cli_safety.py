@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from hydra_otel.adapters.state import FILENAME, inspect
-from hydra_otel.sandbox.receiver import GrpcOtlpReceiver
+from hydra_otel.adapters.progress_store import FILENAME, inspect
+from hydra_otel.demo.sandbox.receiver import GrpcOtlpReceiver
 from tests.integration.harness import Hydra, daemon_env, daemon_process
 from tests.integration.test_cli import CID, free_port, http_get, read_until
 

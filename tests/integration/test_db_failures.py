@@ -26,11 +26,11 @@ import trio
 from trio_asyncio import aio_as_trio
 
 from hydra_otel.adapters.db import open_database
+from hydra_otel.demo.sandbox.hydrasim import HydraSim
+from hydra_otel.demo.sandbox.pgcluster import SUPERUSER, PgCluster
+from hydra_otel.demo.sandbox.receiver import GrpcOtlpReceiver
+from hydra_otel.demo.sandbox.schema import schema_sql
 from hydra_otel.errors import DbUnavailable
-from hydra_otel.sandbox.hydrasim import HydraSim
-from hydra_otel.sandbox.pgcluster import SUPERUSER, PgCluster
-from hydra_otel.sandbox.receiver import GrpcOtlpReceiver
-from hydra_otel.sandbox.schema import schema_sql
 from hydra_otel.tasks import resolver as resolver_module
 from tests.integration.harness import Hydra, daemon_env
 from tests.integration.workload import (
@@ -274,7 +274,7 @@ async def test_missing_grant_on_buildsteps_holds_builds_and_exports_evaluations(
         assert "GRANT SELECT ON buildsteps TO otel_reader;" in caplog.text
         # The builds are held, and so are the progress marks behind them: the catch-up scans
         # (every second) send checkpoints, and none is stored while the builds are held.
-        progress = service.progress
+        progress = service.catchup_state
         assert progress is not None
         scans = progress.scans
         await poll("a catch-up scan", lambda: progress.scans > scans)

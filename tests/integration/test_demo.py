@@ -19,14 +19,22 @@ from typing import Any
 import pytest
 import trio
 
-from hydra_otel import demo
-from hydra_otel.demo import DemoOptions, run_demo
-from hydra_otel.demo_workload import SHORT
-from hydra_otel.sandbox.pgcluster import INSTALL_HINT, PostgresNotFoundError
-from hydra_otel.sandbox.receiver import GrpcOtlpReceiver
+from hydra_otel.config import Config
+from hydra_otel.demo import run as demo
+from hydra_otel.demo.run import DemoOptions, run_demo
+from hydra_otel.demo.sandbox.pgcluster import INSTALL_HINT, PostgresNotFoundError
+from hydra_otel.demo.sandbox.receiver import GrpcOtlpReceiver
+from hydra_otel.demo.workload import SHORT
+from hydra_otel.pipeline.factories import make_sink
+from hydra_otel.service import Service
 
 STATUS_OK, STATUS_ERROR = 1, 2
 Span = dict[str, Any]
+
+
+def daemon(cfg: Config) -> Service:
+    """The daemon as ``hydra-otel demo`` gets it from the CLI."""
+    return Service(cfg=cfg, sink=make_sink(cfg))
 
 
 def attrs(span: Span) -> dict[str, Any]:
@@ -138,7 +146,7 @@ def assert_waterfalls(output: str) -> None:
 async def test_short_demo_in_process(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """run_demo under the test's own trio run plays the short workload and shows and saves every trace."""
     out_dir = tmp_path / "out"
-    code = await run_demo(DemoOptions(short=True, out_dir=out_dir, width=100, speed=0.0))
+    code = await run_demo(DemoOptions(short=True, out_dir=out_dir, width=100, speed=0.0), daemon)
     output = capsys.readouterr().out
     assert code == 0, output
     assert_waterfalls(output)
@@ -173,7 +181,7 @@ async def test_external_endpoint(
     """With OTEL_EXPORTER_OTLP_ENDPOINT set, the spans go there, and no waterfall or file is made."""
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://{otlp_grpc.endpoint}")
     out_dir = tmp_path / "out"
-    code = await run_demo(DemoOptions(short=True, out_dir=out_dir, width=100, speed=0.0))
+    code = await run_demo(DemoOptions(short=True, out_dir=out_dir, width=100, speed=0.0), daemon)
     output = capsys.readouterr().out
     assert code == 0, output
     spans = otlp_grpc.spans()
@@ -223,5 +231,5 @@ async def test_postgres_missing(
         raise PostgresNotFoundError(INSTALL_HINT)
 
     monkeypatch.setattr(demo, "PgCluster", missing)
-    assert await run_demo(DemoOptions(short=True, out_dir=tmp_path / "out")) == 1
+    assert await run_demo(DemoOptions(short=True, out_dir=tmp_path / "out"), daemon) == 1
     assert "apt-get install postgresql" in capsys.readouterr().err

@@ -15,8 +15,8 @@ import pytest
 import trio
 
 from hydra_otel.core import ids
-from hydra_otel.sandbox.hydrasim import NewBuild
-from hydra_otel.sandbox.receiver import GrpcOtlpReceiver, HttpOtlpReceiver, ReceivedSpan, attributes_dict
+from hydra_otel.demo.sandbox.hydrasim import NewBuild
+from hydra_otel.demo.sandbox.receiver import GrpcOtlpReceiver, HttpOtlpReceiver, ReceivedSpan, attributes_dict
 from tests.integration.harness import HYDRA_URL, Hydra, StartDaemon, stop
 
 S = 1_000_000_000

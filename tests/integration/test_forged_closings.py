@@ -18,8 +18,8 @@ from trio_asyncio import aio_as_trio
 
 from hydra_otel.core import ids
 from hydra_otel.core.stitch import SUPERSEDE_BURST
-from hydra_otel.sandbox.hydrasim import NewBuild
-from hydra_otel.sandbox.receiver import GrpcOtlpReceiver, ReceivedSpan, attributes_dict
+from hydra_otel.demo.sandbox.hydrasim import NewBuild
+from hydra_otel.demo.sandbox.receiver import GrpcOtlpReceiver, ReceivedSpan, attributes_dict
 from tests.integration.harness import Hydra, StartDaemon
 
 T0 = 1_700_000_000

@@ -23,8 +23,8 @@ from collections.abc import Sequence
 
 import pytest
 
-from hydra_otel.sandbox.hydrasim import NewBuild, lit, notify, tx
-from hydra_otel.sandbox.receiver import GrpcOtlpReceiver, ReceivedSpan
+from hydra_otel.demo.sandbox.hydrasim import NewBuild, lit, notify, tx
+from hydra_otel.demo.sandbox.receiver import GrpcOtlpReceiver, ReceivedSpan
 from tests.integration.harness import Hydra
 from tests.integration.workload import (
     Daemons,

@@ -18,9 +18,9 @@ import pytest
 import trio
 from trio_asyncio import aio_as_trio
 
-from hydra_otel.sandbox.hydrasim import HydraSim
-from hydra_otel.sandbox.pgcluster import PgCluster
-from hydra_otel.sandbox.receiver import GrpcOtlpReceiver
+from hydra_otel.demo.sandbox.hydrasim import HydraSim
+from hydra_otel.demo.sandbox.pgcluster import PgCluster
+from hydra_otel.demo.sandbox.receiver import GrpcOtlpReceiver
 from tests.integration.harness import Hydra
 from tests.integration.workload import Daemons, Player, assert_exactly, now, wait_for_expected
 

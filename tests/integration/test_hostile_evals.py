@@ -17,8 +17,8 @@ import trio
 from trio_asyncio import aio_as_trio
 
 from hydra_otel.core.stitch import SUPERSEDE_BURST
-from hydra_otel.sandbox.hydrasim import NewBuild
-from hydra_otel.sandbox.receiver import GrpcOtlpReceiver, ReceivedSpan, attributes_dict
+from hydra_otel.demo.sandbox.hydrasim import NewBuild
+from hydra_otel.demo.sandbox.receiver import GrpcOtlpReceiver, ReceivedSpan, attributes_dict
 from tests.integration.harness import Hydra, StartDaemon
 
 T0 = 1_700_000_000
@@ -171,3 +171,41 @@ async def test_build_with_20000_steps_fits_tempo(
         "queued",
     }
     assert eval_id > 0
+
+
+async def test_forged_start_during_a_real_evaluation_does_not_end_it(
+    aio_loop: asyncio.AbstractEventLoop,
+    hydra: Hydra,
+    hydra_db: str,
+    start_daemon: StartDaemon,
+    otlp_grpc: GrpcOtlpReceiver,
+    tmp_path: Path,
+) -> None:
+    """A role with no grant sends eval_started for a jobset while Hydra evaluates it: the real
+    attempt is not reported abandoned (it used to be, then again as failed under the same span ID)."""
+    service = await start_daemon()
+    role = re.sub(r"[^a-z0-9_]", "_", f"mallory_{tmp_path.name.lower()[-20:]}")
+    await hydra.run(f"CREATE ROLE {role} LOGIN")
+    try:
+        # NOTIFYs reach the listener in commit order, and the pipeline keeps that order.
+        await hydra.run(*hydra.sim.evaluator_starts(2, CID, T0))
+        mallory = await aio_as_trio(asyncpg.connect)(hydra_db.replace("postgres@", f"{role}@"))
+        try:
+            await aio_as_trio(mallory.execute)("SELECT pg_notify('eval_started', E'forged.1\\t2')")
+        finally:
+            await aio_as_trio(mallory.close)()
+        await hydra.run(hydra.sim.eval_check_failed(2, CID, T0 + 30, "error: undefined variable 'foo'"))
+        spans = await otlp_grpc.wait_for_spans(
+            lambda got: any(s.span.name == "BUILD nixpkgs:staging" for s in got), timeout=20
+        )
+        with trio.move_on_after(1):  # anything still in flight would only add to the spans below
+            await otlp_grpc.wait_for_spans(len(spans) + 1)
+        spans = otlp_grpc.spans()
+    finally:
+        await hydra.run(f"DROP ROLE {role}")
+    roots = [s for s in spans if s.span.name == "BUILD nixpkgs:staging"]
+    assert abandoned(spans) == []
+    assert len(roots) == 1, [attributes_dict(s.span.attributes) for s in roots]
+    attrs = attributes_dict(roots[0].span.attributes)
+    assert (attrs["hydra.eval.correlation_id"], attrs["hydra.eval.start_observed"]) == (CID, True)
+    assert service.stats.notifications_rejected["contested_start"] == 1

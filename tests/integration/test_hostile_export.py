@@ -14,8 +14,8 @@ from collections.abc import Sequence
 import pytest
 import trio
 
-from hydra_otel.sandbox.hydrasim import NewBuild
-from hydra_otel.sandbox.receiver import GrpcOtlpReceiver, HttpOtlpReceiver, ReceivedSpan, attributes_dict
+from hydra_otel.demo.sandbox.hydrasim import NewBuild
+from hydra_otel.demo.sandbox.receiver import GrpcOtlpReceiver, HttpOtlpReceiver, ReceivedSpan, attributes_dict
 from tests.integration.harness import Hydra, StartDaemon
 
 T0 = 1_700_000_000

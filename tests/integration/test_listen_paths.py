@@ -16,7 +16,8 @@ from trio_asyncio import aio_as_trio
 
 from hydra_otel.adapters import db
 from hydra_otel.core.backoff import Backoff
-from hydra_otel.sandbox.receiver import GrpcOtlpReceiver
+from hydra_otel.demo.sandbox.receiver import GrpcOtlpReceiver
+from hydra_otel.selfmon.stats import ListenStatistics
 from hydra_otel.tasks.channels import receive_some
 from tests.integration.harness import Hydra, StartDaemon
 from tests.integration.test_eval_traces import add_eval
@@ -29,7 +30,7 @@ async def test_each_path_delivers_every_notification_in_order(
     aio_loop: asyncio.AbstractEventLoop, hydra_db: str, nursery: trio.Nursery, path: db.DeliveryPath
 ) -> None:
     send, receive = trio.open_memory_channel[db.ListenItem](100)
-    stats = db.ListenStatistics()
+    stats = ListenStatistics()
     consumed: list[tuple[str, str]] = []
 
     def consume(channel: str, payload: str) -> bool:
@@ -100,7 +101,7 @@ def test_without_the_private_transport_the_sql_ascii_filter_is_skipped_with_a_wa
         """A connection of an asyncpg release that hides ``_transport``."""
 
     with caplog.at_level(logging.WARNING, logger="hydra_otel.db"):
-        db._filter_undecodable(Connection(), db.ListenStatistics())  # type: ignore[arg-type]
+        db._filter_undecodable(Connection(), ListenStatistics())  # type: ignore[arg-type]
     assert [r.getMessage() for r in caplog.records] == [
         "this asyncpg release hides the connection's transport: a notification that is not UTF-8 in "
         "this SQL_ASCII database will break the LISTEN connection (it reconnects)"
@@ -116,7 +117,7 @@ async def _listen(
             hydra_db,
             ["build_finished"],
             send,
-            stats=db.ListenStatistics(),
+            stats=ListenStatistics(),
             backoff=Backoff(),
             read_linger=read_linger,
             task_status=task_status,

@@ -29,9 +29,9 @@ import trio
 from trio_asyncio import aio_as_trio
 
 from hydra_otel.core.events import DATA_CHANNELS, TRIGGER_CHANNELS
-from hydra_otel.sandbox.hydrasim import HydraSim
-from hydra_otel.sandbox.pgcluster import PgCluster
-from hydra_otel.sandbox.receiver import GrpcOtlpReceiver
+from hydra_otel.demo.sandbox.hydrasim import HydraSim
+from hydra_otel.demo.sandbox.pgcluster import PgCluster
+from hydra_otel.demo.sandbox.receiver import GrpcOtlpReceiver
 from hydra_otel.service import Service
 from tests.integration.harness import Hydra
 from tests.integration.workload import (
@@ -101,7 +101,7 @@ async def test_new_jobset_first_failure_while_down(
     """The first check of a jobset created while the daemon ran fails while it is down: the failure arrives."""
     first = await daemons.start(daemons.config(catchup_interval="0.5"))
     jobset_id, sql = hydra.sim.create_jobset("nixpkgs", "new")
-    progress = first.service.progress
+    progress = first.service.catchup_state
     assert progress is not None
     scans = progress.scans
     await hydra.run(sql)  # jobsets_added: a scan sees the new jobset, not checked yet
@@ -132,7 +132,7 @@ async def test_graceful_restart_repeats_only_identical_spans(
     )
     await first.stop()
     second = await daemons.start(daemons.config(catchup_interval="0.5"))
-    progress = second.service.progress
+    progress = second.service.catchup_state
     assert progress is not None
     await poll("the second daemon's first scan", lambda: progress.scans >= 1)
     await second.stop()
@@ -144,7 +144,7 @@ async def test_live_failure_not_reported_again_after_restart(
 ) -> None:
     """An evaluation failure exported live is not exported again, in another trace, by the next start."""
     first = await daemons.start()
-    progress = first.service.progress
+    progress = first.service.catchup_state
     assert progress is not None
     # The start-up scan and the one LISTEN's "connected" resync asks for; then none for the default 30 s.
     await poll("the first daemon's first two scans", lambda: progress.scans >= 2)
@@ -156,7 +156,7 @@ async def test_live_failure_not_reported_again_after_restart(
     await wait_for_expected(otlp_grpc, play.expected, first)
     await first.stop()
     second = await daemons.start()
-    second_progress = second.service.progress
+    second_progress = second.service.catchup_state
     assert second_progress is not None
     await poll("the second daemon's first scan", lambda: second_progress.scans >= 1)
     await second.stop()

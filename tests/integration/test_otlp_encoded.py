@@ -16,7 +16,7 @@ import hydra_otel
 from hydra_otel.adapters.otlp import ExporterSettings, OtlpSink, make_exporter, to_readable
 from hydra_otel.core.builds import build_spans
 from hydra_otel.core.spans import SpanRecord
-from hydra_otel.sandbox.receiver import GrpcOtlpReceiver, HttpOtlpReceiver
+from hydra_otel.demo.sandbox.receiver import GrpcOtlpReceiver, HttpOtlpReceiver
 from tests.factories import RENDER_CONFIG, make_build, make_step
 
 RESOURCE = Resource({"service.name": "hydra-otel", "service.version": hydra_otel.__version__})

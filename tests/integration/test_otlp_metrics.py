@@ -23,7 +23,7 @@ from hydra_otel.adapters.otlp_metrics import (
     signal_endpoint,
 )
 from hydra_otel.core.builds import build_spans
-from hydra_otel.core.metrics import (
+from hydra_otel.core.cicd_metrics import (
     BUILD_DURATION,
     BUILD_QUEUE_WAIT,
     DURATION_BUCKETS,
@@ -32,8 +32,13 @@ from hydra_otel.core.metrics import (
     MetricDeriver,
 )
 from hydra_otel.core.spans import SpanRecord
-from tests.core.test_metrics import BUILD, CFG, STEPS
-from tests.otlp_more import GrpcMetricsLogsReceiver, histogram_points, point_attributes, sum_points
+from tests.core.test_cicd_metrics import BUILD, CFG, STEPS
+from tests.metrics_logs_receiver import (
+    GrpcMetricsLogsReceiver,
+    histogram_points,
+    point_attributes,
+    sum_points,
+)
 
 RESOURCE = Resource({"service.name": "hydra-otel-test"})
 

@@ -2,7 +2,7 @@
 
 Certificates are made per test module (tests/tls_certs.py). The configuration is loaded from an
 environment as the daemon loads it, and the exporters are built by the daemon's own factories
-(service.make_sink, make_metrics, make_step_logs), so what is checked is the path from variable to
+(pipeline.factories: make_sink, make_metrics, make_step_logs), so what is checked is the path from variable to
 TLS handshake. Each receiver asks for a client certificate signed by the test CA: an export
 without one must fail, one with it must arrive.
 """
@@ -17,11 +17,11 @@ import trio
 
 from hydra_otel.config import Config, load
 from hydra_otel.core.builds import build_spans, step_span
-from hydra_otel.core.metrics import BUILD_DURATION, MetricDeriver
-from hydra_otel.sandbox.receiver import GrpcOtlpReceiver, HttpOtlpReceiver, TraceSink
-from hydra_otel.service import make_metrics, make_sink, make_step_logs
-from tests.core.test_metrics import BUILD, CFG, STEPS
-from tests.otlp_more import GrpcMetricsLogsReceiver, histogram_points
+from hydra_otel.core.cicd_metrics import BUILD_DURATION, MetricDeriver
+from hydra_otel.demo.sandbox.receiver import GrpcOtlpReceiver, HttpOtlpReceiver, TraceSink
+from hydra_otel.pipeline.factories import make_metrics, make_sink, make_step_logs
+from tests.core.test_cicd_metrics import BUILD, CFG, STEPS
+from tests.metrics_logs_receiver import GrpcMetricsLogsReceiver, histogram_points
 from tests.test_steplogs import BUILD as LOG_BUILD
 from tests.test_steplogs import CFG as LOG_CFG
 from tests.test_steplogs import LINES, STEP, write_log

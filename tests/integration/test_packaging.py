@@ -55,7 +55,7 @@ def test_wheel_metadata_has_the_one_version_the_licence_and_the_ranges(dist: Pat
     assert meta["Version"] == hydra_otel.__version__
     assert meta["License-Expression"] == "MIT"
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
-    assert "hydra_otel/sandbox/hydra-85.sql" in names
+    assert "hydra_otel/demo/sandbox/hydra-85.sql" in names
     assert "hydra_otel/py.typed" in names
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     runtime = {str(Requirement(r)) for r in meta.get_all("Requires-Dist") or [] if "extra ==" not in r}

@@ -5,8 +5,8 @@ from __future__ import annotations
 from hydra_otel.adapters.db import open_database
 from hydra_otel.core.evals import RenderConfig
 from hydra_otel.core.events import BuildFinished, StepFinished
-from hydra_otel.sandbox.hydrasim import NewBuild
-from hydra_otel.stats import Stats
+from hydra_otel.demo.sandbox.hydrasim import NewBuild
+from hydra_otel.selfmon.stats import Stats
 from hydra_otel.tasks.resolver import Resolver
 from tests.integration.harness import HYDRA_URL, Hydra
 

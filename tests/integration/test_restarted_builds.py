@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from hydra_otel.sandbox.receiver import GrpcOtlpReceiver, ReceivedSpan
+from hydra_otel.demo.sandbox.receiver import GrpcOtlpReceiver, ReceivedSpan
 from tests.integration.harness import Hydra
 from tests.integration.workload import Daemons, Player, assert_exactly, now, wait_for_expected
 

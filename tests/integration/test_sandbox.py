@@ -29,15 +29,15 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.id_generator import IdGenerator
 from trio_asyncio import aio_as_trio
 
-from hydra_otel.sandbox.pgcluster import (
+from hydra_otel.demo.sandbox.pgcluster import (
     PgCluster,
     PostgresNotFoundError,
     PsqlError,
     SandboxError,
     find_pg_bindir,
 )
-from hydra_otel.sandbox.receiver import GrpcOtlpReceiver, HttpOtlpReceiver, ReceivedSpan, attributes_dict
-from hydra_otel.sandbox.schema import schema_sql
+from hydra_otel.demo.sandbox.receiver import GrpcOtlpReceiver, HttpOtlpReceiver, ReceivedSpan, attributes_dict
+from hydra_otel.demo.sandbox.schema import schema_sql
 
 TRIGGER_CHANNELS = (
     "builds_restarted",

@@ -17,12 +17,13 @@ import pytest
 import trio
 
 from hydra_otel.adapters.otlp_metrics import MeteredSpanSink, MetricsSink, make_metric_exporter
-from hydra_otel.core.metrics import PIPELINE_RUN_ACTIVE, PIPELINE_RUN_ERRORS, SYSTEM_ERRORS, WORKER_COUNT
-from hydra_otel.sandbox.hydrasim import NewBuild
-from hydra_otel.sandbox.receiver import GrpcOtlpReceiver, ReceivedSpan, attributes_dict
-from hydra_otel.service import Service, export_settings, make_sink, otel_resource
+from hydra_otel.core.cicd_metrics import PIPELINE_RUN_ACTIVE, PIPELINE_RUN_ERRORS, SYSTEM_ERRORS, WORKER_COUNT
+from hydra_otel.demo.sandbox.hydrasim import NewBuild
+from hydra_otel.demo.sandbox.receiver import GrpcOtlpReceiver, ReceivedSpan, attributes_dict
+from hydra_otel.pipeline.factories import export_settings, make_sink, otel_resource
+from hydra_otel.service import Service
 from tests.integration.harness import Hydra, StartDaemon, daemon_config, stop
-from tests.otlp_more import GrpcMetricsLogsReceiver, ReceivedMetric, point_attributes, sum_points
+from tests.metrics_logs_receiver import GrpcMetricsLogsReceiver, ReceivedMetric, point_attributes, sum_points
 
 T0 = 1_700_000_000
 STATUS_UNSET, STATUS_OK, STATUS_ERROR = 0, 1, 2

@@ -21,8 +21,8 @@ import trio
 from trio_asyncio import aio_as_trio
 
 from hydra_otel.core.logtail import hydra_log_path
-from hydra_otel.sandbox.hydrasim import NewBuild
-from hydra_otel.sandbox.receiver import AttributeValue, GrpcOtlpReceiver, ReceivedSpan, attributes_dict
+from hydra_otel.demo.sandbox.hydrasim import NewBuild
+from hydra_otel.demo.sandbox.receiver import AttributeValue, GrpcOtlpReceiver, ReceivedSpan, attributes_dict
 from tests.integration.harness import Hydra, daemon_env, daemon_process
 from tests.integration.test_cli import free_port, http_get, read_until
 

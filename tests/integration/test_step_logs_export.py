@@ -15,8 +15,8 @@ from hydra_otel.adapters.otlp import ExporterSettings
 from hydra_otel.adapters.steplogs import LogTailSink, StepLogs, make_log_exporter
 from hydra_otel.core.builds import step_span
 from hydra_otel.core.logtail import EVENT_NAME, hydra_log_path
-from hydra_otel.sandbox.receiver import attributes_dict
-from tests.otlp_more import GrpcMetricsLogsReceiver
+from hydra_otel.demo.sandbox.receiver import attributes_dict
+from tests.metrics_logs_receiver import GrpcMetricsLogsReceiver
 from tests.test_steplogs import BUILD, CFG, DRV, LINES, STEP, expected_tail, settings, write_log
 
 RESOURCE = Resource({"service.name": "hydra-otel-test"})

@@ -23,10 +23,10 @@ import trio
 
 from hydra_otel import cli, config
 from hydra_otel.adapters import db, queries
-from hydra_otel.adapters.state import FILENAME, StateStore
+from hydra_otel.adapters.progress_store import FILENAME, ProgressStore
 from hydra_otel.core.catchup import Marks
-from hydra_otel.sandbox.hydrasim import NewBuild
-from hydra_otel.sandbox.receiver import GrpcOtlpReceiver, HttpOtlpReceiver, ReceivedSpan
+from hydra_otel.demo.sandbox.hydrasim import NewBuild
+from hydra_otel.demo.sandbox.receiver import GrpcOtlpReceiver, HttpOtlpReceiver, ReceivedSpan
 from hydra_otel.tools import (
     HYDRA_COLUMNS,
     add_tool_commands,
@@ -427,7 +427,7 @@ async def test_check_progress_store(
     aio_loop: asyncio.AbstractEventLoop, hydra_db: str, otlp_grpc: GrpcOtlpReceiver, tmp_path: Path
 ) -> None:
     """check reads the progress store as the daemon would: good marks are shown, another instance's fail."""
-    store = StateStore(tmp_path, instance="hydra")
+    store = ProgressStore(tmp_path, instance="hydra")
     store.save(Marks(eval_id=12, stop_time=1_700_000_000, jobsets={1: 5}))
     store.close()
     endpoint = f"http://{otlp_grpc.endpoint}"

@@ -28,9 +28,10 @@ import trio
 from hydra_otel import config
 from hydra_otel.config import Config
 from hydra_otel.core import ids
-from hydra_otel.sandbox.hydrasim import NewBuild
-from hydra_otel.sandbox.receiver import ReceivedSpan, TraceSink
-from hydra_otel.service import Service, make_sink
+from hydra_otel.demo.sandbox.hydrasim import NewBuild
+from hydra_otel.demo.sandbox.receiver import ReceivedSpan, TraceSink, attributes_dict
+from hydra_otel.pipeline.factories import make_sink
+from hydra_otel.service import Service
 from tests.integration.harness import HYDRA_URL, Hydra
 
 INSTANCE = "hydra"
@@ -219,7 +220,8 @@ def assert_exactly(
         counts[k] += 1
         names[k] = s.span.name
     missing = sorted(expected.names[k] for k in expected.keys - set(encodings))
-    extra = sorted(f"{names[k]} {k[0].hex()}/{k[1].hex()}" for k in set(encodings) - expected.keys)
+    attrs = {received_key(s): attributes_dict(s.span.attributes) for s in spans}
+    extra = sorted(f"{names[k]} {k[0].hex()}/{k[1].hex()} {attrs[k]}" for k in set(encodings) - expected.keys)
     differing = sorted(names[k] for k, e in encodings.items() if len(e) > 1)
     assert not missing, f"missing spans: {missing}"
     assert not extra, f"unexpected spans: {extra}"

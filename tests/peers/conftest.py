@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from hydra_otel.sandbox.receiver import GrpcOtlpReceiver
+from hydra_otel.demo.sandbox.receiver import GrpcOtlpReceiver
 from tests.integration.conftest import hydra, start_daemon
 from tests.peers.otlp_logs import LogsReceiver
 from tests.peers.peers import Binaries, Collector, Jaeger, Peer, binaries, collector_env

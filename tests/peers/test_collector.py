@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from hydra_otel.core.logtail import hydra_log_path
-from hydra_otel.sandbox.receiver import GrpcOtlpReceiver, attributes_dict
+from hydra_otel.demo.sandbox.receiver import GrpcOtlpReceiver, attributes_dict
 from tests.integration.harness import Hydra, daemon_env
 from tests.integration.workload import Player, daemon_processes
 from tests.peers.otlp_logs import LogsReceiver

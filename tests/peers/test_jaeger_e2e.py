@@ -21,7 +21,7 @@ from typing import Any
 import trio
 
 from hydra_otel.core import ids
-from hydra_otel.sandbox.receiver import GrpcOtlpReceiver, attributes_dict
+from hydra_otel.demo.sandbox.receiver import GrpcOtlpReceiver, attributes_dict
 from tests.integration.harness import Hydra, StartDaemon
 from tests.integration.workload import INSTANCE, Player, SpanKey, now, span_key
 from tests.peers.peers import SHIPPED_CONFIG, Collector, Jaeger, http_json

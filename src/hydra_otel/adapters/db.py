@@ -25,16 +25,17 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import hashlib
 import logging
 import math
 import re
 import struct
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import trio
@@ -51,7 +52,7 @@ from hydra_otel.errors import (
     quote_payload,
 )
 from hydra_otel.log import RateLimitedLog
-from hydra_otel.stats import Stats
+from hydra_otel.selfmon.stats import ListenStatistics, Stats
 
 log = logging.getLogger("hydra_otel.db")
 
@@ -66,6 +67,10 @@ RETRYABLE: tuple[type[BaseException], ...] = (
     trio.TooSlowError,
 )
 
+
+#: Every error a query of a one-shot command (backfill, check, ids) can end with that is no bug: the
+#: database is unreachable or too slow, a table unreadable, a setting wrong. They report it and exit.
+QUERY_ERRORS: tuple[type[BaseException], ...] = (DbUnavailable, PermissionDenied, DbSettingsError, *RETRYABLE)
 
 #: What ends one LISTEN session and starts a reconnect: driver errors, and our own "connection lost".
 #: (Invalid settings never get here: the connect maps them to ConfigError first.)
@@ -170,17 +175,6 @@ class Resync:
 
 
 ListenItem = RawNotification | Resync
-
-
-@dataclass(slots=True)
-class ListenStatistics:
-    """Counters of the LISTEN connection (mutable, owned by the listener)."""
-
-    received: int = 0
-    dropped: int = 0
-    connects: int = 0
-    connection_losses: int = 0
-    undecodable: int = 0  # notifications whose channel or payload is not UTF-8, dropped
 
 
 #: Bad-input warnings of the LISTEN connection (undecodable payloads), rate-limited.
@@ -656,19 +650,41 @@ async def _hold(
         nursery.cancel_scope.cancel()
 
 
-async def _connect_retrying(dsn: str) -> asyncpg.Connection:
-    backoff = Backoff(base=0.5, cap=10.0)
+T = TypeVar("T")
+
+
+async def while_unavailable(
+    step: Callable[[], Awaitable[T]], backoff: Backoff, waiting: Callable[[DbUnavailable, float], None]
+) -> T:
+    """Run ``step`` until it raises no :class:`DbUnavailable` (Trio-flavoured): the one retry loop.
+
+    Work that only reads the database can always be done later, so it waits instead of failing.
+    Before each wait ``waiting(error, delay)`` is called (to log it); a success resets ``backoff``.
+    Any other error propagates.
+    """
     while True:
         try:
-            conn: asyncpg.Connection = await _connect(dsn)
-            return conn
+            result = await step()
         except DbUnavailable as exc:
             delay = backoff.next_delay()
-            log.warning(
-                "cannot connect to the database; retrying",
-                extra={"error": str(exc), "retry_in_s": round(delay, 2)},
-            )
+            waiting(exc, delay)
             await trio.sleep(delay)
+            continue
+        backoff.reset()
+        return result
+
+
+async def _connect_retrying(dsn: str) -> asyncpg.Connection:
+    def waiting(exc: DbUnavailable, delay: float) -> None:
+        log.warning(
+            "cannot connect to the database; retrying",
+            extra={"error": str(exc), "retry_in_s": round(delay, 2)},
+        )
+
+    conn: asyncpg.Connection = await while_unavailable(
+        functools.partial(_connect, dsn), Backoff.transient(10.0), waiting
+    )
+    return conn
 
 
 async def run_listener(

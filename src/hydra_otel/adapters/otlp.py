@@ -16,9 +16,9 @@ benchmark's R_export baseline sends through the SDK's own encoder.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import requests
 import trio
@@ -91,16 +91,52 @@ def make_exporter(s: ExporterSettings) -> GrpcSpanExporter | HttpSpanExporter:
     Raises:
         SdkMismatch: the installed exporter release lacks an internal that sending relies on.
     """
-    exporter = _grpc_exporter(s) if s.protocol == "grpc" else _http_exporter(s)
+    exporter = signal_exporter(s, GrpcSpanExporter, HttpSpanExporter)
     check_sdk([exporter])
     return exporter
 
 
-def _http_exporter(s: ExporterSettings) -> HttpSpanExporter:
+G = TypeVar("G")
+H = TypeVar("H")
+
+
+def signal_exporter(
+    s: ExporterSettings,
+    grpc_class: Callable[..., G],
+    http_class: Callable[..., H],
+    endpoint: str | None = None,
+) -> G | H:
+    """The official OTLP exporter of any signal (traces, metrics, logs), built the same way for each.
+
+    gRPC takes TLS and compression from :func:`grpc_options`; HTTP/protobuf verifies with the CA
+    file even where requests' environment variables name another (:func:`http_session`).
+
+    Args:
+        s: the signal's exporter settings (protocol, headers, TLS, timeout, compression).
+        grpc_class: the signal's gRPC exporter class (or a subclass).
+        http_class: the signal's HTTP/protobuf exporter class (or a subclass).
+        endpoint: the URL or ``host:port`` to send to, if not ``s.endpoint``.
+
+    Raises:
+        OSError: a certificate or key file cannot be read.
+    """
+    url = s.endpoint if endpoint is None else endpoint
+    if s.protocol == "grpc":
+        import grpc
+
+        o = grpc_options(s)
+        return grpc_class(
+            endpoint=url,
+            insecure=o.insecure,
+            credentials=o.credentials,
+            headers=dict(s.headers),
+            timeout=s.timeout_s,
+            compression=grpc.Compression.Gzip if o.gzip else grpc.Compression.NoCompression,
+        )
     from opentelemetry.exporter.otlp.proto.http import Compression
 
-    return HttpSpanExporter(
-        endpoint=s.endpoint,
+    return http_class(
+        endpoint=url,
         certificate_file=s.certificate,
         client_key_file=s.client_key,
         client_certificate_file=s.client_certificate,
@@ -189,20 +225,6 @@ def _read(path: str | None) -> bytes | None:
         return None
     with open(path, "rb") as f:
         return f.read()
-
-
-def _grpc_exporter(s: ExporterSettings) -> GrpcSpanExporter:
-    import grpc
-
-    o = grpc_options(s)
-    return GrpcSpanExporter(
-        endpoint=s.endpoint,
-        insecure=o.insecure,
-        credentials=o.credentials,
-        headers=dict(s.headers),
-        timeout=s.timeout_s,
-        compression=grpc.Compression.Gzip if o.gzip else grpc.Compression.NoCompression,
-    )
 
 
 @dataclass(frozen=True, slots=True)

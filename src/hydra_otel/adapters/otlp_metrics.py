@@ -1,7 +1,7 @@
-"""OTLP metrics: :class:`~hydra_otel.core.metrics.Observation` values -> SDK instruments -> OTLP.
+"""OTLP metrics: :class:`~hydra_otel.core.cicd_metrics.Observation` values -> SDK instruments -> OTLP.
 
 Theory of operation. Unlike spans, metrics go through the SDK's own pipeline: a
-``MeterProvider`` with one instrument per entry of ``core.metrics.INSTRUMENTS``,
+``MeterProvider`` with one instrument per entry of ``core.cicd_metrics.INSTRUMENTS``,
 explicit-bucket Views for the histograms, and a ``PeriodicExportingMetricReader``
 whose daemon thread collects and exports every ``interval_s`` seconds
 (cumulative temporality, the OTLP exporters' default). Recording is a locked
@@ -32,8 +32,8 @@ from opentelemetry.sdk.resources import Resource
 
 import hydra_otel
 from hydra_otel.adapters.export_log import watch
-from hydra_otel.adapters.otlp import Delivery, ExporterSettings, SpanSink, grpc_options, http_session
-from hydra_otel.core.metrics import (
+from hydra_otel.adapters.otlp import Delivery, ExporterSettings, SpanSink, signal_exporter
+from hydra_otel.core.cicd_metrics import (
     DURATION_BUCKETS,
     INSTRUMENTS,
     InstrumentKind,
@@ -78,37 +78,14 @@ def make_metric_exporter(s: ExporterSettings, endpoint: str | None = None) -> Me
     Returns:
         A gRPC or HTTP/protobuf exporter (cumulative temporality).
     """
-    url = endpoint or signal_endpoint(s, "metrics")
-    if s.protocol == "grpc":
-        import grpc
-        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter as GrpcExporter
-
-        o = grpc_options(s)
-        exporter: MetricExporter = GrpcExporter(
-            endpoint=url,
-            insecure=o.insecure,
-            credentials=o.credentials,
-            headers=dict(s.headers),
-            timeout=s.timeout_s,
-            compression=grpc.Compression.Gzip if o.gzip else grpc.Compression.NoCompression,
-        )
-        watch(exporter, "metrics")  # one line per outage (adapters/export_log.py)
-        return exporter
-    from opentelemetry.exporter.otlp.proto.http import Compression
+    from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter as GrpcExporter
     from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HttpExporter
 
-    http_exporter = HttpExporter(
-        endpoint=url,
-        certificate_file=s.certificate,
-        client_key_file=s.client_key,
-        client_certificate_file=s.client_certificate,
-        session=http_session(s.certificate),
-        headers=dict(s.headers),
-        timeout=s.timeout_s,
-        compression=Compression.Gzip if s.compression == "gzip" else Compression.NoCompression,
+    exporter: MetricExporter = signal_exporter(
+        s, GrpcExporter, HttpExporter, endpoint or signal_endpoint(s, "metrics")
     )
-    watch(http_exporter, "metrics")
-    return http_exporter
+    watch(exporter, "metrics")  # one line per outage (adapters/export_log.py)
+    return exporter
 
 
 def histogram_views(boundaries: Sequence[float] = DURATION_BUCKETS) -> list[View]:
@@ -185,7 +162,7 @@ class MetricsSink:
         """Record ``observations`` (non-blocking; safe from any thread).
 
         Raises:
-            KeyError: an observation names no instrument in ``core.metrics.INSTRUMENTS`` (a bug).
+            KeyError: an observation names no instrument in ``core.cicd_metrics.INSTRUMENTS`` (a bug).
         """
         if self._provider is None:
             return

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any, Protocol
 
-import asyncpg
-
-from hydra_otel.adapters.db import Database
 from hydra_otel.core.builds import BuildFacts, StepFacts
 from hydra_otel.core.catchup import JobsetRow
 from hydra_otel.core.evals import EvalFacts, JobsetFacts
@@ -20,6 +18,36 @@ from hydra_otel.core.stitch import JobsetCheck
 from hydra_otel.core.vcs import EvalInput
 
 log = logging.getLogger("hydra_otel.queries")
+
+
+class Row(Protocol):
+    """One result row, read by column name (an ``asyncpg.Record``)."""
+
+    def __getitem__(self, key: str, /) -> Any: ...
+
+
+class Fetcher(Protocol):
+    """What the queries need of a database: :class:`~hydra_otel.adapters.db.Database`, or an
+    in-memory fake answering the statements below (tests/tasks/fakedb.py). Trio-flavoured."""
+
+    async def fetch(self, sql: str, *args: object) -> Sequence[Row]:
+        """Rows of one read-only statement."""
+        ...
+
+    async def fetchval(self, sql: str, *args: object) -> Any:
+        """The first column of the first row of one statement, or None."""
+        ...
+
+
+async def _fetch_each(db: Fetcher, statements: Sequence[tuple[str, Sequence[object]]]) -> list[Sequence[Row]]:
+    """The rows of each statement: in one trip to the pool where the database offers it
+    (:meth:`~hydra_otel.adapters.db.Database.fetch_each`), else one :meth:`Fetcher.fetch` each."""
+    each = getattr(db, "fetch_each", None)
+    if each is not None:
+        rows: list[Sequence[Row]] = await each(statements)
+        return rows
+    return [await db.fetch(sql, *args) for sql, args in statements]
+
 
 EVAL_FACTS_SQL = """
 SELECT e.id, e.jobset_id, j.project, j.name AS jobset, e.timestamp, e.checkouttime, e.evaltime,
@@ -82,12 +110,12 @@ EXISTING_JOBSETS_SQL = "SELECT id FROM jobsets WHERE id = ANY($1::int[])"
 ALL_JOBSETS_SQL = "SELECT id FROM jobsets"
 
 
-async def all_jobsets(db: Database) -> set[int]:
+async def all_jobsets(db: Fetcher) -> set[int]:
     """Every jobset ID in Hydra's ``jobsets`` table."""
     return {r["id"] for r in await db.fetch(ALL_JOBSETS_SQL)}
 
 
-async def existing_jobsets(db: Database, jobset_ids: Sequence[int]) -> set[int]:
+async def existing_jobsets(db: Fetcher, jobset_ids: Sequence[int]) -> set[int]:
     """Those of ``jobset_ids`` that are rows of Hydra's ``jobsets`` table."""
     if not jobset_ids:
         return set()
@@ -95,7 +123,7 @@ async def existing_jobsets(db: Database, jobset_ids: Sequence[int]) -> set[int]:
 
 
 CLOSING_JOBSETS_SQL = """
-SELECT id, lastcheckedtime, errortime,
+SELECT id, lastcheckedtime, errortime, starttime,
        coalesce(errormsg, '') <> '' AS has_error, coalesce(fetcherrormsg, '') <> '' AS has_fetch_error
 FROM jobsets WHERE id = ANY($1::int[])
 """
@@ -103,7 +131,7 @@ CLOSING_EVALS_SQL = "SELECT id, jobset_id FROM jobsetevals WHERE id = ANY($1::in
 
 
 async def closing_rows(
-    db: Database, jobset_ids: Sequence[int], eval_ids: Sequence[int]
+    db: Fetcher, jobset_ids: Sequence[int], eval_ids: Sequence[int]
 ) -> tuple[dict[int, JobsetCheck], dict[int, int]]:
     """What vouches for evaluation notifications: the jobsets' rows, and each JobsetEval's jobset."""
     jobsets: dict[int, JobsetCheck] = {}
@@ -114,6 +142,7 @@ async def closing_rows(
                 has_error=r["has_error"],
                 error_time=r["errortime"],
                 has_fetch_error=r["has_fetch_error"],
+                start_time=r["starttime"],
             )
     evals: dict[int, int] = {}
     if eval_ids:
@@ -122,7 +151,7 @@ async def closing_rows(
 
 
 async def eval_facts(
-    db: Database, eval_ids: Sequence[int], *, budget: int, max_links: int
+    db: Fetcher, eval_ids: Sequence[int], *, budget: int, max_links: int
 ) -> dict[int, EvalFacts]:
     """Facts of the given JobsetEvals; IDs missing from the database are absent from the result.
 
@@ -151,7 +180,7 @@ async def eval_facts(
 _inputs_warned = False
 
 
-async def eval_inputs(db: Database, eval_ids: Sequence[int]) -> dict[int, tuple[EvalInput, ...]]:
+async def eval_inputs(db: Fetcher, eval_ids: Sequence[int]) -> dict[int, tuple[EvalInput, ...]]:
     """The ``jobsetevalinputs`` rows of the given evaluations; none (with one warning per process)
     when the table is absent or the role may not read it."""
     global _inputs_warned
@@ -173,7 +202,7 @@ async def eval_inputs(db: Database, eval_ids: Sequence[int]) -> dict[int, tuple[
 
 
 def _eval_facts(
-    row: asyncpg.Record,
+    row: Row,
     own_trace: tuple[int, ...],
     cached: tuple[tuple[int, int], ...],
     inputs: tuple[EvalInput, ...],
@@ -203,7 +232,7 @@ def _eval_facts(
     )
 
 
-async def jobset_facts(db: Database, jobset_ids: Sequence[int]) -> dict[int, JobsetFacts]:
+async def jobset_facts(db: Fetcher, jobset_ids: Sequence[int]) -> dict[int, JobsetFacts]:
     """The current ``jobsets`` rows of the given IDs; missing IDs are absent from the result."""
     if not jobset_ids:
         return {}
@@ -275,7 +304,7 @@ SELECT EXISTS (SELECT 1 FROM information_schema.columns
 class BuildQueries:
     """Batched build and step lookups, with the per-evaluation budget cache (Trio-flavoured)."""
 
-    def __init__(self, db: Database, *, budget: int, cache_size: int = 4096) -> None:
+    def __init__(self, db: Fetcher, *, budget: int, cache_size: int = 4096) -> None:
         self._db = db
         self._budget = budget
         self._cache_size = cache_size
@@ -305,8 +334,8 @@ class BuildQueries:
         else:
             steps_sql = STEP_SUBSET_SQL.format(columns=STEP_COLUMNS, resolved=resolved)
             steps_args = ([b for b, _ in subset], [n for _, n in subset])
-        build_rows, step_rows = await self._db.fetch_each(
-            [(BUILD_FACTS_SQL, (ids,)), (steps_sql, steps_args)]
+        build_rows, step_rows = await _fetch_each(
+            self._db, [(BUILD_FACTS_SQL, (ids,)), (steps_sql, steps_args)]
         )
         beyond = await self._budget_of({r["eval_id"] for r in build_rows if r["eval_id"] is not None})
         return {r["id"]: _build_facts(r, beyond) for r in build_rows}, _group_steps(step_rows)
@@ -342,7 +371,7 @@ class BuildQueries:
         return {e: self._first_beyond.get(e, (None, 1)) for e in eval_ids}
 
 
-def _build_facts(row: asyncpg.Record, beyond: dict[int, tuple[int | None, int]]) -> BuildFacts:
+def _build_facts(row: Row, beyond: dict[int, tuple[int | None, int]]) -> BuildFacts:
     eval_id = row["eval_id"]
     first_beyond, in_trace = beyond.get(eval_id, (None, 1)) if eval_id is not None else (None, 1)
     in_eval_trace = first_beyond is None or row["id"] < first_beyond
@@ -372,7 +401,7 @@ def _build_facts(row: asyncpg.Record, beyond: dict[int, tuple[int | None, int]])
     )
 
 
-def _group_steps(rows: Sequence[asyncpg.Record]) -> dict[int, list[StepFacts]]:
+def _group_steps(rows: Sequence[Row]) -> dict[int, list[StepFacts]]:
     out: dict[int, list[StepFacts]] = {}
     for r in rows:
         out.setdefault(r["build"], []).append(
@@ -397,7 +426,7 @@ def _group_steps(rows: Sequence[asyncpg.Record]) -> dict[int, list[StepFacts]]:
     return out
 
 
-# Catch-up scans (tasks/catchup.py). Each is keyed so a page can resume where the last one ended.
+# Catch-up scans (tasks/catchup_task.py). Each is keyed so a page can resume where the last one ended.
 CATCHUP_EVALS_SQL = "SELECT id, jobset_id FROM jobsetevals WHERE id > $1 ORDER BY id LIMIT $2"
 CATCHUP_BUILDS_SQL = """
 SELECT id, stoptime FROM builds
@@ -411,32 +440,36 @@ WHERE b.finished = 0 AND s.status IS NOT NULL AND s.starttime IS NOT NULL
 ORDER BY s.stoptime, s.build, s.stepnr LIMIT $3
 """
 CATCHUP_JOBSETS_SQL = "SELECT id, lastcheckedtime, errormsg, errortime, fetcherrormsg FROM jobsets"
+# Hydra has no index on jobsetevals.timestamp: the newest evaluation recorded before the point is
+# found by walking the primary key down from the newest one, which reads only the evaluations of the
+# last ``$1`` seconds (the same result as max(id) over the matching rows, which reads the whole
+# table; docs/performance.md). Every scan runs this for the database's clock.
 CATCHUP_START_SQL = """
-SELECT coalesce(max(id) FILTER (WHERE timestamp < extract(epoch FROM now())::int - $1), 0) AS eval_id,
+SELECT coalesce((SELECT e.id FROM jobsetevals e WHERE e.timestamp < extract(epoch FROM now())::int - $1
+                 ORDER BY e.id DESC LIMIT 1), 0) AS eval_id,
        extract(epoch FROM now())::int AS now
-FROM jobsetevals
 """
 
 
-async def catchup_evals(db: Database, after: int, limit: int) -> list[tuple[int, int]]:
+async def catchup_evals(db: Fetcher, after: int, limit: int) -> list[tuple[int, int]]:
     """(eval ID, jobset ID) of JobsetEvals after ``after``, in ID order."""
     return [(r["id"], r["jobset_id"]) for r in await db.fetch(CATCHUP_EVALS_SQL, after, limit)]
 
 
 async def catchup_builds(
-    db: Database, since: int, until: int, after: tuple[int, int], limit: int
+    db: Fetcher, since: int, until: int, after: tuple[int, int], limit: int
 ) -> list[tuple[int, int]]:
     """(build ID, stop time) of builds that finished in [since, until), after the key ``after``."""
     rows = await db.fetch(CATCHUP_BUILDS_SQL, since, until, after[0], after[1], limit)
     return [(r["id"], r["stoptime"]) for r in rows]
 
 
-async def catchup_steps(db: Database, since: int, until: int, limit: int) -> list[tuple[int, int]]:
+async def catchup_steps(db: Fetcher, since: int, until: int, limit: int) -> list[tuple[int, int]]:
     """(build ID, step number) of finished steps of still-running builds that stopped in [since, until)."""
     return [(r["build"], r["stepnr"]) for r in await db.fetch(CATCHUP_STEPS_SQL, since, until, limit)]
 
 
-async def catchup_jobsets(db: Database) -> list[JobsetRow]:
+async def catchup_jobsets(db: Fetcher) -> list[JobsetRow]:
     """Every jobset's evaluation bookkeeping."""
     return [
         JobsetRow(
@@ -450,7 +483,7 @@ async def catchup_jobsets(db: Database) -> list[JobsetRow]:
     ]
 
 
-async def catchup_start(db: Database, now_minus: int = 0) -> tuple[int, int]:
+async def catchup_start(db: Fetcher, now_minus: int = 0) -> tuple[int, int]:
     """(highest eval ID recorded before ``now_minus`` seconds ago, database clock in Unix seconds)."""
     rows = await db.fetch(CATCHUP_START_SQL, now_minus)
     return rows[0]["eval_id"], rows[0]["now"]
@@ -462,7 +495,7 @@ ACTIVE_EVALS_SQL = "SELECT j.project, j.name FROM jobsets j WHERE j.starttime IS
 BUSY_MACHINES_SQL = "SELECT count(DISTINCT s.machine) FROM buildsteps s WHERE s.busy != 0"
 
 
-async def live_state(db: Database) -> tuple[list[str], int]:
+async def live_state(db: Fetcher) -> tuple[list[str], int]:
     """(``project:jobset`` of each running evaluation, distinct machines with a busy step)."""
     rows = await db.fetch(ACTIVE_EVALS_SQL)
     busy = await db.fetchval(BUSY_MACHINES_SQL)

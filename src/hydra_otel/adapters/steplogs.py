@@ -67,7 +67,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 import hydra_otel
-from hydra_otel.adapters.otlp import ExporterSettings, grpc_options, http_session
+from hydra_otel.adapters.otlp import ExporterSettings, signal_exporter
 from hydra_otel.adapters.otlp_metrics import signal_endpoint
 from hydra_otel.core.logtail import (
     DEFAULT_LOGS_DIR,
@@ -91,7 +91,7 @@ from hydra_otel.core.logtail import (
 from hydra_otel.core.spans import SpanRecord
 from hydra_otel.errors import quote_payload
 from hydra_otel.log import RateLimitedLog
-from hydra_otel.metrics_http import Metric, counter, labelled_counter
+from hydra_otel.selfmon.server import Metric, counter, labelled_counter
 
 log = logging.getLogger("hydra_otel.steplogs")
 
@@ -426,33 +426,13 @@ def make_log_exporter(s: ExporterSettings, endpoint: str | None = None) -> LogRe
     Returns:
         A gRPC or HTTP/protobuf log exporter.
     """
-    url = endpoint or signal_endpoint(s, "logs")
-    if s.protocol == "grpc":
-        import grpc
-        from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter as GrpcExporter
-
-        o = grpc_options(s)
-        return GrpcExporter(
-            endpoint=url,
-            insecure=o.insecure,
-            credentials=o.credentials,
-            headers=dict(s.headers),
-            timeout=s.timeout_s,
-            compression=grpc.Compression.Gzip if o.gzip else grpc.Compression.NoCompression,
-        )
-    from opentelemetry.exporter.otlp.proto.http import Compression as HttpCompression
+    from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter as GrpcExporter
     from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter as HttpExporter
 
-    return HttpExporter(
-        endpoint=url,
-        certificate_file=s.certificate,
-        client_key_file=s.client_key,
-        client_certificate_file=s.client_certificate,
-        session=http_session(s.certificate),
-        headers=dict(s.headers),
-        timeout=s.timeout_s,
-        compression=HttpCompression.Gzip if s.compression == "gzip" else HttpCompression.NoCompression,
+    exporter: LogRecordExporter = signal_exporter(
+        s, GrpcExporter, HttpExporter, endpoint or signal_endpoint(s, "logs")
     )
+    return exporter
 
 
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)

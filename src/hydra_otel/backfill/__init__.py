@@ -10,9 +10,10 @@ notifications know) and one :class:`~hydra_otel.core.events.BuildFinished` per
 finished build the evaluation created (``jobsetevalmembers.isnew = 1``), then a
 :class:`~hydra_otel.core.catchup.Checkpoint`. The daemon's
 :class:`~hydra_otel.tasks.resolver.Resolver` renders them and
-:func:`~hydra_otel.tasks.exporter.run_exporter` exports them, so the spans are
-the live path's spans, byte for byte, with the same IDs (docs/backfill.md says
-which live spans a backfill cannot rebuild).
+:func:`~hydra_otel.tasks.exporter.run_exporter` exports them, started by the
+same :func:`~hydra_otel.pipeline.tail.start_tail` as ``hydra-otel run``, so the
+spans are the live path's spans, byte for byte, with the same IDs
+(docs/backfill.md says which live spans a backfill cannot rebuild).
 
 Progress is the backfill's own: ``<state dir>/backfill.json`` holds, per
 selection (since, until, jobsets), the last evaluation ID whose page the OTLP
@@ -44,7 +45,7 @@ from hydra_otel.backfill.options import (
     options_from_args,
     parse_time,
 )
-from hydra_otel.backfill.progress import ProgressFile, Tally, TokenBucket, _MeteredSink, progress_text
+from hydra_otel.backfill.progress import BackfillProgressFile, PacedSink, Tally, TokenBucket, progress_text
 from hydra_otel.backfill.run import Backfill, BackfillResult, backfill, run_backfill
 
 __all__ = [
@@ -55,11 +56,11 @@ __all__ = [
     "Backfill",
     "BackfillError",
     "BackfillOptions",
+    "BackfillProgressFile",
     "BackfillResult",
-    "ProgressFile",
+    "PacedSink",
     "Tally",
     "TokenBucket",
-    "_MeteredSink",
     "add_backfill_command",
     "backfill",
     "options_from_args",

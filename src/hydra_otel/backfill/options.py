@@ -12,18 +12,9 @@ from dataclasses import dataclass
 from typing import Final
 
 from hydra_otel import config
-from hydra_otel.adapters import db
-from hydra_otel.errors import DbSettingsError, DbUnavailable, PermissionDenied
 
 log = logging.getLogger("hydra_otel.backfill")
 WAITING = "backfill waiting for the database"
-
-_DB_ERRORS: Final[tuple[type[BaseException], ...]] = (
-    DbUnavailable,
-    PermissionDenied,
-    DbSettingsError,
-    *db.RETRYABLE,
-)
 
 #: Default and bounds of ``--rate`` (spans per second; 0 means no limit).
 DEFAULT_RATE: Final = 2000.0

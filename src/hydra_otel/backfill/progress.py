@@ -93,7 +93,7 @@ class Tally:
         self.spans += len(records)
 
 
-class _MeteredSink:
+class PacedSink:
     """Takes ``len(batch)`` tokens before each export attempt, and counts what was acknowledged.
 
     Without an inner sink (a dry run) every batch is acknowledged at once and goes nowhere.
@@ -121,8 +121,8 @@ class _MeteredSink:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class SavedProgress:
-    """One selection's entry in ``backfill.json``."""
+class SelectionProgress:
+    """How far the backfill of one selection got: its entry in ``backfill.json``."""
 
     since: int
     until: int
@@ -139,7 +139,7 @@ _INT64 = 2**63 - 1
 _INT32 = 2**31 - 1
 
 
-def saved_from_json(entry: object) -> SavedProgress:
+def selection_progress_from_json(entry: object) -> SelectionProgress:
     """Validate one selection's stored entry (keys, types, ranges); entries of earlier versions lack some.
 
     Args:
@@ -153,7 +153,7 @@ def saved_from_json(entry: object) -> SavedProgress:
     """
     if not isinstance(entry, dict):
         raise ValueError("the entry is not a JSON object")
-    known = {f.name for f in fields(SavedProgress)}
+    known = {f.name for f in fields(SelectionProgress)}
     unknown = sorted(str(k) for k in entry if k not in known)
     if unknown:
         raise ValueError(f"unknown key {unknown[0]!r} (written by a newer hydra-otel?)")
@@ -170,11 +170,11 @@ def saved_from_json(entry: object) -> SavedProgress:
             raise ValueError(f"{key!r} is {json.dumps(value)[:30]}, not an integer from {low} to {high}")
     if not isinstance(entry.get("complete", False), bool) or not isinstance(entry.get("updated", ""), str):
         raise ValueError("'complete' is not true or false, or 'updated' is not a string")
-    return SavedProgress(**{**entry, "jobsets": tuple(jobsets)})
+    return SelectionProgress(**{**entry, "jobsets": tuple(jobsets)})
 
 
-class ProgressFile:
-    """``<state dir>/backfill.json``: ``{"version": 1, "selections": {key: SavedProgress}}`` (blocking).
+class BackfillProgressFile:
+    """``<state dir>/backfill.json``: ``{"version": 1, "selections": {key: SelectionProgress}}`` (blocking).
 
     Every write replaces the whole file atomically (temporary file, fsync, rename, fsync of the
     directory), so a kill at any moment leaves the previous or the new version. What is read is
@@ -211,7 +211,7 @@ class ProgressFile:
             raise BackfillError(f"{self.path} is not a backfill progress file; {fix}", 2)
         return data
 
-    def load(self, key: str) -> SavedProgress | None:
+    def load(self, key: str) -> SelectionProgress | None:
         """The stored progress of selection ``key``, if any.
 
         Raises:
@@ -221,7 +221,7 @@ class ProgressFile:
         if entry is None:
             return None
         try:
-            return saved_from_json(entry)
+            return selection_progress_from_json(entry)
         except ValueError as exc:
             raise BackfillError(
                 f"{self.path}: the progress of this selection is not valid: {exc}; run with --restart "
@@ -229,7 +229,7 @@ class ProgressFile:
                 2,
             ) from None
 
-    def store(self, key: str, progress: SavedProgress) -> None:
+    def store(self, key: str, progress: SelectionProgress) -> None:
         """:meth:`save`, for the first and last write of a run, which cannot wait for a later checkpoint.
 
         Raises:
@@ -244,7 +244,7 @@ class ProgressFile:
                 2,
             ) from None
 
-    def checkpoint(self, key: str, progress: SavedProgress) -> bool:
+    def checkpoint(self, key: str, progress: SelectionProgress) -> bool:
         """:meth:`save`, except that a failed write (a full disk) is logged once per outage and returns False.
 
         The next checkpoint writes everything again, so nothing needs to be remembered; until then a
@@ -265,7 +265,7 @@ class ProgressFile:
         self.failing = False
         return True
 
-    def save(self, key: str, progress: SavedProgress) -> None:
+    def save(self, key: str, progress: SelectionProgress) -> None:
         """Store ``progress`` for selection ``key`` (keeping the other selections)."""
         data = self._read()
         data["selections"][key] = {**asdict(progress), "jobsets": list(progress.jobsets)}
@@ -290,7 +290,7 @@ class ProgressFile:
 
 
 @contextlib.contextmanager
-def _exclusive(state_dir: Path) -> Iterator[None]:
+def exclusive(state_dir: Path) -> Iterator[None]:
     """Hold ``backfill.lock``: one backfill at a time writes a state directory's progress."""
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
@@ -320,7 +320,8 @@ class _ExporterDropFilter(logging.Filter):
 
 
 @contextlib.contextmanager
-def _quiet_exporter_drop() -> Iterator[None]:
+def quiet_exporter_drop() -> Iterator[None]:
+    """Hide the exporter's "shutdown deadline passed" line while a backfill runs (see the filter)."""
     logger, drop = logging.getLogger("hydra_otel.exporter"), _ExporterDropFilter()
     logger.addFilter(drop)
     try:
@@ -332,11 +333,13 @@ def _quiet_exporter_drop() -> Iterator[None]:
 # --- progress display -----------------------------------------------------------------------------------
 
 
-def _n(count: int, noun: str) -> str:
+def plural(count: int, noun: str) -> str:
+    """``"1 build"``, ``"2 builds"``."""
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
-def _duration(seconds: float) -> str:
+def duration_text(seconds: float) -> str:
+    """``seconds`` as ``H:MM:SS``."""
     s = max(0, round(seconds))
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
@@ -368,7 +371,7 @@ def progress_text(
     if done >= total:
         eta = "0:00:00"
     elif done_here > 0 and elapsed > 0:
-        eta = _duration((total - done) * elapsed / done_here)
+        eta = duration_text((total - done) * elapsed / done_here)
     else:
         eta = "-:--:--"
     text = (
@@ -378,7 +381,7 @@ def progress_text(
     return text + ("  (export failing, retrying)" if failing else "")
 
 
-class _Display:
+class Display:
     """Draws the progress: one updating line on a terminal, else a line every ``interval`` seconds."""
 
     def __init__(self, out: TextIO, *, tty: bool, interval: float) -> None:

@@ -9,16 +9,14 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import TextIO
 
 import trio
 
-from hydra_otel.adapters import db
+from hydra_otel.adapters import command_queries, db
 from hydra_otel.adapters.otlp import SpanSink
 from hydra_otel.backfill.options import (
-    _DB_ERRORS,
     BUILD_PAGE,
     RECENT_SPANS,
     SPAN_QUEUE,
@@ -31,59 +29,30 @@ from hydra_otel.backfill.options import (
     options_from_args,
 )
 from hydra_otel.backfill.progress import (
-    ProgressFile,
-    SavedProgress,
+    BackfillProgressFile,
+    Display,
+    PacedSink,
+    SelectionProgress,
     Tally,
     TokenBucket,
-    _Display,
-    _duration,
-    _exclusive,
-    _MeteredSink,
-    _n,
-    _quiet_exporter_drop,
+    duration_text,
+    exclusive,
+    plural,
     progress_text,
+    quiet_exporter_drop,
 )
 from hydra_otel.config import Config
-from hydra_otel.core.backoff import Backoff
 from hydra_otel.core.catchup import Checkpoint, Marks
 from hydra_otel.core.evals import AddedEval
 from hydra_otel.core.events import BuildFinished
-from hydra_otel.core.spans import SpanRecord
 from hydra_otel.core.stitch import Work
 from hydra_otel.errors import first_leaf
 from hydra_otel.log import Redactor
-from hydra_otel.service import make_sink, render_config
-from hydra_otel.stats import Stats
-from hydra_otel.tasks.exporter import run_exporter
-from hydra_otel.tasks.resolver import RESOLVE_BATCH, Resolver, run_resolver
+from hydra_otel.pipeline.factories import close_sinks, make_sink, render_config
+from hydra_otel.pipeline.tail import start_tail, store_marks
+from hydra_otel.selfmon.stats import Stats
+from hydra_otel.tasks.resolver import Resolver
 from hydra_otel.tasks.retry import until_db_answers
-
-# --- SQL (plain SELECTs; columns as declared in tools.HYDRA_COLUMNS) ----------------------------------
-
-JOBSET_IDS_SQL = """
-SELECT j.id, j.project, j.name FROM jobsets j
-JOIN unnest($1::text[], $2::text[]) AS w(project, name) ON w.project = j.project AND w.name = j.name
-"""
-
-# The selection, in ID order, after the key ``$3``; ``$4`` NULL means every jobset.
-SELECT_EVALS_SQL = """
-SELECT e.id, e.jobset_id FROM jobsetevals e
-WHERE e.timestamp >= $1 AND e.timestamp < $2 AND e.id > $3
-  AND ($4::int[] IS NULL OR e.jobset_id = ANY($4::int[]))
-ORDER BY e.id LIMIT $5
-"""
-
-COUNT_EVALS_SQL = """
-SELECT count(*) AS total, count(*) FILTER (WHERE e.id > $3) AS remaining FROM jobsetevals e
-WHERE e.timestamp >= $1 AND e.timestamp < $2 AND ($4::int[] IS NULL OR e.jobset_id = ANY($4::int[]))
-"""
-
-# Finished builds the given evaluations created, in ID order, after the key ``$2``.
-CREATED_BUILDS_SQL = """
-SELECT DISTINCT m.build FROM jobsetevalmembers m JOIN builds b ON b.id = m.build
-WHERE m.eval = ANY($1::int[]) AND m.isnew = 1 AND b.finished = 1 AND m.build > $2
-ORDER BY m.build LIMIT $3
-"""
 
 
 @dataclass(slots=True, kw_only=True)
@@ -124,8 +93,8 @@ class BackfillResult:
         where = f"{period}, jobsets {', '.join(self.jobsets)}" if self.jobsets else period
         t = self.exported
         counts = (
-            f"{_n(t.evaluations, 'evaluation')}, {_n(t.builds, 'build')}, {_n(t.steps, 'step')} "
-            f"({_n(t.spans, 'span')})"
+            f"{plural(t.evaluations, 'evaluation')}, {plural(t.builds, 'build')}, {plural(t.steps, 'step')} "
+            f"({plural(t.spans, 'span')})"
         )
         if self.already_complete:
             return f"backfill of {where} was already complete; --restart exports it again"
@@ -134,10 +103,10 @@ class BackfillResult:
             if self.resumed_after:
                 text += f", resuming after evaluation {self.resumed_after}"
             if rate > 0:
-                text += f"; at --rate {rate:g} about {_duration(t.spans / rate)}"
+                text += f"; at --rate {rate:g} about {duration_text(t.spans / rate)}"
             return text
         state = "complete" if self.complete else "interrupted"
-        text = f"backfill {state}, {where}: exported {counts} in {_duration(self.seconds)}"
+        text = f"backfill {state}, {where}: exported {counts} in {duration_text(self.seconds)}"
         text += f"; {self.evals_done}/{self.evals_total} evaluations done"
         if self.skipped:
             text += f"; {self.skipped} builds or rows skipped (restarted or gone)"
@@ -158,7 +127,7 @@ class Backfill:
             cfg: the daemon's configuration (database, OTLP, rendering, state directory).
             opts: the selection and limits.
             out: where progress goes (the CLI passes standard error).
-            sink: the OTLP sink (default: :func:`hydra_otel.service.make_sink`); unused by a dry run.
+            sink: the OTLP sink (default: :func:`hydra_otel.pipeline.factories.make_sink`); unused by a dry run.
         """
         self.cfg = cfg
         self.opts = opts
@@ -168,7 +137,7 @@ class Backfill:
         )
         self._sink = sink
         tty = opts.tty if opts.tty is not None else _isatty(out)
-        self._display = _Display(out, tty=tty, interval=opts.line_interval)
+        self._display = Display(out, tty=tty, interval=opts.line_interval)
         self._done_at: dict[int, int] = {}
         self._started = 0.0
         self._done_before = 0
@@ -181,14 +150,14 @@ class Backfill:
             BackfillError: unusable state directory or progress file, another backfill running,
                 unknown jobset, invalid period, database unreachable at the start.
         """
-        store = ProgressFile(self.cfg.state_dir)
-        with _quiet_exporter_drop():
+        store = BackfillProgressFile(self.cfg.state_dir)
+        with quiet_exporter_drop():
             if self.opts.dry_run:
                 return await self._run(store)
-            with _exclusive(self.cfg.state_dir):
+            with exclusive(self.cfg.state_dir):
                 return await self._run(store)
 
-    async def _run(self, store: ProgressFile) -> BackfillResult:
+    async def _run(self, store: BackfillProgressFile) -> BackfillResult:
         opts, result = self.opts, self.result
         key = opts.key()
         saved = None if opts.restart else await trio.to_thread.run_sync(store.load, key)
@@ -213,7 +182,7 @@ class Backfill:
                     database = await stack.enter_async_context(
                         db.open_database(self.cfg.db.url, size=2, stats=self.stats)
                     )
-                except _DB_ERRORS as exc:
+                except db.QUERY_ERRORS as exc:
                     raise self._db_error(exc) from None
                 jobset_ids = await self._start(database, until, after)
                 self._counted = True
@@ -222,7 +191,7 @@ class Backfill:
                         f"backfill: resuming after evaluation {after} "
                         f"({result.evals_done} of {result.evals_total} evaluations done)"
                     )
-                saving = SavedProgress(since=opts.since, until=until, jobsets=tuple(opts.jobsets))
+                saving = SelectionProgress(since=opts.since, until=until, jobsets=tuple(opts.jobsets))
                 if saved is None and not opts.dry_run:
                     # Recorded at once: a run interrupted before its first page then resumes with the
                     # same "now", and an interrupted --restart does not leave an old "complete" behind.
@@ -234,7 +203,7 @@ class Backfill:
                     raise _first(group) from None
             result.complete = True
             if not opts.dry_run:
-                done = SavedProgress(
+                done = SelectionProgress(
                     since=opts.since,
                     until=until,
                     jobsets=tuple(opts.jobsets),
@@ -257,11 +226,13 @@ class Backfill:
         try:
             with trio.fail_after(START_TIMEOUT):
                 jobset_ids = await self._jobset_ids(database)
-                rows = await database.fetch(COUNT_EVALS_SQL, self.opts.since, until, after, jobset_ids)
-        except _DB_ERRORS as exc:  # RETRYABLE includes trio.TooSlowError
+                total, remaining = await command_queries.count_evals(
+                    database, self.opts.since, until, after, jobset_ids
+                )
+        except db.QUERY_ERRORS as exc:  # RETRYABLE includes trio.TooSlowError
             raise self._db_error(exc) from None
-        self.result.evals_total = rows[0]["total"]
-        self.result.evals_done = self._done_before = rows[0]["total"] - rows[0]["remaining"]
+        self.result.evals_total = total
+        self.result.evals_done = self._done_before = total - remaining
         return jobset_ids
 
     def _db_error(self, exc: BaseException) -> BackfillError:
@@ -273,8 +244,7 @@ class Backfill:
         if not self.opts.jobsets:
             return None
         pairs = [name.split(":", 1) for name in self.opts.jobsets]
-        rows = await database.fetch(JOBSET_IDS_SQL, [p for p, _ in pairs], [j for _, j in pairs])
-        found = {f"{r['project']}:{r['name']}": r["id"] for r in rows}
+        found = await command_queries.jobset_ids(database, [(p, j) for p, j in pairs])
         unknown = [name for name in self.opts.jobsets if name not in found]
         if unknown:
             raise BackfillError(f"no such jobset in the database: {', '.join(unknown)}")
@@ -283,69 +253,62 @@ class Backfill:
     async def _pipeline(
         self,
         database: db.Database,
-        store: ProgressFile,
+        store: BackfillProgressFile,
         key: str,
-        saving: SavedProgress,
+        saving: SelectionProgress,
         jobset_ids: list[int] | None,
         after: int,
     ) -> None:
         cfg, opts = self.cfg, self.opts
         work_tx, work_rx = trio.open_memory_channel[Work | Checkpoint](WORK_QUEUE)
-        span_tx, span_rx = trio.open_memory_channel[Sequence[SpanRecord] | Checkpoint](
-            max(2, SPAN_QUEUE // RESOLVE_BATCH)
-        )
         bucket = TokenBucket(opts.rate) if opts.rate > 0 and not opts.dry_run else None
         inner = None if opts.dry_run else (self._sink or make_sink(cfg))
-        sink = _MeteredSink(inner, bucket, self.result.exported)
+        sink = PacedSink(inner, bucket, self.result.exported)
         resolver = Resolver.create(database, render_config(cfg), self.stats, recent=RECENT_SPANS)
+
+        def save(marks: Marks) -> bool:  # in a worker thread
+            if opts.dry_run:
+                return True
+            progress = SelectionProgress(
+                since=saving.since,
+                until=saving.until,
+                jobsets=saving.jobsets,
+                last_eval_id=marks.eval_id,
+                evals_done=self.result.evals_done,
+                updated=_now_iso(),
+            )
+            if store.checkpoint(key, progress):
+                return True
+            self.stats.marks_store_failures += 1  # logged once; the next checkpoint writes again
+            return False
+
+        store_checkpoint = store_marks(save, self.stats)
 
         async def commit(marks: Marks) -> None:
             self.result.last_eval_id = marks.eval_id
             self.result.evals_done = self._done_at.pop(marks.eval_id, self.result.evals_done)
-            stored = True
-            if not opts.dry_run:
-                progress = SavedProgress(
-                    since=saving.since,
-                    until=saving.until,
-                    jobsets=saving.jobsets,
-                    last_eval_id=marks.eval_id,
-                    evals_done=self.result.evals_done,
-                    updated=_now_iso(),
-                )
-                stored = await trio.to_thread.run_sync(store.checkpoint, key, progress)
-            if stored:
-                self.stats.checkpoints += 1
-            else:
-                self.stats.marks_store_failures += 1  # logged once; the next checkpoint writes again
+            await store_checkpoint(marks)
             self._draw()
 
-        async def export() -> None:
-            try:
-                await run_exporter(
-                    span_rx,
-                    sink,
-                    self.stats,
-                    batch_size=cfg.export.batch_size,
-                    delay=cfg.export.delay,
-                    backoff=Backoff(base=0.5, factor=2.0, cap=cfg.export.max_backoff, jitter=0.2),
-                    commit=commit,
-                )
-            finally:
-                sink.shutdown()
-
-        async with trio.open_nursery() as outer:
-            outer.start_soon(self._redraw)
-            async with trio.open_nursery() as pipeline:
-                pipeline.start_soon(export)
-                pipeline.start_soon(
-                    functools.partial(run_resolver, backoff=Backoff(base=0.5, cap=10.0)),
-                    work_rx,
-                    span_tx,
-                    resolver,
-                )
-                async with work_tx:
-                    await self._produce(database, work_tx, jobset_ids, after)
-            outer.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as outer:
+                outer.start_soon(self._redraw)
+                async with trio.open_nursery() as pipeline:
+                    start_tail(
+                        pipeline,
+                        work_rx,
+                        resolver,
+                        sink,
+                        self.stats,
+                        export=cfg.export,
+                        queue_size=SPAN_QUEUE,
+                        commit=commit,
+                    )
+                    async with work_tx:
+                        await self._produce(database, work_tx, jobset_ids, after)
+                outer.cancel_scope.cancel()
+        finally:
+            await close_sinks(sink)
 
     async def _produce(
         self,
@@ -360,34 +323,28 @@ class Backfill:
         while True:
             page = await until_db_answers(
                 functools.partial(
-                    database.fetch, SELECT_EVALS_SQL, opts.since, until, after, jobset_ids, opts.batch
+                    command_queries.eval_page, database, opts.since, until, after, jobset_ids, opts.batch
                 ),
                 waiting=WAITING,
             )
             if not page:
                 return
-            eval_ids = [r["id"] for r in page]
-            for r in page:
-                await work.send(
-                    AddedEval(
-                        eval_id=r["id"],
-                        jobset_id=r["jobset_id"],
-                        correlation_id="",
-                        started_ns=None,
-                        ended_ns=0,
-                    )
-                )
+            eval_ids = [eval_id for eval_id, _ in page]
+            for eval_id, jobset_id in page:
+                await work.send(AddedEval.from_table(eval_id, jobset_id))
             build_after = 0
             while True:
                 builds = await until_db_answers(
-                    functools.partial(database.fetch, CREATED_BUILDS_SQL, eval_ids, build_after, BUILD_PAGE),
+                    functools.partial(
+                        command_queries.created_builds, database, eval_ids, build_after, BUILD_PAGE
+                    ),
                     waiting=WAITING,
                 )
-                for r in builds:
-                    await work.send(BuildFinished(build_id=r["build"], dependents=()))
+                for build_id in builds:
+                    await work.send(BuildFinished(build_id=build_id, dependents=()))
                 if len(builds) < BUILD_PAGE:
                     break
-                build_after = builds[-1]["build"]
+                build_after = builds[-1]
             after = eval_ids[-1]
             done += len(eval_ids)
             self._done_at[after] = done

@@ -71,7 +71,10 @@ class JobsetRow:
 
 
 def jobset_failures(
-    rows: list[JobsetRow], known: dict[int, int], open_jobsets: frozenset[int] = frozenset()
+    rows: list[JobsetRow],
+    known: dict[int, int],
+    open_jobsets: frozenset[int] = frozenset(),
+    until: int | None = None,
 ) -> tuple[list[Attempt], dict[int, int]]:
     """Failed attempts recorded since ``known`` (jobset ID -> lastcheckedtime already handled).
 
@@ -79,12 +82,17 @@ def jobset_failures(
     a backfill's job; a jobset missing from it was created since and all its checks count.
     Jobsets in ``open_jobsets`` have an attempt the live stitcher is still following: it will
     report how that ended (an evaluator crash shows up there as abandoned), so they are left
-    alone, and their mark does not move. Returns the attempts and the updated ``known`` mapping.
+    alone, and their mark does not move. So are checks after ``until`` (the database's clock minus
+    the scan lag): their ``eval_failed`` may still be on its way through the live path, which has not
+    opened the attempt yet when it lags behind; the next scan reports them if it did not.
+    Returns the attempts and the updated ``known`` mapping.
     """
     out: list[Attempt] = []
     updated = dict(known)
     for r in rows:
         if r.last_checked is None or r.jobset_id in open_jobsets:
+            continue
+        if until is not None and r.last_checked > until:
             continue
         seen = known.get(r.jobset_id, 0)
         updated[r.jobset_id] = max(r.last_checked, seen)

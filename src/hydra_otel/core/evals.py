@@ -124,6 +124,7 @@ class Attempt:
     correlation_id: str
     started_ns: int | None
     ended_ns: int
+
     previous_eval_id: int | None = None
     abandon_reason: str | None = None
 
@@ -413,3 +414,9 @@ class AddedEval:
     correlation_id: str
     started_ns: int | None
     ended_ns: int
+
+    @classmethod
+    def from_table(cls, eval_id: int, jobset_id: int) -> AddedEval:
+        """An evaluation read from ``jobsetevals`` (catch-up, backfill), not announced live: no
+        correlation ID and no start, so it gets no ``evaluator run`` span."""
+        return cls(eval_id=eval_id, jobset_id=jobset_id, correlation_id="", started_ns=None, ended_ns=0)

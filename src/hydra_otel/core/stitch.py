@@ -15,7 +15,11 @@ States of one attempt key, and the transition table :data:`TRANSITIONS`::
     CLOSED --eval_added/cached/failed--> CLOSED (another orphan outcome; exact repeats are filtered later)
     CLOSED --eval_started--> CLOSED (late start: ignored and counted, never opened)
     OPEN   --eval_started--> OPEN (duplicate, ignored)
-    OPEN   --deadline passed / newer eval_started of the jobset--> ABSENT (abandoned)
+    OPEN   --deadline passed / eval_started of a newer run of the jobset--> ABSENT (abandoned)
+    ABSENT --eval_started while another attempt of the jobset is open in the same run--> CONTESTED
+    CONTESTED --eval_added/cached/failed--> CLOSED (outcome with its start; the jobset's other
+                                                    open attempt of that run is dropped, counted)
+    CONTESTED --deadline passed--> ABSENT (dropped, already counted)
     CLOSED --closed_ttl passed, or forgotten to stay within max_closed--> ABSENT
 
 NOTIFY is not ordered across connections, so ``eval_added`` can overtake its
@@ -27,13 +31,23 @@ Rules that keep the stitcher bounded and honest:
 
 * The caller says whether the jobset exists in Hydra's ``jobsets`` table; a
   start for one that does not is rejected. Only real jobsets take state.
-* Hydra runs one evaluation per jobset at a time, so a new ``eval_started``
-  for a jobset proves the previous open attempt of that jobset is dead: at
-  most one attempt per jobset is open. The dead one is reported abandoned
-  while the jobset's supersession budget lasts (a token bucket: a burst of
-  ``SUPERSEDE_BURST``, one more every ``SUPERSEDE_REFILL`` seconds); beyond
-  it, it is dropped and counted, so a flood of starts cannot become a flood
-  of error spans.
+* Hydra runs one evaluation per jobset at a time, and hydra-evaluator writes
+  ``jobsets.starttime`` (committed) before it spawns the process that sends
+  ``eval_started``, and clears it after the process exits. So a new start
+  proves the jobset's open attempt dead only when the row shows a *new run*:
+  a ``starttime`` that is set and differs from the one read when the open
+  attempt started. Then the dead one is reported abandoned while the jobset's
+  supersession budget lasts (a token bucket: a burst of ``SUPERSEDE_BURST``,
+  one more every ``SUPERSEDE_REFILL`` seconds); beyond it, it is dropped and
+  counted, so a flood of starts cannot become a flood of error spans.
+* A start the row does not show as a new run (same ``starttime``, or none:
+  no evaluation running) cannot tell a forged start from the real one, so it
+  takes nothing from the open attempt: it is *contested* (counted), kept
+  aside with its start time, never reported abandoned. Whichever of the two
+  gets a closing event the rows vouch for is the real one: a contested start
+  that closes pairs with its close, and the jobset's open attempt of the
+  same run is dropped (counted). At most one attempt per jobset is open.
+  When the rows cannot be read, a new start supersedes as before.
 * At most ``max_open`` attempts are open; a start beyond that is rejected
   (counted), never an eviction that would report a live evaluation abandoned.
 * Every attempt has the same lifetime, so insertion order is deadline order
@@ -115,6 +129,11 @@ ALREADY_CLOSED = "already_closed"
 TOO_MANY_OPEN = "too_many_open"
 #: A superseded attempt beyond the jobset's supersession budget: dropped, not reported abandoned.
 SUPERSEDED_UNREPORTED = "superseded_unreported"
+#: A start the jobset's row does not show as a new run while an attempt of the jobset is open:
+#: kept aside, paired only with a closing event the rows vouch for.
+CONTESTED_START = "contested_start"
+#: An open attempt dropped because a contested start of the same run got the closing event.
+LOST_CONTEST = "lost_contest"
 
 #: ``eval_cached`` / ``eval_failed`` for a jobset that is not in Hydra's ``jobsets`` table (same label).
 #: ``eval_cached`` naming a JobsetEval that does not exist.
@@ -154,6 +173,7 @@ class State(enum.Enum):
 
     ABSENT = "absent"
     OPEN = "open"
+    CONTESTED = "contested"
     CLOSED = "closed"
 
 
@@ -163,6 +183,8 @@ class _Open:
     correlation_id: str
     started_ns: int
     deadline: float
+    #: ``jobsets.starttime`` read with the start: the evaluator run it belongs to (None: unknown).
+    run: int | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -175,6 +197,8 @@ class JobsetCheck:
     error_time: int | None
     #: ``fetcherrormsg`` is neither NULL nor empty.
     has_fetch_error: bool
+    #: ``starttime``: set by hydra-evaluator while an evaluation of the jobset runs, else None.
+    start_time: int | None = None
 
     def shows_failure(self) -> bool:
         """The last check failed: a fetch error, or an error recorded at the check's time."""
@@ -198,7 +222,7 @@ class Unchecked(enum.Enum):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ClosingCheck:
-    """What Hydra's rows said about a closing event's jobset when it arrived."""
+    """What Hydra's rows said about an evaluation event's jobset when it arrived."""
 
     #: The jobset's row, None if there is none.
     jobset: JobsetCheck | None
@@ -262,6 +286,8 @@ class Stitcher:
         self._max_closed = max_open if max_closed is None else max(1, max_closed)
         self._open: dict[AttemptKey, _Open] = {}
         self._by_jobset: dict[int, AttemptKey] = {}
+        # Starts kept aside while another attempt of their jobset's run is open (deadline order).
+        self._contested: OrderedDict[AttemptKey, _Open] = OrderedDict()
         self._closed: OrderedDict[AttemptKey, float] = OrderedDict()
         self._tokens: dict[int, tuple[float, float]] = {}  # jobset -> (supersession tokens, as of)
         # Global budget for closing events whose rows could not be read: (tokens, as of).
@@ -283,12 +309,15 @@ class Stitcher:
         # The current feed()'s verdict on the event's jobset, read by _on_start: every handler in
         # TRANSITIONS has the same signature, and only that one needs it.
         self._jobset_known = True
+        self._check: ClosingCheck | Unchecked = Unchecked.TRUSTED  # likewise, the current check
 
     def state(self, jobset_id: int, correlation_id: str) -> State:
         """The state of one attempt key."""
         key = (jobset_id, correlation_id)
         if key in self._open:
             return State.OPEN
+        if key in self._contested:
+            return State.CONTESTED
         return State.CLOSED if key in self._closed else State.ABSENT
 
     def feed(
@@ -303,12 +332,14 @@ class Stitcher:
         """Apply one evaluation event received at ``at_ns`` (wall clock) / ``now`` (monotonic).
 
         ``jobset_known`` says whether the event's jobset is in Hydra's ``jobsets`` table; it
-        matters only for a start. ``check`` is what the rows said about an ``eval_cached`` or
-        ``eval_failed``, or why there is none; see the module docstring.
+        matters only for a start. ``check`` is what the rows said about the event (for a start,
+        the jobset's row with its ``starttime``), or why there is none; see the module docstring.
         """
         self._forget_closed(now)
+        self._forget_contested(now)
         self._now = max(self._now, now)
         self._jobset_known = jobset_known
+        self._check = check
         if isinstance(event, EvalCached | EvalFailed):
             reason = self._closing_verdict(event, check, now)
             if reason is not None:
@@ -316,7 +347,7 @@ class Stitcher:
         elif isinstance(event, EvalAdded):
             reason = self._added_verdict(event, check, now)
             if reason == RUN_ALREADY_REPORTED:  # closes the attempt, without its live start
-                self._pop((event.jobset_id, event.correlation_id))
+                self._take((event.jobset_id, event.correlation_id))
                 self._reject(reason, event.jobset_id, event.correlation_id)
                 return self._handed_on(self._on_orphan_close(event, at_ns, now))
             if reason is not None:
@@ -341,6 +372,7 @@ class Stitcher:
     def expire(self, now: float, now_ns: int) -> list[Outcome]:
         """Abandon every open attempt whose deadline is at or before ``now``."""
         self._now = max(self._now, now)
+        self._forget_contested(now)
         out: list[Outcome] = []
         while self._open:
             key, rec = next(iter(self._open.items()))
@@ -379,7 +411,13 @@ class Stitcher:
         if not self._jobset_known:
             return self._reject(UNKNOWN_JOBSET, event.jobset_id, event.correlation_id)
         out: list[Outcome] = []
+        row = self._check.jobset if isinstance(self._check, ClosingCheck) else None
+        run = _run_of(row, at_ns)
         previous = self._by_jobset.get(event.jobset_id)
+        if previous is not None and row is not None:
+            same_run = run is not None and run == self._open[previous].run
+            if row.start_time is None or same_run:
+                return self._contest(event, at_ns, now, run)
         if previous is not None:
             dead = self._pop(previous)
             if self._take_token(event.jobset_id, now):
@@ -389,10 +427,39 @@ class Stitcher:
         elif len(self._open) >= self._max_open:
             return self._reject(TOO_MANY_OPEN, event.jobset_id, event.correlation_id)
         key = (event.jobset_id, event.correlation_id)
-        self._open[key] = _Open(event.jobset_id, event.correlation_id, at_ns, now + self._abandon_after)
+        self._open[key] = _Open(event.jobset_id, event.correlation_id, at_ns, now + self._abandon_after, run)
         self._by_jobset[event.jobset_id] = key
         self._opened += 1
         return out
+
+    def _contest(self, event: EvalEvent, at_ns: int, now: float, run: int | None) -> list[Outcome]:
+        """Keep a start aside that the row does not show as a new run (see the module docstring)."""
+        key = (event.jobset_id, event.correlation_id)
+        self._contested[key] = _Open(
+            event.jobset_id, event.correlation_id, at_ns, now + self._abandon_after, run
+        )
+        while len(self._contested) > self._max_open:
+            self._contested.popitem(last=False)
+        return self._reject(CONTESTED_START, event.jobset_id, event.correlation_id)
+
+    def _on_contested_close(self, event: EvalEvent, at_ns: int, now: float) -> list[Outcome]:
+        """The rows vouched for this close, so its start was real. The jobset's open attempt of the
+        same recorded run was not; one of an unknown or other run has ended unannounced."""
+        key = (event.jobset_id, event.correlation_id)
+        rec = self._contested.pop(key)
+        out: list[Outcome] = []
+        rival = self._by_jobset.get(event.jobset_id)
+        if rival is not None:
+            other = self._pop(rival)
+            if rec.run is not None and other.run == rec.run:
+                self._reject(LOST_CONTEST, other.jobset_id, other.correlation_id)
+            elif self._take_token(event.jobset_id, now):
+                out.append(self._abandon(other, at_ns, SUPERSEDED))
+            else:
+                self._reject(SUPERSEDED_UNREPORTED, other.jobset_id, other.correlation_id)
+        self._remember_closed(key, now)
+        self._closed_count += 1
+        return [*out, _outcome(event, rec.started_ns, at_ns)]
 
     def _on_duplicate_start(self, event: EvalEvent, at_ns: int, now: float) -> list[Outcome]:
         self._duplicates += 1
@@ -441,7 +508,7 @@ class Stitcher:
             # notification was handled overwrote the outcome it names. Believe that once per
             # change of the row seen here; the check read is not this event's to claim.
             return None if seen is None or row.last_checked > seen else ROW_DISAGREES
-        paired = self.state(event.jobset_id, event.correlation_id) is State.OPEN
+        paired = self.state(event.jobset_id, event.correlation_id) in (State.OPEN, State.CONTESTED)
         reported, by_paired = self._reported_checks.get(event.jobset_id, (-(2**63), False))
         if row.last_checked < reported or (row.last_checked == reported and (by_paired or not paired)):
             return CHECK_ALREADY_REPORTED
@@ -452,7 +519,8 @@ class Stitcher:
         """Why an ``eval_added`` is not acted on (or not paired with its start), or None."""
         if isinstance(check, ClosingCheck) and check.eval_jobset not in (None, event.jobset_id):
             return EVAL_OF_OTHER_JOBSET
-        if self.state(event.jobset_id, event.correlation_id) is not State.OPEN or check is Unchecked.TRUSTED:
+        state = self.state(event.jobset_id, event.correlation_id)
+        if state not in (State.OPEN, State.CONTESTED) or check is Unchecked.TRUSTED:
             return None
         # Pairs with an open attempt: an "evaluator run" span. Hydra's evaluator writes each
         # JobsetEval once, and a jobset's evaluations get increasing IDs: one run per evaluation.
@@ -480,6 +548,11 @@ class Stitcher:
                 self._in_flight.pop(o.jobset_id, None)
                 self._in_flight[o.jobset_id] = self._now
         return out
+
+    def _take(self, key: AttemptKey) -> _Open:
+        """Remove an open or contested attempt."""
+        rec = self._contested.pop(key, None)
+        return self._pop(key) if rec is None else rec
 
     def _pop(self, key: AttemptKey) -> _Open:
         rec = self._open.pop(key)
@@ -513,6 +586,14 @@ class Stitcher:
         while len(self._closed) > self._max_closed:
             self._closed.popitem(last=False)
 
+    def _forget_contested(self, now: float) -> None:
+        """Drop contested starts past their deadline: never reported (counted when contested)."""
+        while self._contested:
+            key, rec = next(iter(self._contested.items()))
+            if rec.deadline > now:
+                break
+            del self._contested[key]
+
     def _forget_closed(self, now: float) -> None:
         while self._closed:
             key, until = next(iter(self._closed.items()))
@@ -535,6 +616,17 @@ class Stitcher:
             for j in full:
                 del self._tokens[j]
         return ok
+
+
+def _run_of(row: JobsetCheck | None, at_ns: int) -> int | None:
+    """The evaluator run a start received at ``at_ns`` belongs to, by its jobset's row.
+
+    hydra-evaluator writes ``starttime`` (whole seconds) before the run can send ``eval_started``,
+    so a run recorded after the start was received is a later one: read late (a backlog), the row
+    says nothing about this start's run (None)."""
+    if row is None or row.start_time is None or row.start_time * 1_000_000_000 > at_ns:
+        return None
+    return row.start_time
 
 
 def _outcome(event: EvalEvent, started_ns: int | None, at_ns: int) -> Outcome:
@@ -560,6 +652,10 @@ def _outcome(event: EvalEvent, started_ns: int | None, at_ns: int) -> Outcome:
 TRANSITIONS: dict[tuple[State, type[EvalEvent]], Handler] = {
     (State.ABSENT, EvalStarted): Stitcher._on_start,
     (State.OPEN, EvalStarted): Stitcher._on_duplicate_start,
+    (State.CONTESTED, EvalStarted): Stitcher._on_duplicate_start,
+    (State.CONTESTED, EvalAdded): Stitcher._on_contested_close,
+    (State.CONTESTED, EvalCached): Stitcher._on_contested_close,
+    (State.CONTESTED, EvalFailed): Stitcher._on_contested_close,
     (State.CLOSED, EvalStarted): Stitcher._on_late_start,
     (State.OPEN, EvalAdded): Stitcher._on_close,
     (State.OPEN, EvalCached): Stitcher._on_close,

@@ -25,10 +25,11 @@ import trio
 
 from hydra_otel.adapters.otlp import Delivery, SpanSink
 from hydra_otel.core.backoff import Backoff
+from hydra_otel.core.batching import Batcher
 from hydra_otel.core.catchup import Checkpoint, Marks
 from hydra_otel.core.spans import SpanRecord
 from hydra_otel.log import RateLimitedLog
-from hydra_otel.stats import Stats
+from hydra_otel.selfmon.stats import Stats
 
 log = logging.getLogger("hydra_otel.exporter")
 
@@ -46,45 +47,50 @@ async def run_exporter(
     """Consume ``spans`` (lists of spans, and checkpoints) until it closes, exporting in batches.
 
     The resolver hands over each batch's spans as one list: one channel hop per batch, not per span.
+    When to send what is :class:`~hydra_otel.core.batching.Batcher`'s call; this task receives,
+    sends (retrying until the endpoint answers) and stores.
 
     A :class:`Checkpoint` flushes the batch, and once the endpoint acknowledged
     it, ``commit`` stores the checkpoint's marks.
     """
-    batch: list[SpanRecord] = []
-    # When the oldest span still in ``batch`` arrived. It is kept across a full batch's flush: a
-    # list that overfilled the batch leaves its remainder behind, and that must not wait for
-    # the next arrival (which may be the next catch-up checkpoint, 30 s later).
-    oldest = math.inf
+    batcher = Batcher(size=batch_size, delay=delay)
     warn = RateLimitedLog(log)  # repaired spans come from bad rows: 10 lines a minute at most
     async with spans:
         try:
             closed = False
-            while not closed:
-                checkpoint: Checkpoint | None = None
-                while len(batch) < batch_size:
-                    with trio.move_on_at(oldest + delay if batch else math.inf) as scope:
-                        try:
-                            item = await spans.receive()
-                        except trio.EndOfChannel:
-                            closed = True
-                            break
-                    if scope.cancelled_caught:
-                        break
-                    if isinstance(item, Checkpoint):
-                        checkpoint = item
-                        break
-                    if not batch:
-                        oldest = trio.current_time()
-                    batch.extend(item)
-                # A checkpoint, the end, or the age limit flushes everything; a full batch only itself.
-                flush_all = checkpoint is not None or closed or len(batch) < batch_size
-                while len(batch) >= batch_size or (flush_all and batch):
-                    await _export_until_done(sink, batch[:batch_size], stats, backoff, warn)
-                    del batch[:batch_size]
-                if checkpoint is not None:
-                    await commit(checkpoint.marks)
+            while True:
+                # Nothing new is taken while there is something to send: a held batch fills the
+                # bounded channel, and backpressure reaches the listener.
+                while (batch := batcher.next_batch()) is not None:
+                    await _export_until_done(sink, batch, stats, backoff, warn)
+                    batcher.sent()
+                for marks in batcher.take_commits():
+                    await commit(marks)
+                if closed:
+                    break
+                closed = await _receive(spans, batcher)
         finally:
-            _count_dropped(stats, len(batch) + _drain(spans))
+            _count_dropped(stats, batcher.pending + _drain(spans))
+
+
+async def _receive(
+    spans: trio.MemoryReceiveChannel[Sequence[SpanRecord] | Checkpoint], batcher: Batcher
+) -> bool:
+    """Take one item into ``batcher`` or, at its deadline, expire it; return whether ``spans`` ended."""
+    deadline = batcher.next_deadline()
+    with trio.move_on_at(math.inf if deadline is None else deadline):
+        try:
+            item = await spans.receive()
+        except trio.EndOfChannel:
+            batcher.close()
+            return True
+        if isinstance(item, Checkpoint):
+            batcher.checkpoint(item.marks)
+        else:
+            batcher.add(item, trio.current_time())
+        return False
+    batcher.expire(trio.current_time())  # the deadline passed (cancelled before or during receive)
+    return False
 
 
 def _drain(spans: trio.MemoryReceiveChannel[Sequence[SpanRecord] | Checkpoint]) -> int:

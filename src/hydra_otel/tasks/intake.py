@@ -37,7 +37,7 @@ from hydra_otel.core.events import (
 from hydra_otel.core.parse import parse
 from hydra_otel.errors import PayloadError
 from hydra_otel.log import RateLimitedLog
-from hydra_otel.stats import Stats
+from hydra_otel.selfmon.stats import Stats
 from hydra_otel.tasks.channels import receive_some, send_all
 
 log = logging.getLogger("hydra_otel.intake")

@@ -15,7 +15,7 @@ import trio
 from hydra_otel.adapters import queries
 from hydra_otel.adapters.db import Database
 from hydra_otel.adapters.otlp_metrics import MetricsSink
-from hydra_otel.core.metrics import live_observations
+from hydra_otel.core.cicd_metrics import live_observations
 from hydra_otel.errors import DbUnavailable
 
 log = logging.getLogger("hydra_otel.live_metrics")

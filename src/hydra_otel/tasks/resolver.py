@@ -12,6 +12,7 @@ are skipped by :class:`~hydra_otel.core.dedup.RecentSpans`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Sequence
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 import trio
 
 from hydra_otel.adapters import queries
-from hydra_otel.adapters.db import Database
+from hydra_otel.adapters.db import while_unavailable
 from hydra_otel.adapters.steplogs import StepLogs
 from hydra_otel.core.backoff import Backoff
 from hydra_otel.core.budget import steps_omitted
@@ -53,7 +54,7 @@ from hydra_otel.core.spans import SpanRecord
 from hydra_otel.core.stitch import Work
 from hydra_otel.errors import DbUnavailable, PermissionDenied
 from hydra_otel.log import RateLimitedLog
-from hydra_otel.stats import Stats
+from hydra_otel.selfmon.stats import Stats
 from hydra_otel.tasks.channels import receive_some
 
 log = logging.getLogger("hydra_otel.resolver")
@@ -66,7 +67,7 @@ RESOLVE_BATCH = 512
 class Resolver:
     """Turns a batch of work into spans; holds the query helpers and the duplicate filter."""
 
-    db: Database
+    db: queries.Fetcher
     cfg: RenderConfig
     stats: Stats
     builds: queries.BuildQueries
@@ -84,7 +85,7 @@ class Resolver:
     @classmethod
     def create(
         cls,
-        db: Database,
+        db: queries.Fetcher,
         cfg: RenderConfig,
         stats: Stats,
         *,
@@ -281,7 +282,7 @@ class Held:
     kinds: set[type] = field(default_factory=set)
     marks: Marks | None = None
     retry_at: float = math.inf
-    backoff: Backoff = field(default_factory=lambda: Backoff(base=1.0, factor=2.0, cap=30.0, jitter=0.2))
+    backoff: Backoff = field(default_factory=Backoff.restart)
 
     def due(self) -> bool:
         return bool(self.work) and trio.current_time() >= self.retry_at
@@ -403,15 +404,7 @@ async def _resolve_with_retry(
 async def _resolve_until_db_answers(
     resolver: Resolver, batch: list[Work], backoff: Backoff
 ) -> list[SpanRecord]:
-    while True:
-        try:
-            records = await resolver.resolve(batch)
-        except DbUnavailable as exc:
-            delay = backoff.next_delay()
-            resolver.warn.warning(
-                "db", "database unavailable; holding work", error=str(exc), retry_in_s=delay
-            )
-            await trio.sleep(delay)
-            continue
-        backoff.reset()
-        return records
+    def waiting(exc: DbUnavailable, delay: float) -> None:
+        resolver.warn.warning("db", "database unavailable; holding work", error=str(exc), retry_in_s=delay)
+
+    return await while_unavailable(functools.partial(resolver.resolve, batch), backoff, waiting)

@@ -15,6 +15,7 @@ from typing import TypeVar
 
 import trio
 
+from hydra_otel.adapters.db import while_unavailable
 from hydra_otel.core.backoff import Backoff
 from hydra_otel.errors import DbUnavailable, PermissionDenied
 
@@ -25,13 +26,13 @@ T = TypeVar("T")
 async def until_db_answers(step: Callable[[], Awaitable[T]], *, waiting: str) -> T:
     """Run ``step`` until it raises neither :class:`DbUnavailable` (``waiting`` is logged on each)
     nor :class:`PermissionDenied`."""
-    backoff = Backoff(base=0.5, cap=30.0)
+    backoff = Backoff.transient(30.0)
+
+    def wait(exc: DbUnavailable, delay: float) -> None:
+        log.warning(waiting, extra={"error": str(exc), "retry_in_s": round(delay, 2)})
+
     while True:
         try:
-            return await step()
-        except DbUnavailable as exc:
-            delay = backoff.next_delay()
-            log.warning(waiting, extra={"error": str(exc), "retry_in_s": round(delay, 2)})
-            await trio.sleep(delay)
+            return await while_unavailable(step, backoff, wait)
         except PermissionDenied:
             await trio.sleep(backoff.next_delay())

@@ -1,10 +1,11 @@
 """Operator commands: ``hydra-otel ids`` (where is my trace?) and ``hydra-otel check`` (will the daemon work?).
 
 Theory of operation. Both commands reuse the daemon's own code, so they answer
-for the daemon rather than for a re-implementation: ``ids`` derives IDs with
+for the daemon rather than for a re-implementation: ``ids``
+(:mod:`hydra_otel.tools.lookup`) derives IDs with
 :mod:`hydra_otel.core.ids` and places builds with ``core.builds.placement`` over
 the rows :class:`~hydra_otel.adapters.queries.BuildQueries` reads; ``check``
-exports through the same sink :func:`hydra_otel.service.make_sink` builds and
+exports through the same sink :func:`hydra_otel.pipeline.factories.make_sink` builds and
 LISTENs through :func:`hydra_otel.adapters.db.run_listener`.
 
 The async functions here are **Trio-flavoured** and need
@@ -47,7 +48,7 @@ from hydra_otel.tools.common import (
     ToolError,
     UsageError,
 )
-from hydra_otel.tools.ids import build_ids, eval_ids, ids_command, jaeger_url, tempo_url
+from hydra_otel.tools.lookup import build_ids, eval_ids, ids_command, jaeger_url, tempo_url
 
 # --- argparse wiring ----------------------------------------------------------------------------------
 

@@ -14,17 +14,17 @@ from urllib.parse import urlsplit
 
 import trio
 
-from hydra_otel.adapters import db, state
+from hydra_otel.adapters import command_queries, db, progress_store
 from hydra_otel.adapters.otlp import Delivery
 from hydra_otel.config import Config
 from hydra_otel.core.backoff import Backoff
 from hydra_otel.core.spans import Kind, SpanRecord
 from hydra_otel.errors import StateDirError
-from hydra_otel.service import make_sink
+from hydra_otel.pipeline.factories import make_sink
+from hydra_otel.selfmon.stats import ListenStatistics
 from hydra_otel.tools.common import (
     ADDED_IN,
     CHECK_SPAN_NAME,
-    DB_ERRORS,
     DB_TIMEOUT,
     HYDRA_COLUMNS,
     LISTEN_TIMEOUT,
@@ -101,25 +101,6 @@ def schema_version_result(version: int | None) -> CheckResult:
     return CheckResult(name=name, ok=True, detail=str(version))
 
 
-# pg_catalog rather than information_schema: the latter hides columns the role has no privilege
-# on, which would report a missing GRANT as a missing column. pg_table_is_visible resolves names
-# through the search_path exactly as the daemon's unqualified queries do.
-COLUMNS_SQL = """
-SELECT c.relname AS table_name, a.attname AS column_name
-FROM pg_catalog.pg_class c
-JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
-WHERE c.relname = ANY($1::text[]) AND c.relkind IN ('r', 'p', 'v', 'm', 'f')
-  AND pg_catalog.pg_table_is_visible(c.oid)
-"""
-
-# Table-level SELECT, or (for column-level grants) SELECT on every column the daemon reads.
-PRIVILEGES_SQL = """
-SELECT p.t AS table_name,
-       has_table_privilege(p.t, 'SELECT') OR bool_and(has_column_privilege(p.t, p.c, 'SELECT')) AS readable
-FROM unnest($1::text[], $2::text[]) AS p(t, c)
-GROUP BY p.t
-"""
-
 Emit = Callable[[CheckResult], None]
 
 
@@ -157,7 +138,7 @@ async def _step(name: str, cfg: Config, fn: Callable[[], Awaitable[str | CheckRe
     outcome: str | CheckResult = ""
     try:
         outcome = await fn()
-    except* DB_ERRORS as group:
+    except* db.QUERY_ERRORS as group:
         failure = group
     if failure is not None:
         return CheckResult(name=name, ok=False, detail=describe(failure, cfg))
@@ -168,7 +149,7 @@ async def _check_database(cfg: Config, add: Emit) -> None:
     try:
         async with db.open_database(cfg.db.url, size=2) as database:
             await _database_checks(cfg, database, add)
-    except DB_ERRORS as exc:  # the pool itself (a malformed URL); queries fail inside each step
+    except db.QUERY_ERRORS as exc:  # the pool itself (a malformed URL); queries fail inside each step
         detail = f"{cfg.db.redacted_url}: {describe(exc, cfg)}"
         add(CheckResult(name="database connection", ok=False, detail=detail))
 
@@ -178,19 +159,19 @@ async def _database_checks(cfg: Config, database: db.Database, add: Emit) -> Non
 
     async def connect() -> str:
         with trio.fail_after(DB_TIMEOUT):
-            await database.fetchval("SELECT 1")
+            await command_queries.ping(database)
         return cfg.db.redacted_url
 
     async def columns() -> str:
         with trio.fail_after(DB_TIMEOUT):
-            rows = await database.fetch(COLUMNS_SQL, list(HYDRA_COLUMNS))
-        for row in rows:
-            present.setdefault(row["table_name"], set()).add(row["column_name"])
+            rows = await command_queries.table_columns(database, list(HYDRA_COLUMNS))
+        for table, column in rows:
+            present.setdefault(table, set()).add(column)
         return ""
 
     async def version() -> CheckResult:
         with trio.fail_after(DB_TIMEOUT):
-            found = await database.fetchval("SELECT max(version) FROM schemaversion")
+            found = await command_queries.schema_version(database)
         return schema_version_result(found)
 
     async def privileges() -> CheckResult:
@@ -219,8 +200,8 @@ async def _database_checks(cfg: Config, database: db.Database, add: Emit) -> Non
 
 async def _privileges(database: db.Database, present: Mapping[str, set[str]]) -> CheckResult:
     pairs = [(t, c) for t, cols in HYDRA_COLUMNS.items() for c in cols if c in present.get(t, set())]
-    rows = await database.fetch(PRIVILEGES_SQL, [t for t, _ in pairs], [c for _, c in pairs])
-    denied = sorted(r["table_name"] for r in rows if not r["readable"])
+    rows = await command_queries.readable_tables(database, pairs)
+    denied = sorted(table for table, readable in rows if not readable)
     if denied:
         detail = f"not readable: {', '.join(denied)} (GRANT SELECT ON them TO the daemon's role)"
         return CheckResult(name="SELECT privilege", ok=False, detail=detail)
@@ -234,14 +215,14 @@ async def _listen_round_trip(dsn: str) -> str:
     send, receive = trio.open_memory_channel[db.ListenItem](16)
     started = trio.current_time()
     async with trio.open_nursery() as nursery:
-        backoff = Backoff(base=0.2, cap=1.0)
+        backoff = Backoff.interactive()
         await nursery.start(
             lambda task_status: db.run_listener(
-                dsn, [channel], send, stats=db.ListenStatistics(), backoff=backoff, task_status=task_status
+                dsn, [channel], send, stats=ListenStatistics(), backoff=backoff, task_status=task_status
             )
         )
         async with db.open_connection(dsn) as conn:
-            await conn.execute(f"NOTIFY {channel}, '{token}'")
+            await command_queries.notify(conn, channel, token)
         async for item in receive:
             if isinstance(item, db.RawNotification) and (item.channel, item.payload) == (channel, token):
                 break
@@ -319,7 +300,7 @@ async def _check_progress(cfg: Config) -> CheckResult:
     """Would the daemon accept the progress store (format, instance, marks)? Read-only, without the lock."""
     name = "progress store"
     try:
-        detail = await trio.to_thread.run_sync(state.inspect, cfg.state_dir, cfg.stitch.instance)
+        detail = await trio.to_thread.run_sync(progress_store.inspect, cfg.state_dir, cfg.stitch.instance)
     except StateDirError as exc:
         return CheckResult(name=name, ok=False, detail=str(exc))
     except OSError as exc:
@@ -350,7 +331,7 @@ def state_dir_writable(path: Path) -> str:
         finally:
             os.close(fd)
             os.unlink(temp)
-        progress = path / state.FILENAME
+        progress = path / progress_store.FILENAME
         if progress.exists() and not os.access(progress, os.R_OK | os.W_OK):
             raise PermissionError(13, "progress file not readable and writable", str(progress))
     finally:

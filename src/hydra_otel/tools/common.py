@@ -9,9 +9,8 @@ from urllib.parse import unquote, urlsplit
 
 import trio
 
-from hydra_otel.adapters import db
 from hydra_otel.config import Config
-from hydra_otel.errors import DbSettingsError, DbUnavailable, HydraOtelError, PermissionDenied, first_leaf
+from hydra_otel.errors import HydraOtelError, first_leaf
 
 #: Every Hydra table and column the daemon reads (adapters/queries.py), plus what ``check`` reads itself.
 HYDRA_COLUMNS: Final[Mapping[str, tuple[str, ...]]] = {
@@ -73,13 +72,6 @@ DB_TIMEOUT: Final = 20.0
 LISTEN_TIMEOUT: Final = 10.0
 #: The name of the span ``check`` exports.
 CHECK_SPAN_NAME: Final = "hydra-otel check"
-
-DB_ERRORS: Final[tuple[type[BaseException], ...]] = (
-    DbUnavailable,
-    PermissionDenied,
-    DbSettingsError,
-    *db.RETRYABLE,
-)
 
 
 class UsageError(Exception):

@@ -1,0 +1,144 @@
+"""The exporter's batching policy, without trio: sizes, ages, flushes and commit order."""
+
+from __future__ import annotations
+
+import pytest
+
+from hydra_otel.core.batching import Batcher
+from hydra_otel.core.catchup import Marks
+from hydra_otel.core.spans import SpanRecord
+from tests.factories import make_span
+
+SIZE = 4
+DELAY = 1.0
+
+
+def spans(*ids: int) -> list[SpanRecord]:
+    return [make_span(span_id=i) for i in ids]
+
+
+def ids(batch: list[SpanRecord] | None) -> list[int] | None:
+    return None if batch is None else [r.span_id for r in batch]
+
+
+def send_all(b: Batcher) -> list[list[int]]:
+    """Send what the policy says to send now, acknowledging each batch."""
+    out = []
+    while (batch := b.next_batch()) is not None:
+        out.append([r.span_id for r in batch])
+        b.sent()
+    return out
+
+
+def test_a_full_batch_is_ready_at_once() -> None:
+    """``size`` spans make a batch to send now; fewer wait."""
+    b = Batcher(size=SIZE, delay=DELAY)
+    b.add(spans(1, 2, 3), now=0.0)
+    assert b.next_batch() is None
+    b.add(spans(4), now=0.1)
+    assert send_all(b) == [[1, 2, 3, 4]]
+    assert b.pending == 0
+    assert b.next_deadline() is None
+
+
+def test_a_partial_batch_goes_when_its_oldest_span_is_delay_old() -> None:
+    """The deadline is timed from the first span into an empty batch, not the latest one."""
+    b = Batcher(size=SIZE, delay=DELAY)
+    b.add(spans(1), now=10.0)
+    b.add(spans(2), now=10.5)
+    assert b.next_deadline() == 11.0
+    b.expire(10.99)
+    assert b.next_batch() is None
+    b.expire(11.0)
+    assert send_all(b) == [[1, 2]]
+    assert b.next_deadline() is None
+    b.add(spans(3), now=20.0)  # a new batch: a new age
+    assert b.next_deadline() == 21.0
+    assert b.next_batch() is None  # the old flush does not carry over
+
+
+def test_the_remainder_of_an_oversized_list_keeps_its_age() -> None:
+    """Full batches go at once; the rest keeps the list's arrival time, it does not wait for more input."""
+    b = Batcher(size=SIZE, delay=DELAY)
+    b.add(spans(*range(10)), now=5.0)
+    assert send_all(b) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert b.pending == 2
+    assert b.next_deadline() == 6.0
+
+
+def test_a_checkpoint_flushes_everything_then_its_marks_may_be_stored() -> None:
+    """A checkpoint sends full batches and the remainder, and its marks come out only after them."""
+    b = Batcher(size=SIZE, delay=DELAY)
+    marks = Marks(stop_time=123)
+    b.add(spans(*range(5)), now=0.0)
+    assert send_all(b) == [[0, 1, 2, 3]]
+    b.checkpoint(marks)
+    assert b.take_commits() == []  # span 4 is not acknowledged yet
+    batch = b.next_batch()
+    assert ids(batch) == [4]
+    assert b.take_commits() == []  # handed out is not acknowledged
+    b.sent()
+    assert b.take_commits() == [marks]
+    assert b.take_commits() == []
+
+
+def test_a_checkpoint_with_nothing_pending_is_stored_at_once() -> None:
+    """Marks behind spans already acknowledged need no send."""
+    b = Batcher(size=SIZE, delay=DELAY)
+    b.checkpoint(Marks(eval_id=1))
+    b.checkpoint(Marks(eval_id=2))
+    assert b.next_batch() is None
+    assert b.take_commits() == [Marks(eval_id=1), Marks(eval_id=2)]  # each one, in order
+
+
+def test_marks_wait_for_the_spans_before_them_only() -> None:
+    """Spans added after a checkpoint do not hold its marks back; a later checkpoint waits for them."""
+    b = Batcher(size=SIZE, delay=DELAY)
+    b.add(spans(1), now=0.0)
+    b.checkpoint(Marks(eval_id=1))
+    b.add(spans(2, 3, 4, 5, 6), now=0.0)
+    b.checkpoint(Marks(eval_id=2))
+    assert ids(b.next_batch()) == [1, 2, 3, 4]
+    b.sent()
+    assert b.take_commits() == [Marks(eval_id=1)]
+    assert ids(b.next_batch()) == [5, 6]
+    b.sent()
+    assert b.take_commits() == [Marks(eval_id=2)]
+
+
+def test_closing_flushes_what_is_left() -> None:
+    """At the end of the input every pending span goes, without waiting for its age."""
+    b = Batcher(size=SIZE, delay=DELAY)
+    b.add(spans(*range(6)), now=0.0)
+    assert send_all(b) == [[0, 1, 2, 3]]
+    b.close()
+    assert send_all(b) == [[4, 5]]
+    b.close()
+    assert send_all(b) == []
+
+
+def test_a_batch_being_sent_is_still_pending() -> None:
+    """A batch handed out but not acknowledged is counted (dropped, if the deadline cuts it off) and handed out again."""
+    b = Batcher(size=2, delay=DELAY)
+    b.add(spans(1, 2, 3), now=0.0)
+    assert ids(b.next_batch()) == [1, 2]
+    assert ids(b.next_batch()) == [1, 2]  # a retry sends the same batch
+    assert b.pending == 3
+    b.sent()
+    assert b.pending == 1
+
+
+def test_empty_lists_change_nothing() -> None:
+    """An empty list neither starts an age nor makes a batch."""
+    b = Batcher(size=SIZE, delay=DELAY)
+    b.add([], now=3.0)
+    assert b.next_deadline() is None
+    b.add(spans(1), now=7.0)
+    b.add([], now=7.5)
+    assert b.next_deadline() == 8.0
+
+
+@pytest.mark.parametrize(("size", "delay"), [(0, 1.0), (1, -1.0)])
+def test_invalid_settings_are_refused(size: int, delay: float) -> None:
+    with pytest.raises(ValueError, match="size"):
+        Batcher(size=size, delay=delay)
