@@ -39,6 +39,7 @@ python3Packages.buildPythonApplication {
     opentelemetry-exporter-otlp-proto-grpc
     opentelemetry-exporter-otlp-proto-http
     opentelemetry-sdk
+    requests
     trio
     trio-asyncio
   ];
