@@ -38,6 +38,7 @@ let
         "opentelemetry-sdk"
         "pytest-trio"
         "pytestCheckHook"
+        "requests"
         "setuptools"
         "trio"
         "trio-asyncio"
