@@ -120,6 +120,7 @@ def test_snapshot_from_maps_every_counter() -> None:
         not_finished=6,
         spans_exported=7,
         spans_dropped=8,
+        spans_requeued=15,
         export_failures=9,
         checkpoints=10,
     )
@@ -135,6 +136,7 @@ def test_snapshot_from_maps_every_counter() -> None:
         "hydra_otel_builds_not_finished_total 6",
         "hydra_otel_spans_exported_total 7",
         "hydra_otel_spans_dropped_total 8",
+        "hydra_otel_spans_requeued_total 15",
         "hydra_otel_export_failures_total 9",
         "hydra_otel_checkpoints_total 10",
         "hydra_otel_notifications_received_total 11",

@@ -106,6 +106,21 @@ def test_marks_wait_for_the_spans_before_them_only() -> None:
     assert b.take_commits() == [Marks(eval_id=2)]
 
 
+def test_unacknowledged_spans_follow_every_stored_checkpoint() -> None:
+    """What is given up on (the batch being sent, the rest) comes after every marks handed out."""
+    b = Batcher(size=2, delay=DELAY)
+    b.add(spans(1, 2), now=0.0)
+    b.checkpoint(Marks(eval_id=1))
+    b.add(spans(3, 4, 5), now=0.0)
+    b.checkpoint(Marks(eval_id=2))
+    assert ids(b.next_batch()) == [1, 2]
+    b.sent()
+    assert b.take_commits() == [Marks(eval_id=1)]
+    assert ids(b.next_batch()) == [3, 4]  # being sent when the pipeline stops
+    assert ids(b.unacknowledged()) == [3, 4, 5]
+    assert b.take_commits() == []  # eval_id=2 is never handed out: the catch-up scans past 1 again
+
+
 def test_closing_flushes_what_is_left() -> None:
     """At the end of the input every pending span goes, without waiting for its age."""
     b = Batcher(size=SIZE, delay=DELAY)
@@ -118,7 +133,7 @@ def test_closing_flushes_what_is_left() -> None:
 
 
 def test_a_batch_being_sent_is_still_pending() -> None:
-    """A batch handed out but not acknowledged is counted (dropped, if the deadline cuts it off) and handed out again."""
+    """A batch handed out but not acknowledged is counted (if the pipeline stops) and handed out again."""
     b = Batcher(size=2, delay=DELAY)
     b.add(spans(1, 2, 3), now=0.0)
     assert ids(b.next_batch()) == [1, 2]

@@ -6,6 +6,7 @@ import dataclasses
 
 from hydra_otel.core import ids
 from hydra_otel.core import semconv as sc
+from hydra_otel.core.builds import build_spans
 from hydra_otel.core.evals import (
     MAX_INPUT_EVENTS,
     Attempt,
@@ -17,9 +18,11 @@ from hydra_otel.core.evals import (
     eval_spans,
     eval_times,
     evaluator_run_span,
+    rebuilt_by_catchup,
 )
 from hydra_otel.core.spans import Kind, Status
 from hydra_otel.core.vcs import EvalInput
+from tests.factories import RENDER_CONFIG, make_build, make_step
 
 CFG = RenderConfig(instance="hydra", hydra_url="https://hydra.example.org", error_text_limit=100)
 S = 1_000_000_000
@@ -282,3 +285,17 @@ def test_attempt_has_no_run_url_but_its_jobset_page() -> None:
     assert sc.CICD_PIPELINE_RUN_URL_FULL not in a
     assert a[sc.HYDRA_JOBSET_URL] == "https://hydra.example.org/jobset/nixpkgs/trunk"
     assert a[sc.CICD_PIPELINE_ACTION_NAME] == "BUILD"
+
+
+def test_only_live_only_spans_are_not_rebuilt_by_catchup() -> None:
+    """Spans from rows, and failed attempts (their jobsets row), come again; the live-only ones do not."""
+    from_rows = [*eval_spans(FACTS, CFG), *build_spans(RENDER_CONFIG, make_build(), [make_step()])]
+    failed = attempt_span(_attempt(AttemptKind.FAILED), dataclasses.replace(JOBSET, error_msg="boom"), CFG)
+    assert all(rebuilt_by_catchup(s) for s in [*from_rows, failed])
+    live_only = [
+        evaluator_run_span(CFG, eval_id=42, jobset_id=3, correlation_id="1.2", started_ns=10, ended_ns=20),
+        attempt_span(_attempt(AttemptKind.CACHED, previous_eval_id=41), JOBSET, CFG),
+        attempt_span(_attempt(AttemptKind.ABANDONED), JOBSET, CFG),
+        attempt_span(_attempt(AttemptKind.ABANDONED), dataclasses.replace(JOBSET, error_msg="died"), CFG),
+    ]
+    assert not any(rebuilt_by_catchup(s) for s in live_only)

@@ -33,6 +33,7 @@ from hydra_otel.demo.sandbox.hydrasim import HydraSim
 from hydra_otel.demo.sandbox.pgcluster import PgCluster
 from hydra_otel.demo.sandbox.receiver import GrpcOtlpReceiver
 from hydra_otel.service import Service
+from hydra_otel.tasks import resolver as resolver_module
 from tests.integration.harness import Hydra
 from tests.integration.workload import (
     Daemons,
@@ -397,12 +398,59 @@ async def test_hung_collector_stop_is_bounded_and_next_start_exports(
     started = trio.current_time()
     await hung.stop(timeout=grace + 5)
     assert trio.current_time() - started < grace + 2
-    assert hung.service.stats.spans_dropped > 0
+    # Rendered from rows, their marks not stored: the next start exports them, so none is lost.
+    assert (hung.service.stats.spans_requeued > 0, hung.service.stats.spans_dropped) == (True, 0)
     assert hung.service.stats.spans_exported == 0
     good = await daemons.start()
     await wait_for_expected(otlp_grpc, play.expected, good)
     await good.stop()
     assert_exactly(otlp_grpc.spans(), play.expected)
+
+
+async def test_pipeline_restart_with_spans_in_flight_requeues_them(
+    hydra: Hydra,
+    daemons: Daemons,
+    otlp_grpc: GrpcOtlpReceiver,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A bug restarts the pipeline while spans wait at the exporter for a collector that is down.
+
+    Their progress marks were not stored, so they are not lost: counted as requeued, not dropped,
+    and the restarted pipeline's catch-up exports them once the collector is back.
+    """
+    real_resolve = resolver_module.Resolver.resolve
+    armed, raised = trio.Event(), trio.Event()
+
+    async def resolve(self: resolver_module.Resolver, batch: list[object]) -> object:
+        if armed.is_set() and not raised.is_set() and batch:
+            raised.set()
+            raise RuntimeError("a bug in the resolver")
+        return await real_resolve(self, batch)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(resolver_module.Resolver, "resolve", resolve)
+    otlp_grpc.set_down()
+    daemon = await daemons.start(daemons.config(environ=FAST_OTLP, export_max_backoff="0.2"))
+    stats = daemon.service.stats
+    play = Player(hydra)
+    _, builds = await play.evaluation(1, 2)  # no eval_started: no live-only span
+    for b in builds:
+        await play.finish(b)
+    await poll("the spans wait at the exporter", lambda: stats.export_failures >= 2)
+    armed.set()
+    await play.evaluation(2, 0)  # the next work the resolver takes meets the bug
+    await poll("the pipeline restarted", lambda: stats.task_restarts == 1 and daemon.service.ready.is_set())
+    assert stats.spans_requeued > 0
+    assert stats.spans_dropped == 0
+    otlp_grpc.set_up()
+    await wait_for_expected(otlp_grpc, play.expected, daemon, timeout=30)
+    await daemon.stop()
+    assert stats.spans_dropped == 0
+    assert_exactly(otlp_grpc.spans(), play.expected, identical_repeats=True)
+    (line,) = [r for r in caplog.records if r.__dict__.get("requeued")]
+    assert line.levelno == logging.WARNING
+    assert "exported again by the catch-up" in line.getMessage()
+    assert not [r for r in caplog.records if "lost" in r.getMessage()]
 
 
 # --- garbage in ----------------------------------------------------------------------------------------

@@ -250,7 +250,11 @@ async def test_run_exporter_retries_with_backoff_and_stores_marks_after_the_ack(
 async def test_run_exporter_counts_what_the_shutdown_deadline_cuts_off(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    """Spans being retried, waiting in the batch and still queued are counted as dropped; no marks are stored."""
+    """Spans being retried, waiting in the batch and still queued are counted; no marks are stored.
+
+    They are spans rendered from Hydra's rows: requeued (the next start's catch-up renders them
+    again), not dropped.
+    """
     h = Harness()
     h.sink = FailingSink(failures=None)
     with trio.move_on_after(30):
@@ -260,6 +264,65 @@ async def test_run_exporter_counts_what_the_shutdown_deadline_cuts_off(
             await h.send.send(Checkpoint(Marks(stop_time=1)))
             await h.send.send([make_span(span_id=9)])  # queued behind the checkpoint
     assert h.stats.exporting_failed
-    assert h.stats.spans_dropped == 7
+    assert (h.stats.spans_requeued, h.stats.spans_dropped) == (7, 0)
     assert h.stats.spans_exported == 0
     assert h.committed == []
+
+
+class SwitchableSink(RecordingSink):
+    """Takes every batch while ``up``; answers "retry later" while not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = True
+
+    async def export(self, batch: Sequence[SpanRecord]) -> Delivery:
+        await super().export(batch)
+        return DELIVERED if self.up else Delivery(done=False, reason="UNAVAILABLE")
+
+
+class PipelineBug(Exception):
+    """What a sibling task raises: the supervisor tears the pipeline down (service.py)."""
+
+
+async def test_run_exporter_cancelled_by_a_pipeline_restart_counts_only_live_only_spans_as_dropped(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A restart with spans in flight: those after the last stored marks come again, the live-only are lost.
+
+    The spans rendered from Hydra's rows (IDs 2 and 5) had no marks stored past them, so the
+    restarted pipeline's catch-up renders them again: requeued. The ``evaluator run`` span and the
+    cached attempt's root (3, 4) have no row to be rendered from: dropped.
+    """
+    h = Harness()
+    sink = h.sink = SwitchableSink()
+    stored = Marks(eval_id=1)
+    evaluator_run = make_span(span_id=3, attributes=(("hydra.span.type", "evaluator_run"),))
+    cached = make_span(
+        span_id=4, attributes=(("hydra.span.type", "attempt"), ("cicd.pipeline.result", "success"))
+    )
+
+    async def pipeline_that_fails() -> None:
+        async with trio.open_nursery() as pipeline:
+            pipeline.start_soon(h.run)
+            await h.send.send([make_span(span_id=1)])
+            await h.send.send(Checkpoint(stored))
+            await h.until_sent(1)
+            sink.up = False
+            await h.send.send([make_span(span_id=2), evaluator_run, cached])
+            await h.send.send(Checkpoint(Marks(eval_id=2)))
+            await h.send.send([make_span(span_id=5)])
+            await h.until_sent(2)  # the batch is being retried
+            raise PipelineBug("a bug in another task")
+
+    with pytest.raises(BaseExceptionGroup) as raised:
+        await pipeline_that_fails()
+    assert raised.value.subgroup(PipelineBug) is not None
+    assert h.committed == [stored]
+    assert (h.stats.spans_exported, h.stats.spans_requeued, h.stats.spans_dropped) == (1, 2, 2)
+    requeued = [r for r in caplog.records if r.__dict__.get("requeued")]
+    dropped = [r for r in caplog.records if r.__dict__.get("dropped")]
+    assert [(r.levelno, r.__dict__["requeued"]) for r in requeued] == [(logging.WARNING, 2)]
+    assert "exported again" in requeued[0].getMessage()
+    assert [(r.levelno, r.__dict__["dropped"]) for r in dropped] == [(logging.ERROR, 2)]
+    assert "lost" in dropped[0].getMessage()

@@ -62,6 +62,15 @@ class Batcher:
         """Spans added and not yet acknowledged (including a batch being sent)."""
         return len(self._pending)
 
+    def unacknowledged(self) -> list[SpanRecord]:
+        """The spans added and not yet acknowledged, in order (a copy).
+
+        No marks :meth:`take_commits` handed out cover any of them: each checkpoint comes out
+        only once every span added before it was acknowledged. So when they are given up on,
+        the catch-up finds again those it renders from Hydra's tables.
+        """
+        return list(self._pending)
+
     def add(self, spans: Sequence[SpanRecord], now: float) -> None:
         """Queue ``spans``, received at the monotonic time ``now``."""
         if not spans:

@@ -339,6 +339,26 @@ def attempt_span(a: Attempt, j: JobsetFacts, cfg: RenderConfig) -> SpanRecord:
     )
 
 
+def rebuilt_by_catchup(record: SpanRecord) -> bool:
+    """Whether the catch-up renders ``record`` again, from Hydra's tables, if it is never acknowledged.
+
+    Every span is, except the live-only ones: the ``evaluator run`` child (its times are when
+    notifications arrived) and the roots of cached and abandoned attempts (they leave no row). A
+    failed attempt comes again from its ``jobsets`` row (core/catchup.py: ``jobset_failures``), as
+    an attempt of its ``lastcheckedtime``. This holds while the progress marks past ``record`` are
+    not stored, which is what the exporter's ordering of commits guarantees (core/batching.py).
+    """
+    kind = result = None
+    for key, value in record.attributes:
+        if key == sc.HYDRA_SPAN_TYPE:
+            kind = value
+        elif key == sc.CICD_PIPELINE_RESULT:
+            result = value
+    if kind == "evaluator_run":
+        return False
+    return kind != "attempt" or result == sc.RESULT_FAILURE
+
+
 def _attempt_end(a: Attempt, j: JobsetFacts) -> int:
     # An abandoned evaluation really ended when hydra-evaluator recorded the crash, if it did.
     if a.kind is AttemptKind.ABANDONED and _died_after_start(a, j) and j.error_time is not None:

@@ -229,8 +229,14 @@ def snapshot_from(
             ),
             counter(
                 f"{p}spans_dropped_total",
-                "Spans given up on (shutdown deadline passed with the endpoint down).",
+                "Spans lost: live-only spans the endpoint had not acknowledged when the pipeline stopped.",
                 stats.spans_dropped,
+            ),
+            counter(
+                f"{p}spans_requeued_total",
+                "Spans the endpoint had not acknowledged when the pipeline stopped; the catch-up exports "
+                "them again.",
+                stats.spans_requeued,
             ),
             counter(
                 f"{p}spans_refused_total",

@@ -24,7 +24,8 @@ class Stats:
     spans_over_budget: int = 0  # step spans left out of a build's share of its trace (core/budget.py)
     not_finished: int = 0  # build_finished for a build with no recorded finish (bad input)
     spans_exported: int = 0
-    spans_dropped: int = 0  # given up on (shutdown deadline passed with the endpoint down)
+    spans_dropped: int = 0  # lost: live-only spans given up on unacknowledged (the pipeline stopped)
+    spans_requeued: int = 0  # given up on unacknowledged, found again by the catch-up (marks not stored)
     spans_refused: int = 0  # refused for good by the endpoint (bad data), dropped alone
     spans_repaired: int = 0  # sent with impossible values clamped or omitted (hydra.data_issue)
     export_failures: int = 0  # failed export attempts (each retried)
@@ -50,6 +51,7 @@ class Stats:
             "not_finished": self.not_finished,
             "spans_exported": self.spans_exported,
             "spans_dropped": self.spans_dropped,
+            "spans_requeued": self.spans_requeued,
             "spans_refused": self.spans_refused,
             "spans_repaired": self.spans_repaired,
             "export_failures": self.export_failures,

@@ -4,9 +4,14 @@ A batch is sent when it holds ``batch_size`` spans or its oldest span has
 waited ``delay`` seconds. A failed export is retried with capped, jittered
 backoff while the batch is held; the bounded span channel then fills and
 backpressure reaches the listener, so memory stays bounded during an outage.
-When the input closes (shutdown) the last batch is flushed; whatever the
-caller's deadline cuts off is counted as dropped (and, since its checkpoint was
-never stored, exported again by the next start's catch-up).
+When the input closes (shutdown) the last batch is flushed. Whatever is cut
+off unacknowledged (the shutdown deadline passed, or the supervisor restarts the
+pipeline after an unexpected error) had no progress marks stored past it, so
+the catch-up of the restarted pipeline or of the next start renders it again
+from Hydra's tables: it is counted in ``spans_requeued``. Only the live-only
+spans among it (``evaluator run``, cached and abandoned attempts; see
+:func:`~hydra_otel.core.evals.rebuilt_by_catchup`) are lost, and counted in
+``spans_dropped``.
 
 A span the endpoint refuses for good (the sink isolates it: adapters/otlp.py)
 is dropped with one error line and counted in ``spans_refused``; the rest of
@@ -27,6 +32,7 @@ from hydra_otel.adapters.otlp import Delivery, SpanSink
 from hydra_otel.core.backoff import Backoff
 from hydra_otel.core.batching import Batcher
 from hydra_otel.core.catchup import Checkpoint, Marks
+from hydra_otel.core.evals import rebuilt_by_catchup
 from hydra_otel.core.spans import SpanRecord
 from hydra_otel.log import RateLimitedLog
 from hydra_otel.selfmon.stats import Stats
@@ -70,7 +76,7 @@ async def run_exporter(
                     break
                 closed = await _receive(spans, batcher)
         finally:
-            _count_dropped(stats, batcher.pending + _drain(spans))
+            _count_unsent(stats, batcher.unacknowledged() + _drain(spans))
 
 
 async def _receive(
@@ -93,24 +99,34 @@ async def _receive(
     return False
 
 
-def _drain(spans: trio.MemoryReceiveChannel[Sequence[SpanRecord] | Checkpoint]) -> int:
-    """Take whatever is still queued (the shutdown deadline passed); return how many spans it was."""
-    count = 0
+def _drain(spans: trio.MemoryReceiveChannel[Sequence[SpanRecord] | Checkpoint]) -> list[SpanRecord]:
+    """Take whatever is still queued (the pipeline is stopping); return its spans."""
+    out: list[SpanRecord] = []
     while True:
         try:
             item = spans.receive_nowait()
         except (trio.WouldBlock, trio.EndOfChannel):
-            return count
-        count += 0 if isinstance(item, Checkpoint) else len(item)
+            return out
+        if not isinstance(item, Checkpoint):
+            out += item
 
 
-def _count_dropped(stats: Stats, dropped: int) -> None:
+def _count_unsent(stats: Stats, unsent: list[SpanRecord]) -> None:
+    """Count and log the spans given up on unacknowledged: found again by the catch-up, or lost."""
+    requeued = sum(1 for record in unsent if rebuilt_by_catchup(record))
+    dropped = len(unsent) - requeued
+    if requeued:
+        stats.spans_requeued += requeued
+        log.warning(
+            "the pipeline stopped before the endpoint took every span; those rendered from Hydra's "
+            "tables are exported again by the catch-up (their progress marks were not stored)",
+            extra={"requeued": requeued},
+        )
     if dropped:
         stats.spans_dropped += dropped
         log.error(
-            "shutdown deadline passed before the endpoint took every span: spans rendered from Hydra's tables "
-            "are exported again by the next start; live-only ones (evaluator run, cached and abandoned "
-            "attempts) are lost",
+            "the pipeline stopped before the endpoint took every span; live-only spans (evaluator run, "
+            "cached and abandoned attempts) cannot be rendered again and are lost",
             extra={"dropped": dropped},
         )
 
