@@ -10,6 +10,7 @@ gracefully at teardown.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from hydra_otel.demo.sandbox.hydrasim import HydraSim
 from hydra_otel.demo.sandbox.receiver import GrpcOtlpReceiver
 from hydra_otel.pipeline.factories import make_sink
 from hydra_otel.service import Service
-from tests.integration.harness import Hydra, StartDaemon, daemon_config, stop
+from tests.integration.harness import Hydra, Mallory, StartDaemon, daemon_config, stop
 from tests.integration.workload import Daemons
 
 
@@ -76,3 +77,23 @@ async def daemons(
     started = Daemons(nursery, hydra_db, f"http://{otlp_grpc.endpoint}", tmp_path / "state")
     yield started
     await started.stop_all()
+
+
+@pytest.fixture
+async def mallory(hydra: Hydra, hydra_db: str, tmp_path: Path) -> AsyncIterator[Mallory]:
+    """What any role that can connect may do (NOTIFY needs no privilege); the role is dropped after."""
+    role = re.sub(r"[^a-z0-9_]", "_", f"mallory_{tmp_path.name.lower()[-20:]}")
+    await hydra.run(f"CREATE ROLE {role} LOGIN")
+    dsn = hydra_db.replace("postgres@", f"{role}@")
+
+    async def run(sql: str) -> None:
+        conn = await aio_as_trio(asyncpg.connect)(dsn)
+        try:
+            await aio_as_trio(conn.execute)(sql)
+        finally:
+            await aio_as_trio(conn.close)()
+
+    try:
+        yield run
+    finally:
+        await hydra.run(f"DROP ROLE {role}")

@@ -53,6 +53,8 @@ def daemon_config(dsn: str, endpoint: str, state_dir: Path, **overrides: str) ->
 
 
 StartDaemon = Callable[..., Awaitable[Service]]
+#: Runs one SQL text as a login role with no grant at all (the ``mallory`` fixture).
+Mallory = Callable[[str], Awaitable[None]]
 
 
 async def stop(service: Service) -> None:

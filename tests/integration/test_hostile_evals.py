@@ -7,19 +7,14 @@ of thousands of steps must not become a trace a backend refuses.
 
 from __future__ import annotations
 
-import asyncio
-import re
 from collections.abc import Sequence
-from pathlib import Path
 
-import asyncpg
 import trio
-from trio_asyncio import aio_as_trio
 
 from hydra_otel.core.stitch import SUPERSEDE_BURST
 from hydra_otel.demo.sandbox.hydrasim import NewBuild
 from hydra_otel.demo.sandbox.receiver import GrpcOtlpReceiver, ReceivedSpan, attributes_dict
-from tests.integration.harness import Hydra, StartDaemon
+from tests.integration.harness import Hydra, Mallory, StartDaemon
 
 T0 = 1_700_000_000
 CID = "4112.262815283.16494"
@@ -32,56 +27,40 @@ def abandoned(spans: list[ReceivedSpan]) -> list[ReceivedSpan]:
 
 
 async def test_forged_start_flood_is_bounded(
-    aio_loop: asyncio.AbstractEventLoop,
-    hydra: Hydra,
-    hydra_db: str,
-    start_daemon: StartDaemon,
-    otlp_grpc: GrpcOtlpReceiver,
-    tmp_path: Path,
+    hydra: Hydra, start_daemon: StartDaemon, otlp_grpc: GrpcOtlpReceiver, mallory: Mallory
 ) -> None:
     """20,000 eval_started from a role with no grant: few abandoned spans, the real evaluation exports."""
     service = await start_daemon(eval_abandon_after="2")
-    role = re.sub(r"[^a-z0-9_]", "_", f"mallory_{tmp_path.name.lower()[-20:]}")
-    await hydra.run(f"CREATE ROLE {role} LOGIN")
-    try:
-        mallory = await aio_as_trio(asyncpg.connect)(hydra_db.replace("postgres@", f"{role}@"))
-        try:
-            await aio_as_trio(mallory.execute)(
-                "SELECT count(pg_notify('eval_started', 'forged.' || i || E'\\t' || (i % 50 + 1))) "
-                f"FROM generate_series(1, {FORGED}) i"
-            )
-        finally:
-            await aio_as_trio(mallory.close)()
-        await hydra.run(*hydra.sim.evaluator_starts(1, CID, T0))
-        eval_id, _, sql = hydra.sim.eval_added(
-            1,
-            CID,
-            eval_start=T0,
-            timestamp=T0 + 100,
-            checkout_time=20,
-            eval_time=150,
-            new_builds=[NewBuild(job="a")],
+    await mallory(
+        "SELECT count(pg_notify('eval_started', 'forged.' || i || E'\\t' || (i % 50 + 1))) "
+        f"FROM generate_series(1, {FORGED}) i"
+    )
+    await hydra.run(*hydra.sim.evaluator_starts(1, CID, T0))
+    eval_id, _, sql = hydra.sim.eval_added(
+        1,
+        CID,
+        eval_start=T0,
+        timestamp=T0 + 100,
+        checkout_time=20,
+        eval_time=150,
+        new_builds=[NewBuild(job="a")],
+    )
+    await hydra.run(*sql)
+
+    def real_eval_and_expiry(spans: Sequence[ReceivedSpan]) -> bool:
+        names = {
+            s.span.name for s in spans if attributes_dict(s.span.attributes).get("hydra.eval.id") == eval_id
+        }
+        expired = any(
+            "abandon limit" in str(attributes_dict(s.span.attributes).get("hydra.eval.abandon_reason"))
+            for s in spans
         )
-        await hydra.run(*sql)
+        return {"BUILD nixpkgs:trunk", "evaluator run"} <= names and expired
 
-        def real_eval_and_expiry(spans: Sequence[ReceivedSpan]) -> bool:
-            names = {
-                s.span.name
-                for s in spans
-                if attributes_dict(s.span.attributes).get("hydra.eval.id") == eval_id
-            }
-            expired = any(
-                "abandon limit" in str(attributes_dict(s.span.attributes).get("hydra.eval.abandon_reason"))
-                for s in spans
-            )
-            return {"BUILD nixpkgs:trunk", "evaluator run"} <= names and expired
-
-        spans = await otlp_grpc.wait_for_spans(real_eval_and_expiry, timeout=60)
-        with trio.move_on_after(1):  # anything still in flight would only add to the count below
-            await otlp_grpc.wait_for_spans(len(spans) + 1)
-        spans = otlp_grpc.spans()
-    finally:
-        await hydra.run(f"DROP ROLE {role}")
+    spans = await otlp_grpc.wait_for_spans(real_eval_and_expiry, timeout=60)
+    with trio.move_on_after(1):  # anything still in flight would only add to the count below
+        await otlp_grpc.wait_for_spans(len(spans) + 1)
+    spans = otlp_grpc.spans()
     assert service.stats.events["eval_started"] == FORGED + 1
     # Per real jobset: the reported supersessions, and the last forged start expiring.
     assert len(abandoned(spans)) <= REAL_JOBSETS * (SUPERSEDE_BURST + 1)
@@ -174,35 +153,21 @@ async def test_build_with_20000_steps_fits_tempo(
 
 
 async def test_forged_start_during_a_real_evaluation_does_not_end_it(
-    aio_loop: asyncio.AbstractEventLoop,
-    hydra: Hydra,
-    hydra_db: str,
-    start_daemon: StartDaemon,
-    otlp_grpc: GrpcOtlpReceiver,
-    tmp_path: Path,
+    hydra: Hydra, start_daemon: StartDaemon, otlp_grpc: GrpcOtlpReceiver, mallory: Mallory
 ) -> None:
     """A role with no grant sends eval_started for a jobset while Hydra evaluates it: the real
     attempt is not reported abandoned (it used to be, then again as failed under the same span ID)."""
     service = await start_daemon()
-    role = re.sub(r"[^a-z0-9_]", "_", f"mallory_{tmp_path.name.lower()[-20:]}")
-    await hydra.run(f"CREATE ROLE {role} LOGIN")
-    try:
-        # NOTIFYs reach the listener in commit order, and the pipeline keeps that order.
-        await hydra.run(*hydra.sim.evaluator_starts(2, CID, T0))
-        mallory = await aio_as_trio(asyncpg.connect)(hydra_db.replace("postgres@", f"{role}@"))
-        try:
-            await aio_as_trio(mallory.execute)("SELECT pg_notify('eval_started', E'forged.1\\t2')")
-        finally:
-            await aio_as_trio(mallory.close)()
-        await hydra.run(hydra.sim.eval_check_failed(2, CID, T0 + 30, "error: undefined variable 'foo'"))
-        spans = await otlp_grpc.wait_for_spans(
-            lambda got: any(s.span.name == "BUILD nixpkgs:staging" for s in got), timeout=20
-        )
-        with trio.move_on_after(1):  # anything still in flight would only add to the spans below
-            await otlp_grpc.wait_for_spans(len(spans) + 1)
-        spans = otlp_grpc.spans()
-    finally:
-        await hydra.run(f"DROP ROLE {role}")
+    # NOTIFYs reach the listener in commit order, and the pipeline keeps that order.
+    await hydra.run(*hydra.sim.evaluator_starts(2, CID, T0))
+    await mallory("SELECT pg_notify('eval_started', E'forged.1\\t2')")
+    await hydra.run(hydra.sim.eval_check_failed(2, CID, T0 + 30, "error: undefined variable 'foo'"))
+    spans = await otlp_grpc.wait_for_spans(
+        lambda got: any(s.span.name == "BUILD nixpkgs:staging" for s in got), timeout=20
+    )
+    with trio.move_on_after(1):  # anything still in flight would only add to the spans below
+        await otlp_grpc.wait_for_spans(len(spans) + 1)
+    spans = otlp_grpc.spans()
     roots = [s for s in spans if s.span.name == "BUILD nixpkgs:staging"]
     assert abandoned(spans) == []
     assert len(roots) == 1, [attributes_dict(s.span.attributes) for s in roots]
