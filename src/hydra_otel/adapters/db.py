@@ -209,7 +209,30 @@ class _DirectNotifyConnection(asyncpg.Connection):
             super()._process_notification(pid, channel, payload)  # type: ignore[misc]  # private, not in the stubs
 
 
-class _UndecodableFilter(asyncio.Protocol):
+class _ProtocolInFront(asyncio.Protocol):
+    """A protocol put in front of asyncpg's on the LISTEN connection's transport: passes every
+    event on to ``inner``; subclasses look at (or hold back) what is read."""
+
+    def __init__(self, inner: asyncio.Protocol) -> None:
+        self._inner = inner
+
+    def data_received(self, data: bytes) -> None:
+        self._inner.data_received(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._inner.connection_lost(exc)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+
+class _UndecodableFilter(_ProtocolInFront):
     """Sits between the LISTEN connection's transport and asyncpg's protocol; drops undecodable notifications.
 
     asyncpg decodes a notification's channel and payload as strict UTF-8 inside its
@@ -224,7 +247,7 @@ class _UndecodableFilter(asyncio.Protocol):
     """
 
     def __init__(self, inner: asyncio.Protocol, on_undecodable: Callable[[bytes], None]) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._on_undecodable = on_undecodable
         self._pending = b""  # an incomplete message header, or an incomplete notification
         self._through = 0  # bytes of the current (other) message still to pass on unexamined
@@ -265,18 +288,6 @@ class _UndecodableFilter(asyncio.Protocol):
             data = data[:pos]
         if data:
             self._inner.data_received(data)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._inner.connection_lost(exc)
-
-    def eof_received(self) -> bool | None:
-        return self._inner.eof_received()
-
-    def pause_writing(self) -> None:
-        self._inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        self._inner.resume_writing()
 
 
 _NOTIFICATION = ord("A")
@@ -328,7 +339,7 @@ READ_LINGER = 0.05
 QUIET_BYTES = 16 * 1024
 
 
-class _ReadPacer(asyncio.Protocol):
+class _ReadPacer(_ProtocolInFront):
     """Sits in front of the LISTEN connection's protocol; while notifications trickle in, reads
     again only ``linger`` seconds after each read.
 
@@ -345,7 +356,7 @@ class _ReadPacer(asyncio.Protocol):
     """
 
     def __init__(self, inner: asyncio.Protocol, transport: Any, linger: float, quiet: int) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._transport = transport
         self._linger = linger
         self._quiet_bytes = quiet
@@ -378,15 +389,6 @@ class _ReadPacer(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         self._inner.connection_lost(exc)
-
-    def eof_received(self) -> bool | None:
-        return self._inner.eof_received()
-
-    def pause_writing(self) -> None:
-        self._inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        self._inner.resume_writing()
 
 
 def _pace_reads(conn: asyncpg.Connection, linger: float) -> None:
