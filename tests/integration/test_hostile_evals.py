@@ -22,6 +22,20 @@ FORGED = 20_000
 REAL_JOBSETS = 2  # trunk (1) and staging (2); the flood also names jobsets 3..50, which do not exist
 
 
+def trunk_evaluation(hydra: Hydra) -> tuple[int, list[str]]:
+    """trunk's evaluation CID with one new build: its JobsetEval ID and the SQL that records it."""
+    eval_id, _, sql = hydra.sim.eval_added(
+        1,
+        CID,
+        eval_start=T0,
+        timestamp=T0 + 100,
+        checkout_time=20,
+        eval_time=150,
+        new_builds=[NewBuild(job="a")],
+    )
+    return eval_id, sql
+
+
 def abandoned(spans: list[ReceivedSpan]) -> list[ReceivedSpan]:
     return [s for s in spans if attributes_dict(s.span.attributes).get("error.type") == "abandoned"]
 
@@ -36,15 +50,7 @@ async def test_forged_start_flood_is_bounded(
         f"FROM generate_series(1, {FORGED}) i"
     )
     await hydra.run(*hydra.sim.evaluator_starts(1, CID, T0))
-    eval_id, _, sql = hydra.sim.eval_added(
-        1,
-        CID,
-        eval_start=T0,
-        timestamp=T0 + 100,
-        checkout_time=20,
-        eval_time=150,
-        new_builds=[NewBuild(job="a")],
-    )
+    eval_id, sql = trunk_evaluation(hydra)
     await hydra.run(*sql)
 
     def real_eval_and_expiry(spans: Sequence[ReceivedSpan]) -> bool:
@@ -75,15 +81,7 @@ async def test_added_before_started_is_not_abandoned(
     """eval_added delivered before its eval_started (another connection, committed later): the
     evaluation exports once, and the late start is counted instead of ending as "abandoned"."""
     service = await start_daemon(eval_abandon_after="0.5")
-    eval_id, _, sql = hydra.sim.eval_added(
-        1,
-        CID,
-        eval_start=T0,
-        timestamp=T0 + 100,
-        checkout_time=20,
-        eval_time=150,
-        new_builds=[NewBuild(job="a")],
-    )
+    eval_id, sql = trunk_evaluation(hydra)
     await hydra.run(*sql, *hydra.sim.evaluator_starts(1, CID, T0))
     with trio.fail_after(10):
         while service.stats.notifications_rejected["already_closed"] < 1:  # noqa: ASYNC110 - a counter of the live pipeline
