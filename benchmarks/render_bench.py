@@ -21,11 +21,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.factories: the test rows
 
+from tests.factories import make_build, make_step
+
 from hydra_otel.core.builds import BuildFacts, StepFacts, build_spans, step_attempt, step_span
 from hydra_otel.core.evals import RenderConfig
 from hydra_otel.core.otlp_wire import SpanEncoder
 from hydra_otel.core.spans import SpanRecord
-from tests.factories import make_build, make_step
 
 CFG = RenderConfig(instance="hydra", hydra_url="https://hydra.example.org", error_text_limit=1024)
 T0 = 1_700_000_000
