@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -206,10 +207,15 @@ class Placement:
 
 def placement(cfg: RenderConfig, b: BuildFacts) -> Placement:
     """The trace of build ``b`` (see the module docstring)."""
-    if b.eval_id is not None and b.in_eval_trace:
-        key = ids.eval_trace(cfg.instance, b.eval_id)
+    return _placement(cfg.instance, b.eval_id if b.in_eval_trace else None, b.build_id)
+
+
+@functools.lru_cache(maxsize=8192)  # every span of a build needs it: derived once per build
+def _placement(instance: str, eval_id: int | None, build_id: int) -> Placement:
+    if eval_id is not None:
+        key = ids.eval_trace(instance, eval_id)
         return Placement(key, ids.root_span_id(key), False)
-    return Placement(ids.build_trace(cfg.instance, b.build_id), None, True)
+    return Placement(ids.build_trace(instance, build_id), None, True)
 
 
 def build_span_id(cfg: RenderConfig, b: BuildFacts, attempt: int) -> tuple[int, int]:
@@ -222,8 +228,15 @@ _Parent = tuple[Placement, int, int]
 
 
 def _parent(cfg: RenderConfig, b: BuildFacts, attempt: int) -> _Parent:
-    where = placement(cfg, b)
-    return where, ids.trace_id(where.trace), ids.span_id(where.trace, "build", b.build_id, attempt)
+    # Each step of a build renders alone at its step_finished, then again with the build: the
+    # build's IDs are derived once, keyed by all they depend on (plain values, hashed in C).
+    return _parent_ids(cfg.instance, b.eval_id if b.in_eval_trace else None, b.build_id, attempt)
+
+
+@functools.lru_cache(maxsize=8192)
+def _parent_ids(instance: str, eval_id: int | None, build_id: int, attempt: int) -> _Parent:
+    where = _placement(instance, eval_id, build_id)
+    return where, ids.trace_id(where.trace), ids.span_id(where.trace, "build", build_id, attempt)
 
 
 @dataclass(frozen=True, slots=True)
