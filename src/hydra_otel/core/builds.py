@@ -45,12 +45,13 @@ from hydra_otel.core import budget, ids
 from hydra_otel.core import semconv as sc
 from hydra_otel.core.evals import RenderConfig
 from hydra_otel.core.spans import (
+    Attributes,
     AttrValue,
     Kind,
     SpanLink,
     SpanRecord,
     Status,
-    attributes,
+    present,
     seconds_ns,
     truncate,
 )
@@ -335,7 +336,7 @@ def _attempt_spans(
         kind=Kind.INTERNAL,
         start_ns=seconds_ns(start),
         end_ns=seconds_ns(end),
-        attributes=attributes(_build_attributes(cfg, b, attempt, where.own_trace, len(mine) - len(kept))),
+        attributes=_build_attributes(cfg, b, attempt, where.own_trace, len(mine) - len(kept)),
         status=info.span_status,
         status_message=info.name if info.span_status is Status.ERROR else "",
         links=_build_links(cfg, b, where, cause),
@@ -381,36 +382,38 @@ def _queued_span(
 
 def _build_attributes(
     cfg: RenderConfig, b: BuildFacts, attempt: int, own_trace: bool, omitted: int = 0
-) -> dict[str, AttrValue | None]:
+) -> Attributes:
     info = status_info(b.status)
-    return {
-        sc.HYDRA_SPAN_TYPE: "build",
-        sc.CICD_PIPELINE_NAME: f"{b.project}:{b.jobset}",
-        sc.CICD_PIPELINE_TASK_NAME: b.job,
-        sc.CICD_PIPELINE_TASK_RUN_ID: str(b.build_id),
-        sc.CICD_PIPELINE_TASK_RUN_URL_FULL: f"{cfg.hydra_url}/build/{b.build_id}",
-        sc.CICD_PIPELINE_TASK_RUN_RESULT: info.result,
-        sc.ERROR_TYPE: info.error_type,
-        sc.HYDRA_PROJECT: b.project,
-        sc.HYDRA_JOBSET: b.jobset,
-        sc.HYDRA_EVAL_ID: b.eval_id,
-        sc.HYDRA_BUILD_ID: b.build_id,
-        sc.HYDRA_BUILD_JOB: b.job,
-        sc.HYDRA_BUILD_SYSTEM: b.system,
-        sc.HYDRA_BUILD_NIXNAME: b.nixname,
-        sc.HYDRA_BUILD_DRV_PATH: b.drvpath,
-        sc.HYDRA_BUILD_STATUS: b.status,
-        sc.HYDRA_BUILD_STATUS_NAME: info.name,
-        sc.HYDRA_BUILD_CACHED: b.cached,
-        sc.HYDRA_BUILD_PRIORITY: b.priority,
-        sc.HYDRA_BUILD_GLOBAL_PRIORITY: b.global_priority,
-        sc.HYDRA_BUILD_SIZE: b.size,
-        sc.HYDRA_BUILD_CLOSURE_SIZE: b.closure_size,
-        sc.HYDRA_BUILD_RELEASE_NAME: b.release_name,
-        sc.HYDRA_BUILD_ATTEMPT: attempt,
-        sc.HYDRA_BUILD_OWN_TRACE: own_trace or None,
-        sc.HYDRA_BUILD_STEPS_OMITTED: omitted or None,
-    }
+    return present(
+        [
+            (sc.HYDRA_SPAN_TYPE, "build"),
+            (sc.CICD_PIPELINE_NAME, f"{b.project}:{b.jobset}"),
+            (sc.CICD_PIPELINE_TASK_NAME, b.job),
+            (sc.CICD_PIPELINE_TASK_RUN_ID, str(b.build_id)),
+            (sc.CICD_PIPELINE_TASK_RUN_URL_FULL, f"{cfg.hydra_url}/build/{b.build_id}"),
+            (sc.CICD_PIPELINE_TASK_RUN_RESULT, info.result),
+            (sc.ERROR_TYPE, info.error_type),
+            (sc.HYDRA_PROJECT, b.project),
+            (sc.HYDRA_JOBSET, b.jobset),
+            (sc.HYDRA_EVAL_ID, b.eval_id),
+            (sc.HYDRA_BUILD_ID, b.build_id),
+            (sc.HYDRA_BUILD_JOB, b.job),
+            (sc.HYDRA_BUILD_SYSTEM, b.system),
+            (sc.HYDRA_BUILD_NIXNAME, b.nixname),
+            (sc.HYDRA_BUILD_DRV_PATH, b.drvpath),
+            (sc.HYDRA_BUILD_STATUS, b.status),
+            (sc.HYDRA_BUILD_STATUS_NAME, info.name),
+            (sc.HYDRA_BUILD_CACHED, b.cached),
+            (sc.HYDRA_BUILD_PRIORITY, b.priority),
+            (sc.HYDRA_BUILD_GLOBAL_PRIORITY, b.global_priority),
+            (sc.HYDRA_BUILD_SIZE, b.size),
+            (sc.HYDRA_BUILD_CLOSURE_SIZE, b.closure_size),
+            (sc.HYDRA_BUILD_RELEASE_NAME, b.release_name),
+            (sc.HYDRA_BUILD_ATTEMPT, attempt),
+            (sc.HYDRA_BUILD_OWN_TRACE, own_trace or None),
+            (sc.HYDRA_BUILD_STEPS_OMITTED, omitted or None),
+        ]
+    )
 
 
 def _build_links(
@@ -459,28 +462,28 @@ def step_span(
     end = max(s.stoptime if s.stoptime is not None else start, start)
     info = status_info(s.status)
     kind = "substitute" if s.type == 1 else "step"  # not "build": that names the build span
-    attrs: dict[str, AttrValue | None] = {
-        sc.HYDRA_SPAN_TYPE: "step",
+    pairs: list[tuple[str, AttrValue | None]] = [
+        (sc.HYDRA_SPAN_TYPE, "step"),
         # Hydra knows a machine only by its URI from the machines file: it is both its ID and its name.
-        sc.CICD_WORKER_ID: s.machine or "localhost",
-        sc.CICD_WORKER_NAME: s.machine or "localhost",
-        sc.CICD_PIPELINE_TASK_RUN_RESULT: info.result,
-        sc.ERROR_TYPE: info.error_type,
-        sc.HYDRA_BUILD_ID: b.build_id,
-        sc.HYDRA_STEP_NR: s.stepnr,
-        sc.HYDRA_STEP_TYPE: "substitution" if s.type == 1 else "build",
-        sc.HYDRA_BUILD_SYSTEM: s.system,
-        sc.HYDRA_BUILD_DRV_PATH: s.drvpath,
-        sc.HYDRA_STEP_STATUS: s.status,
-        sc.HYDRA_STEP_STATUS_NAME: info.name,
-        sc.HYDRA_STEP_ERROR: None if not s.errormsg else truncate(s.errormsg, cfg.error_text_limit),
-        sc.HYDRA_STEP_PROPAGATED_FROM: s.propagated_from or None,
-        sc.HYDRA_STEP_OVERHEAD_MS: s.overhead_ms,
-        sc.HYDRA_STEP_TIMES_BUILT: s.times_built,
-        sc.HYDRA_STEP_NONDETERMINISTIC: s.nondeterministic,
-        sc.HYDRA_STEP_RESOLVED_DRV_PATH: s.resolved_drv_path,
-        sc.HYDRA_STEP_LOG_URL: f"{cfg.hydra_url}/build/{b.build_id}/nixlog/{s.stepnr}",
-    }
+        (sc.CICD_WORKER_ID, s.machine or "localhost"),
+        (sc.CICD_WORKER_NAME, s.machine or "localhost"),
+        (sc.CICD_PIPELINE_TASK_RUN_RESULT, info.result),
+        (sc.ERROR_TYPE, info.error_type),
+        (sc.HYDRA_BUILD_ID, b.build_id),
+        (sc.HYDRA_STEP_NR, s.stepnr),
+        (sc.HYDRA_STEP_TYPE, "substitution" if s.type == 1 else "build"),
+        (sc.HYDRA_BUILD_SYSTEM, s.system),
+        (sc.HYDRA_BUILD_DRV_PATH, s.drvpath),
+        (sc.HYDRA_STEP_STATUS, s.status),
+        (sc.HYDRA_STEP_STATUS_NAME, info.name),
+        (sc.HYDRA_STEP_ERROR, None if not s.errormsg else truncate(s.errormsg, cfg.error_text_limit)),
+        (sc.HYDRA_STEP_PROPAGATED_FROM, s.propagated_from or None),
+        (sc.HYDRA_STEP_OVERHEAD_MS, s.overhead_ms),
+        (sc.HYDRA_STEP_TIMES_BUILT, s.times_built),
+        (sc.HYDRA_STEP_NONDETERMINISTIC, s.nondeterministic),
+        (sc.HYDRA_STEP_RESOLVED_DRV_PATH, s.resolved_drv_path),
+        (sc.HYDRA_STEP_LOG_URL, f"{cfg.hydra_url}/build/{b.build_id}/nixlog/{s.stepnr}"),
+    ]
     return SpanRecord(
         trace_id=tid,
         span_id=ids.span_id(where.trace, "step", b.build_id, s.stepnr),
@@ -489,7 +492,7 @@ def step_span(
         kind=Kind.INTERNAL,
         start_ns=seconds_ns(start),
         end_ns=seconds_ns(end),
-        attributes=attributes(attrs),
+        attributes=present(pairs),
         status=info.span_status,
         status_message=_step_status_message(s, info.name) if info.span_status is Status.ERROR else "",
     )
