@@ -109,6 +109,7 @@ class StepFacts:
     resolved_drv_path: str | None
 
 
+@functools.lru_cache(maxsize=16384)  # a step's path recurs: its span renders alone, then with its build
 def derivation_name(path: str | None) -> str:
     """``/nix/store/<hash>-hello-2.12.drv`` -> ``hello-2.12``."""
     if not path:
@@ -456,11 +457,12 @@ def step_span(
     ``parent`` is the build span's (placement, trace ID, span ID) when the caller has it already
     (rendering a whole build): deriving IDs is the costly part of rendering.
     """
-    where, tid, parent_id = parent if parent is not None else _parent(cfg, b, attempt)
+    _, tid, parent_id = parent if parent is not None else _parent(cfg, b, attempt)
     fallback = b.stoptime if b.stoptime is not None else (s.stoptime or s.starttime or b.timestamp)
     start = s.starttime if s.starttime is not None else (s.stoptime if s.stoptime is not None else fallback)
     end = max(s.stoptime if s.stoptime is not None else start, start)
     info = status_info(s.status)
+    status = info.span_status
     kind = "substitute" if s.type == 1 else "step"  # not "build": that names the build span
     pairs: list[tuple[str, AttrValue | None]] = [
         (sc.HYDRA_SPAN_TYPE, "step"),
@@ -486,16 +488,21 @@ def step_span(
     ]
     return SpanRecord(
         trace_id=tid,
-        span_id=ids.span_id(where.trace, "step", b.build_id, s.stepnr),
+        span_id=_step_id(cfg.instance, b.eval_id if b.in_eval_trace else None, b.build_id, s.stepnr),
         parent_span_id=parent_id,
         name=f"{kind} {derivation_name(s.drvpath)}",
         kind=Kind.INTERNAL,
         start_ns=seconds_ns(start),
         end_ns=seconds_ns(end),
         attributes=present(pairs),
-        status=info.span_status,
-        status_message=_step_status_message(s, info.name) if info.span_status is Status.ERROR else "",
+        status=status,
+        status_message=_step_status_message(s, info.name) if status is Status.ERROR else "",
     )
+
+
+@functools.lru_cache(maxsize=16384)  # a step renders alone at step_finished, then with its build
+def _step_id(instance: str, eval_id: int | None, build_id: int, stepnr: int) -> int:
+    return ids.span_id(_placement(instance, eval_id, build_id).trace, "step", build_id, stepnr)
 
 
 def _step_status_message(s: StepFacts, status_name: str) -> str:
