@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,12 +45,13 @@ from hydra_otel.core import budget, ids
 from hydra_otel.core import semconv as sc
 from hydra_otel.core.evals import RenderConfig
 from hydra_otel.core.spans import (
+    Attributes,
     AttrValue,
     Kind,
     SpanLink,
     SpanRecord,
     Status,
-    attributes,
+    present,
     seconds_ns,
     truncate,
 )
@@ -107,6 +109,7 @@ class StepFacts:
     resolved_drv_path: str | None
 
 
+@functools.lru_cache(maxsize=16384)  # a step's path recurs: its span renders alone, then with its build
 def derivation_name(path: str | None) -> str:
     """``/nix/store/<hash>-hello-2.12.drv`` -> ``hello-2.12``."""
     if not path:
@@ -206,10 +209,15 @@ class Placement:
 
 def placement(cfg: RenderConfig, b: BuildFacts) -> Placement:
     """The trace of build ``b`` (see the module docstring)."""
-    if b.eval_id is not None and b.in_eval_trace:
-        key = ids.eval_trace(cfg.instance, b.eval_id)
+    return _placement(cfg.instance, b.eval_id if b.in_eval_trace else None, b.build_id)
+
+
+@functools.lru_cache(maxsize=8192)  # every span of a build needs it: derived once per build
+def _placement(instance: str, eval_id: int | None, build_id: int) -> Placement:
+    if eval_id is not None:
+        key = ids.eval_trace(instance, eval_id)
         return Placement(key, ids.root_span_id(key), False)
-    return Placement(ids.build_trace(cfg.instance, b.build_id), None, True)
+    return Placement(ids.build_trace(instance, build_id), None, True)
 
 
 def build_span_id(cfg: RenderConfig, b: BuildFacts, attempt: int) -> tuple[int, int]:
@@ -222,8 +230,15 @@ _Parent = tuple[Placement, int, int]
 
 
 def _parent(cfg: RenderConfig, b: BuildFacts, attempt: int) -> _Parent:
-    where = placement(cfg, b)
-    return where, ids.trace_id(where.trace), ids.span_id(where.trace, "build", b.build_id, attempt)
+    # Each step of a build renders alone at its step_finished, then again with the build: the
+    # build's IDs are derived once, keyed by all they depend on (plain values, hashed in C).
+    return _parent_ids(cfg.instance, b.eval_id if b.in_eval_trace else None, b.build_id, attempt)
+
+
+@functools.lru_cache(maxsize=8192)
+def _parent_ids(instance: str, eval_id: int | None, build_id: int, attempt: int) -> _Parent:
+    where = _placement(instance, eval_id, build_id)
+    return where, ids.trace_id(where.trace), ids.span_id(where.trace, "build", build_id, attempt)
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,7 +337,7 @@ def _attempt_spans(
         kind=Kind.INTERNAL,
         start_ns=seconds_ns(start),
         end_ns=seconds_ns(end),
-        attributes=attributes(_build_attributes(cfg, b, attempt, where.own_trace, len(mine) - len(kept))),
+        attributes=_build_attributes(cfg, b, attempt, where.own_trace, len(mine) - len(kept)),
         status=info.span_status,
         status_message=info.name if info.span_status is Status.ERROR else "",
         links=_build_links(cfg, b, where, cause),
@@ -368,36 +383,38 @@ def _queued_span(
 
 def _build_attributes(
     cfg: RenderConfig, b: BuildFacts, attempt: int, own_trace: bool, omitted: int = 0
-) -> dict[str, AttrValue | None]:
+) -> Attributes:
     info = status_info(b.status)
-    return {
-        sc.HYDRA_SPAN_TYPE: "build",
-        sc.CICD_PIPELINE_NAME: f"{b.project}:{b.jobset}",
-        sc.CICD_PIPELINE_TASK_NAME: b.job,
-        sc.CICD_PIPELINE_TASK_RUN_ID: str(b.build_id),
-        sc.CICD_PIPELINE_TASK_RUN_URL_FULL: f"{cfg.hydra_url}/build/{b.build_id}",
-        sc.CICD_PIPELINE_TASK_RUN_RESULT: info.result,
-        sc.ERROR_TYPE: info.error_type,
-        sc.HYDRA_PROJECT: b.project,
-        sc.HYDRA_JOBSET: b.jobset,
-        sc.HYDRA_EVAL_ID: b.eval_id,
-        sc.HYDRA_BUILD_ID: b.build_id,
-        sc.HYDRA_BUILD_JOB: b.job,
-        sc.HYDRA_BUILD_SYSTEM: b.system,
-        sc.HYDRA_BUILD_NIXNAME: b.nixname,
-        sc.HYDRA_BUILD_DRV_PATH: b.drvpath,
-        sc.HYDRA_BUILD_STATUS: b.status,
-        sc.HYDRA_BUILD_STATUS_NAME: info.name,
-        sc.HYDRA_BUILD_CACHED: b.cached,
-        sc.HYDRA_BUILD_PRIORITY: b.priority,
-        sc.HYDRA_BUILD_GLOBAL_PRIORITY: b.global_priority,
-        sc.HYDRA_BUILD_SIZE: b.size,
-        sc.HYDRA_BUILD_CLOSURE_SIZE: b.closure_size,
-        sc.HYDRA_BUILD_RELEASE_NAME: b.release_name,
-        sc.HYDRA_BUILD_ATTEMPT: attempt,
-        sc.HYDRA_BUILD_OWN_TRACE: own_trace or None,
-        sc.HYDRA_BUILD_STEPS_OMITTED: omitted or None,
-    }
+    return present(
+        [
+            (sc.HYDRA_SPAN_TYPE, "build"),
+            (sc.CICD_PIPELINE_NAME, f"{b.project}:{b.jobset}"),
+            (sc.CICD_PIPELINE_TASK_NAME, b.job),
+            (sc.CICD_PIPELINE_TASK_RUN_ID, str(b.build_id)),
+            (sc.CICD_PIPELINE_TASK_RUN_URL_FULL, f"{cfg.hydra_url}/build/{b.build_id}"),
+            (sc.CICD_PIPELINE_TASK_RUN_RESULT, info.result),
+            (sc.ERROR_TYPE, info.error_type),
+            (sc.HYDRA_PROJECT, b.project),
+            (sc.HYDRA_JOBSET, b.jobset),
+            (sc.HYDRA_EVAL_ID, b.eval_id),
+            (sc.HYDRA_BUILD_ID, b.build_id),
+            (sc.HYDRA_BUILD_JOB, b.job),
+            (sc.HYDRA_BUILD_SYSTEM, b.system),
+            (sc.HYDRA_BUILD_NIXNAME, b.nixname),
+            (sc.HYDRA_BUILD_DRV_PATH, b.drvpath),
+            (sc.HYDRA_BUILD_STATUS, b.status),
+            (sc.HYDRA_BUILD_STATUS_NAME, info.name),
+            (sc.HYDRA_BUILD_CACHED, b.cached),
+            (sc.HYDRA_BUILD_PRIORITY, b.priority),
+            (sc.HYDRA_BUILD_GLOBAL_PRIORITY, b.global_priority),
+            (sc.HYDRA_BUILD_SIZE, b.size),
+            (sc.HYDRA_BUILD_CLOSURE_SIZE, b.closure_size),
+            (sc.HYDRA_BUILD_RELEASE_NAME, b.release_name),
+            (sc.HYDRA_BUILD_ATTEMPT, attempt),
+            (sc.HYDRA_BUILD_OWN_TRACE, own_trace or None),
+            (sc.HYDRA_BUILD_STEPS_OMITTED, omitted or None),
+        ]
+    )
 
 
 def _build_links(
@@ -440,46 +457,52 @@ def step_span(
     ``parent`` is the build span's (placement, trace ID, span ID) when the caller has it already
     (rendering a whole build): deriving IDs is the costly part of rendering.
     """
-    where, tid, parent_id = parent if parent is not None else _parent(cfg, b, attempt)
+    _, tid, parent_id = parent if parent is not None else _parent(cfg, b, attempt)
     fallback = b.stoptime if b.stoptime is not None else (s.stoptime or s.starttime or b.timestamp)
     start = s.starttime if s.starttime is not None else (s.stoptime if s.stoptime is not None else fallback)
     end = max(s.stoptime if s.stoptime is not None else start, start)
     info = status_info(s.status)
+    status = info.span_status
     kind = "substitute" if s.type == 1 else "step"  # not "build": that names the build span
-    attrs: dict[str, AttrValue | None] = {
-        sc.HYDRA_SPAN_TYPE: "step",
+    pairs: list[tuple[str, AttrValue | None]] = [
+        (sc.HYDRA_SPAN_TYPE, "step"),
         # Hydra knows a machine only by its URI from the machines file: it is both its ID and its name.
-        sc.CICD_WORKER_ID: s.machine or "localhost",
-        sc.CICD_WORKER_NAME: s.machine or "localhost",
-        sc.CICD_PIPELINE_TASK_RUN_RESULT: info.result,
-        sc.ERROR_TYPE: info.error_type,
-        sc.HYDRA_BUILD_ID: b.build_id,
-        sc.HYDRA_STEP_NR: s.stepnr,
-        sc.HYDRA_STEP_TYPE: "substitution" if s.type == 1 else "build",
-        sc.HYDRA_BUILD_SYSTEM: s.system,
-        sc.HYDRA_BUILD_DRV_PATH: s.drvpath,
-        sc.HYDRA_STEP_STATUS: s.status,
-        sc.HYDRA_STEP_STATUS_NAME: info.name,
-        sc.HYDRA_STEP_ERROR: None if not s.errormsg else truncate(s.errormsg, cfg.error_text_limit),
-        sc.HYDRA_STEP_PROPAGATED_FROM: s.propagated_from or None,
-        sc.HYDRA_STEP_OVERHEAD_MS: s.overhead_ms,
-        sc.HYDRA_STEP_TIMES_BUILT: s.times_built,
-        sc.HYDRA_STEP_NONDETERMINISTIC: s.nondeterministic,
-        sc.HYDRA_STEP_RESOLVED_DRV_PATH: s.resolved_drv_path,
-        sc.HYDRA_STEP_LOG_URL: f"{cfg.hydra_url}/build/{b.build_id}/nixlog/{s.stepnr}",
-    }
+        (sc.CICD_WORKER_ID, s.machine or "localhost"),
+        (sc.CICD_WORKER_NAME, s.machine or "localhost"),
+        (sc.CICD_PIPELINE_TASK_RUN_RESULT, info.result),
+        (sc.ERROR_TYPE, info.error_type),
+        (sc.HYDRA_BUILD_ID, b.build_id),
+        (sc.HYDRA_STEP_NR, s.stepnr),
+        (sc.HYDRA_STEP_TYPE, "substitution" if s.type == 1 else "build"),
+        (sc.HYDRA_BUILD_SYSTEM, s.system),
+        (sc.HYDRA_BUILD_DRV_PATH, s.drvpath),
+        (sc.HYDRA_STEP_STATUS, s.status),
+        (sc.HYDRA_STEP_STATUS_NAME, info.name),
+        (sc.HYDRA_STEP_ERROR, None if not s.errormsg else truncate(s.errormsg, cfg.error_text_limit)),
+        (sc.HYDRA_STEP_PROPAGATED_FROM, s.propagated_from or None),
+        (sc.HYDRA_STEP_OVERHEAD_MS, s.overhead_ms),
+        (sc.HYDRA_STEP_TIMES_BUILT, s.times_built),
+        (sc.HYDRA_STEP_NONDETERMINISTIC, s.nondeterministic),
+        (sc.HYDRA_STEP_RESOLVED_DRV_PATH, s.resolved_drv_path),
+        (sc.HYDRA_STEP_LOG_URL, f"{cfg.hydra_url}/build/{b.build_id}/nixlog/{s.stepnr}"),
+    ]
     return SpanRecord(
         trace_id=tid,
-        span_id=ids.span_id(where.trace, "step", b.build_id, s.stepnr),
+        span_id=_step_id(cfg.instance, b.eval_id if b.in_eval_trace else None, b.build_id, s.stepnr),
         parent_span_id=parent_id,
         name=f"{kind} {derivation_name(s.drvpath)}",
         kind=Kind.INTERNAL,
         start_ns=seconds_ns(start),
         end_ns=seconds_ns(end),
-        attributes=attributes(attrs),
-        status=info.span_status,
-        status_message=_step_status_message(s, info.name) if info.span_status is Status.ERROR else "",
+        attributes=present(pairs),
+        status=status,
+        status_message=_step_status_message(s, info.name) if status is Status.ERROR else "",
     )
+
+
+@functools.lru_cache(maxsize=16384)  # a step renders alone at step_finished, then with its build
+def _step_id(instance: str, eval_id: int | None, build_id: int, stepnr: int) -> int:
+    return ids.span_id(_placement(instance, eval_id, build_id).trace, "step", build_id, stepnr)
 
 
 def _step_status_message(s: StepFacts, status_name: str) -> str:

@@ -72,9 +72,17 @@ def _prefix(purpose: str, key: TraceKey) -> bytes:
     return b"".join(_encode(part) for part in (SCHEME, purpose, key.instance, *key.parts, "|"))
 
 
+@functools.lru_cache(maxsize=4096)
+def _hasher(purpose: str, key: TraceKey) -> hashlib._Hash:
+    # SHA-256 with the shared head already fed in: copy() resumes from it, so a span ID hashes only
+    # its local parts. The same bytes as one sha256() call over the whole encoding.
+    return hashlib.sha256(_prefix(purpose, key))
+
+
 def _digest(purpose: str, key: TraceKey, local: tuple[KeyPart, ...]) -> bytes:
-    # One sha256() call over the joined encoding: the same bytes as feeding the parts one by one.
-    return hashlib.sha256(_prefix(purpose, key) + b"".join(_encode(part) for part in local)).digest()
+    h = _hasher(purpose, key).copy()
+    h.update(b"".join([_encode(part) for part in local]))  # a list is joined faster than a generator
+    return h.digest()
 
 
 def _nonzero(value: int) -> int:
@@ -89,7 +97,9 @@ def trace_id(key: TraceKey) -> int:
 
 def span_id(key: TraceKey, kind: str, *local: KeyPart) -> int:
     """The 64-bit ID of span ``kind`` (plus ``local`` key parts) in trace ``key``; never zero."""
-    return _nonzero(int.from_bytes(_digest("span", key, (kind, *local))[:8], "big"))
+    h = _hasher("span", key).copy()
+    h.update(b"".join([_encode(kind), *map(_encode, local)]))
+    return int.from_bytes(h.digest()[:8], "big") or 1  # _nonzero, inline: this is the hot path
 
 
 def root_span_id(key: TraceKey) -> int:

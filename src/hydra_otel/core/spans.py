@@ -78,6 +78,11 @@ def attributes(pairs: Mapping[str, AttrValue | None] | Iterable[tuple[str, AttrV
     return tuple([(k, v) for k, v in items if v is not None])  # a list is built faster than a generator
 
 
+def present(pairs: list[tuple[str, AttrValue | None]]) -> Attributes:
+    """:func:`attributes` for a list of pairs built for the purpose: the pairs are kept, not copied."""
+    return tuple([p for p in pairs if p[1] is not None])  # type: ignore[misc]  # None values are dropped
+
+
 def seconds_ns(seconds: int) -> int:
     """Hydra stores integer Unix seconds; spans take nanoseconds."""
     return seconds * 1_000_000_000
