@@ -103,7 +103,29 @@ class FakeDb:
             q.CATCHUP_STEPS_SQL: self._steps,
             q.CATCHUP_JOBSETS_SQL: lambda: [dict(j) for j in self.jobsets],
             q.JOBSET_FACTS_SQL: lambda ids: [dict(j) for j in self.jobsets if j["id"] in ids],
+            q.HAS_RESOLVED_SQL: lambda: [{"exists": False}],
+            q.BUILD_FACTS_SQL: self._build_facts,
+            q.STEPS_SQL.format(columns=q.STEP_COLUMNS, resolved="NULL::text"): self._build_steps,
         }
+
+    def _build_facts(self, ids: list[int]) -> list[Row]:
+        """The resolver's build rows: ``hello`` in jobset 1, queued an hour before ``now``, in no evaluation."""
+        defaults = {
+            "timestamp": self.now - 3600, "jobset_id": 1, "project": "p", "jobset": "j1", "job": "hello",
+            "nixname": "hello", "drvpath": "/nix/store/x-hello.drv", "system": "x86_64-linux",
+            "priority": 100, "globalpriority": 0, "starttime": None, "iscachedbuild": 0,
+            "buildstatus": 0, "size": None, "closuresize": None, "releasename": None, "eval_id": None,
+        }  # fmt: skip
+        return [{**defaults, **b} for b in self.builds if b["id"] in ids]
+
+    def _build_steps(self, ids: list[int]) -> list[Row]:
+        defaults = {
+            "type": 0, "drvpath": "/nix/store/x-hello.drv", "errormsg": None, "machine": "m",
+            "system": "x86_64-linux", "propagatedfrom": None, "overhead": None, "timesbuilt": 1,
+            "isnondeterministic": False, "resolveddrvpath": None,
+        }  # fmt: skip
+        rows = [{**defaults, **s} for s in self.buildsteps if s["build"] in ids]
+        return sorted(rows, key=lambda s: (s["build"], s["stepnr"]))
 
     def _start(self, now_minus: int) -> list[Row]:
         now = self.clock()

@@ -55,8 +55,8 @@ def added(eval_id: int, jobset_id: int = 1) -> AddedEval:
     return AddedEval(eval_id=eval_id, jobset_id=jobset_id, correlation_id="", started_ns=None, ended_ns=0)
 
 
-def build(build_id: int) -> BuildFinished:
-    return BuildFinished(build_id=build_id, dependents=())
+def build(build_id: int, stop_time: int) -> BuildFinished:
+    return BuildFinished(build_id=build_id, dependents=(), stop_time=stop_time)
 
 
 async def test_catchup_scan_sends_each_page_then_a_checkpoint_of_it() -> None:
@@ -81,10 +81,10 @@ async def test_catchup_scan_sends_each_page_then_a_checkpoint_of_it() -> None:
         Checkpoint(Marks(eval_id=12, stop_time=T - 60)),
         added(13),
         Checkpoint(Marks(eval_id=13, stop_time=T - 60)),
-        build(5),
-        build(6),
+        build(5, T - 40),
+        build(6, T - 30),
         Checkpoint(Marks(eval_id=13, stop_time=T - 30)),
-        build(7),
+        build(7, T - 30),
         Checkpoint(Marks(eval_id=13, stop_time=T - 30)),
         StepFinished(build_id=9, step_nr=1, log_path=None),
         Checkpoint(Marks(eval_id=13, stop_time=T - LAG)),
@@ -102,13 +102,13 @@ async def test_catchup_scan_does_not_send_again_what_it_sent() -> None:
     catchup = Catchup(db, work_tx, CatchupSettings(lag=LAG, overlap=100))
     progress = CatchupState(marks=Marks(stop_time=T - 60), live_jobsets={})
     await catchup.scan(progress)
-    assert [w for w in drain(work_rx) if not isinstance(w, Checkpoint)] == [added(1), build(5)]
+    assert [w for w in drain(work_rx) if not isinstance(w, Checkpoint)] == [added(1), build(5, T - 40)]
     db.now += 10
     db.add_build(6, T - 5)
     await catchup.scan(progress)
     assert drain(work_rx) == [
         Checkpoint(Marks(eval_id=1, stop_time=T - LAG)),
-        build(6),
+        build(6, T - 5),
         Checkpoint(Marks(eval_id=1, stop_time=T - LAG)),  # marks never move back
         Checkpoint(Marks(eval_id=1, stop_time=T + 10 - LAG)),
     ]
@@ -219,11 +219,11 @@ async def test_run_catchup_follow_up_finds_what_stopped_in_the_lag_window(
         db.follow(t0)
         progress = await s.start(nursery)
         await trio.testing.wait_all_tasks_blocked()
-        assert build(5) not in drain(s.work_rx)
+        assert build(5, T - 1) not in drain(s.work_rx)
         assert progress.marks.stop_time == T - LAG
         await trio.sleep(LAG + 1 + 0.5)
         assert s.times(t0) == [0, LAG + 1]
-        assert build(5) in drain(s.work_rx)
+        assert build(5, T - 1) in drain(s.work_rx)
         assert progress.marks.stop_time == T + LAG + 1 - LAG
         nursery.cancel_scope.cancel()
 

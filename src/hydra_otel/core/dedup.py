@@ -49,7 +49,8 @@ class RecentKeys:
     """A bounded memory of keys already handled (oldest forgotten first).
 
     The catch-up and the resolver share one: a build the live path rendered is
-    not queued again by the next catch-up scan of the same window.
+    not queued again by the next catch-up scan of the same window, and a build the
+    catch-up queued is not rendered again from a late notification.
     """
 
     def __init__(self, capacity: int = 100_000) -> None:
@@ -57,6 +58,10 @@ class RecentKeys:
             raise ValueError("capacity must be >= 1")
         self._keys: OrderedDict[object, None] = OrderedDict()
         self._capacity = capacity
+
+    def __contains__(self, key: object) -> bool:
+        """Is ``key`` remembered? (A look-up only: nothing is recorded or refreshed.)"""
+        return key in self._keys
 
     def add(self, key: object) -> bool:
         """Remember ``key``; True if it is new."""

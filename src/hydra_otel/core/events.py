@@ -129,6 +129,10 @@ class BuildFinished:
 
     build_id: int
     dependents: tuple[int, ...]
+    #: The stop time the catch-up read in the ``builds`` row (None from a notification, whose
+    #: payload is untrusted). The catch-up recorded ("build", ID, stop time) as handled when it
+    #: sent this work, so the resolver renders it whatever that shared memory says.
+    stop_time: int | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

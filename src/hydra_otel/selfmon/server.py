@@ -254,6 +254,11 @@ def snapshot_from(
                 stats.spans_deduplicated,
             ),
             counter(
+                f"{p}builds_deduplicated_total",
+                "Build finishes both the live path and the catch-up brought, rendered once.",
+                stats.builds_deduplicated,
+            ),
+            counter(
                 f"{p}spans_over_budget_total",
                 "Step spans left out of a trace by the span budget (each build span says how many).",
                 stats.spans_over_budget,

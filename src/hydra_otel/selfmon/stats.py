@@ -21,6 +21,8 @@ class Stats:
     # eval_started not opened, or superseded attempts not reported, by reason (core/stitch.py)
     notifications_rejected: Counter[str] = field(default_factory=Counter)
     spans_deduplicated: int = 0  # exact repeats of recently exported spans, skipped
+    # build finishes not rendered again: the live path and the catch-up both brought them
+    builds_deduplicated: int = 0
     spans_over_budget: int = 0  # step spans left out of a build's share of its trace (core/budget.py)
     not_finished: int = 0  # build_finished for a build with no recorded finish (bad input)
     spans_exported: int = 0
@@ -47,6 +49,7 @@ class Stats:
             "resyncs": dict(self.resyncs),
             "notifications_rejected": dict(self.notifications_rejected),
             "spans_deduplicated": self.spans_deduplicated,
+            "builds_deduplicated": self.builds_deduplicated,
             "spans_over_budget": self.spans_over_budget,
             "not_finished": self.not_finished,
             "spans_exported": self.spans_exported,

@@ -145,8 +145,10 @@ class Catchup:
         since, after = state.marks.stop_time - self._s.overlap, (0, 0)
         while page := await queries.catchup_builds(self._db, since, until, after, self._s.page):
             for build_id, stoptime in page:
+                # Recorded at once: the resolver renders work carrying its stop time whatever the
+                # memory says, and a live copy of the build it meets later is not rendered again.
                 if self._seen.add(("build", build_id, stoptime)):
-                    await self._work.send(BuildFinished(build_id=build_id, dependents=()))
+                    await self._work.send(BuildFinished(build_id=build_id, dependents=(), stop_time=stoptime))
             after = (page[-1][1], page[-1][0])
             # Every build that stopped before the last one's second is done (same-second ones may follow).
             state.marks = state.marks.merged(Marks(stop_time=page[-1][1]))

@@ -8,6 +8,13 @@ held and retried with backoff: upstream channels fill and apply backpressure;
 nothing is dropped here. Exact repeats of recently exported spans (a step
 exported live and again with its build, a re-delivered ``build_finished``)
 are skipped by :class:`~hydra_otel.core.dedup.RecentSpans`.
+
+A finished build is rendered once per (build ID, stop time), whichever of the
+live path and the catch-up brings it first: the key is looked up in the memory
+shared with the catch-up once the row is read, before anything is rendered. The
+catch-up records the key when it sends a build (from the row it read, so it is
+rendered whatever the memory says); the resolver records it only for builds whose
+row it read finished and rendered, never from a notification's payload alone.
 """
 
 from __future__ import annotations
@@ -79,8 +86,12 @@ class Resolver:
     unsent_jobsets: dict[int, int]
     #: Attaches failed steps' log tails (None: off).
     step_logs: StepLogs | None = None
-    #: ("build", ID, stop time) of builds rendered here, shared with the catch-up so it skips them.
+    #: ("build", ID, stop time) of builds rendered here or sent by the catch-up (shared with it):
+    #: either side skips a build the other has.
     handled: RecentKeys = field(default_factory=RecentKeys)
+    #: Keys of the builds rendered by the batch being resolved; recorded in ``handled`` once all
+    #: its queries answered (a batch retried after an outage must render them again).
+    claimed: set[tuple[str, int, int]] = field(default_factory=set)
 
     @classmethod
     def create(
@@ -109,6 +120,7 @@ class Resolver:
 
     async def resolve(self, batch: list[Work]) -> list[SpanRecord]:
         """Spans for ``batch``, without exact repeats of recently exported ones."""
+        self.claimed.clear()
         records = await self._evals([w for w in batch if isinstance(w, AddedEval)])
         records += await self._attempts([w for w in batch if isinstance(w, Attempt)])
         finished, rendered = await self._finished([w for w in batch if isinstance(w, BuildFinished)])
@@ -128,6 +140,8 @@ class Resolver:
                 if isinstance(w, StepFinished) and w.log_path
             }
             fresh = await self.step_logs.process(fresh, paths)
+        for key in self.claimed:
+            self.handled.add(key)
         return fresh
 
     def _missing(self, table: str, what: str, **ids: int) -> None:
@@ -203,10 +217,12 @@ class Resolver:
         return out + with_builds
 
     async def _finished(self, events: list[BuildFinished]) -> tuple[list[SpanRecord], set[int]]:
-        """The spans of the finished builds ``events`` name, and the IDs of the builds rendered."""
+        """The spans of the finished builds ``events`` name, and the IDs of the builds rendered
+        (here, or earlier or later from the same row: see :meth:`_handled`)."""
         wanted = [i for e in events for i in (e.build_id, *e.dependents)]
         if not wanted:
             return [], set()
+        scanned = {e.build_id: e.stop_time for e in events if e.stop_time is not None}
         builds, steps = await self.builds.builds_and_steps(wanted)
         causes = await self._causes(builds, steps)
         out: list[SpanRecord] = []
@@ -219,11 +235,28 @@ class Resolver:
             if b.stoptime is None:
                 self.stats.not_finished += 1  # never finished (a bad notification): nothing to render
                 continue
+            rendered.add(build_id)
+            if self._handled(build_id, b.stoptime, scanned.get(build_id)):
+                continue
             rows = steps.get(build_id, [])
             out += self._new_attempts(b, rows, build_spans(self.cfg, b, rows, causes.get(build_id)))
-            rendered.add(build_id)
-            self.handled.add(("build", build_id, b.stoptime))
         return out, rendered
+
+    def _handled(self, build_id: int, stoptime: int, scanned: int | None) -> bool:
+        """Was this finish of the build rendered already, or is it on its way? Claims it if not.
+
+        The catch-up's own work (``scanned``: the stop time it read, which the row still has) is
+        rendered although the catch-up recorded its key when sending it. Other work (a notification,
+        a step whose build must come with it) finds that key and is skipped: the catch-up's copy,
+        queued before or after it, renders the build. The key comes from the row just read and is
+        recorded only for a build rendered here, so no payload can make either side skip a build.
+        """
+        key = ("build", build_id, stoptime)
+        if scanned != stoptime and (key in self.handled or key in self.claimed):
+            self.stats.builds_deduplicated += 1
+            return True
+        self.claimed.add(key)
+        return False
 
     def _new_attempts(
         self, b: BuildFacts, rows: list[StepFacts], spans: list[SpanRecord]
