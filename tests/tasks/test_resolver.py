@@ -85,7 +85,7 @@ async def resolve_all(db: FakeDb, work: list[Work | Checkpoint]) -> list[Out]:
     work_tx.close()
     resolver = Resolver.create(db, RENDER_CONFIG, Stats())
     with trio.fail_after(5):
-        await run_resolver(work_rx, out_tx, resolver, backoff=Backoff(), gather=0)
+        await run_resolver(work_rx, out_tx, resolver, backoff=Backoff())
     return [item async for item in out_rx]
 
 
@@ -123,7 +123,7 @@ async def test_run_resolver_holds_work_and_its_checkpoint_while_the_database_is_
     out_tx, out_rx = trio.open_memory_channel[Out](100)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(
-            functools.partial(run_resolver, backoff=Backoff(base=1.0, cap=4.0), gather=0),
+            functools.partial(run_resolver, backoff=Backoff(base=1.0, cap=4.0)),
             work_rx,
             out_tx,
             resolver,
@@ -179,9 +179,7 @@ async def test_run_resolver_and_run_exporter_store_marks_only_after_the_endpoint
     resolver = Resolver.create(db, RENDER_CONFIG, stats)
     marks = Marks(stop_time=T)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(
-            functools.partial(run_resolver, backoff=Backoff(), gather=0), work_rx, span_tx, resolver
-        )
+        nursery.start_soon(functools.partial(run_resolver, backoff=Backoff()), work_rx, span_tx, resolver)
         nursery.start_soon(
             functools.partial(
                 run_exporter, batch_size=10, delay=1.0, backoff=Backoff(base=1.0, cap=1.0), commit=commit

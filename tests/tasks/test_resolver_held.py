@@ -46,9 +46,7 @@ async def test_run_resolver_sends_held_work_and_its_checkpoints_after_the_grant(
     work_tx, work_rx = trio.open_memory_channel[Any](100)
     out_tx, out_rx = trio.open_memory_channel[Any](100)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(
-            lambda: run_resolver(work_rx, out_tx, cast(Resolver, fake), backoff=Backoff(), gather=0)
-        )
+        nursery.start_soon(lambda: run_resolver(work_rx, out_tx, cast(Resolver, fake), backoff=Backoff()))
         for item in (added(1), BuildFinished(build_id=10, dependents=()), Checkpoint(Marks(eval_id=1))):
             work_tx.send_nowait(item)
         assert await out_rx.receive() == ["eval 1"]  # exported although the build is held

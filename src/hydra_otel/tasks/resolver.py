@@ -342,14 +342,13 @@ async def run_resolver(
     *,
     backoff: Backoff,
     batch_size: int = RESOLVE_BATCH,
-    gather: float = 0.0,
     held_limit: int = HELD_LIMIT,
 ) -> None:
     """Consume ``work`` until it closes; closes ``spans`` when done. Checkpoints keep their place.
 
-    ``gather``: seconds to wait for more work after the first item of a batch. Live work
-    needs none: the intake already batched it (``tasks/intake.py``, ``LINGER``), and
-    waiting again here would only add that much latency. The catch-up sends whole pages.
+    A batch is what is queued when the resolver gets to it; it waits for no more. Live work
+    arrives batched already (the LISTEN connection paces its reads while notifications trickle,
+    ``adapters/db.py``, ``READ_LINGER``), and the catch-up sends whole pages.
     """
     held = Held()
 
@@ -371,13 +370,6 @@ async def run_resolver(
                         batch = await receive_some(work, batch_size)
                     except trio.EndOfChannel:
                         closed = True
-                # Wait a moment for more (if asked to): one query then serves more events.
-                with trio.move_on_after(gather if batch else 0):
-                    while gather > 0 and batch and len(batch) < batch_size:
-                        try:
-                            batch += await receive_some(work, batch_size - len(batch))
-                        except trio.EndOfChannel:
-                            break
             else:
                 await trio.sleep_until(held.retry_at)  # full: take nothing new until the grant
             segment: list[Work] = []
