@@ -204,13 +204,18 @@ async def run_stitcher(
 async def _feed_batch(stitcher: Stitcher, batch: list[Received], jobsets: KnownJobsets | None) -> list[Work]:
     """Feed one batch, with one lookup per kind of check for the whole batch."""
     starts = {r.event.jobset_id for r in batch if isinstance(r.event, EvalStarted)}
-    checked = [
-        r.event for r in batch if isinstance(r.event, EvalStarted | EvalAdded | EvalCached | EvalFailed)
-    ]
     known = starts
     check: Checker = _trusted
     if jobsets is not None:
         known = await jobsets.known(starts) if starts else starts
+        # A start of a jobset that does not exist is rejected before its row would matter: its ID
+        # is left out of the row query, so a flood of made-up IDs stays one cached lookup.
+        checked = [
+            e
+            for r in batch
+            if isinstance(e := r.event, EvalAdded | EvalCached | EvalFailed)
+            or (isinstance(e, EvalStarted) and e.jobset_id in known)
+        ]
         check = await jobsets.closing_checks(checked)
     out: list[Work] = []
     for received in batch:
