@@ -29,6 +29,7 @@ class Ctx:
     receiver: procs.Receiver
     qlog: QueryLog
     idle_seconds: float
+    export_delay: float = 1.0  # the daemon's, which also paces its LISTEN reads
     daemon: procs.Daemon | None = None
     sampler: procs.RssSampler | None = None
     commits: dict[str, float] = field(default_factory=dict)  # phase -> first commit time
@@ -142,7 +143,10 @@ async def idle_sentinels(ctx: Ctx) -> None:
         stop = max(int(time.time()), ctx.lay.burst_stop)
         ctx.commits[f"build:{b}"] = await ctx.commit(w.single_sql(ctx.lay, b, stop), 2)
         ctx.wait(f"build:{b}", ctx.spans[f"build:{b}"], stall=20)
-        await asyncio.sleep(0.3)
+        # Longer than the export delay: the next one must not land in the read pause this one
+        # began (the LISTEN connection collects a trickle for up to that delay), or it would
+        # measure the pause, which the burst sentinel does not wait for.
+        await asyncio.sleep(ctx.export_delay + 0.3)
 
 
 async def eval_burst(ctx: Ctx) -> None:

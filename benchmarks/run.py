@@ -178,7 +178,15 @@ async def run(args: argparse.Namespace, res: Resources) -> dict[str, Any]:
         await conn.execute(w.setup_sql(lay))
         res.receiver = procs.Receiver()
         say("rendering the expected spans")
-        ctx = bench.Ctx(lay, res.tmp, conn, res.receiver, QueryLog(res.cluster.log_file), args.idle_seconds)
+        ctx = bench.Ctx(
+            lay,
+            res.tmp,
+            conn,
+            res.receiver,
+            QueryLog(res.cluster.log_file),
+            args.idle_seconds,
+            args.export_delay,
+        )
         ctx.spans = bench.expected_spans(lay)
         say("R_listen: asyncio + asyncpg receiving the burst evaluation's notifications")
         listen = await bench.listen_baseline(dsn, lay, [*DATA_CHANNELS, *TRIGGER_CHANNELS])

@@ -1,19 +1,42 @@
-"""The LISTEN connection's read pacing (adapters/db.py ``_ReadPacer``) on a fake transport, with real timing."""
+"""The LISTEN connection's read pacing (adapters/read_pacer.py) on a fake transport and socket.
+
+The pacer runs on an asyncio loop as it does under trio-asyncio; the fake transport stands in
+for the kernel: while reading is paused it keeps what "arrives" (the socket buffer), reports
+it to the pacer's ``waiting()`` and hands it on in one read when reading resumes.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import socket
 
-from hydra_otel.adapters.db import _ReadPacer
+from hydra_otel.adapters.read_pacer import QUIET_BYTES, ReadPacer, bytes_waiting
+
+LINGER = 1.0
+POLL = 0.05
 
 
 class _Transport:
+    """A socket that buffers while paused; ``pacer.data_received`` is its reader."""
+
     def __init__(self) -> None:
         self.paused = False
         self.pauses = 0
+        self.buffered = 0
+        self.pacer: ReadPacer | None = None
 
     def is_closing(self) -> bool:
         return False
+
+    def arrive(self, size: int) -> None:
+        self.buffered += size
+        if not self.paused:
+            self._read()
+
+    def _read(self) -> None:
+        size, self.buffered = self.buffered, 0
+        if size and self.pacer is not None:
+            self.pacer.data_received(b"x" * size)
 
     def pause_reading(self) -> None:
         self.paused = True
@@ -21,49 +44,118 @@ class _Transport:
 
     def resume_reading(self) -> None:
         self.paused = False
+        asyncio.get_running_loop().call_soon(self._read)  # as the selector would, once readable
 
 
 class _Inner(asyncio.Protocol):
-    def __init__(self) -> None:
-        self.reads: list[int] = []
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.reads: list[tuple[float, int]] = []
 
     def data_received(self, data: bytes) -> None:
-        self.reads.append(len(data))
+        self.reads.append((self.loop.time(), len(data)))
 
 
-def _run(reads: list[tuple[float, int]]) -> tuple[_Transport, _Inner]:
-    """Feed reads of the given sizes at the given loop times; return the transport and protocol."""
+def _run(
+    arrivals: list[tuple[float, int]], *, after: float = LINGER + 0.1
+) -> tuple[_Transport, _Inner, float]:
+    """Let ``size`` bytes arrive at each loop time ``at``; return the transport, protocol and start."""
     loop = asyncio.SelectorEventLoop()  # not the policy's loop: trio-asyncio replaces that
-    transport, inner = _Transport(), _Inner()
-    pacer = _ReadPacer(inner, transport, linger=0.05, quiet=16 * 1024)
+    transport, inner = _Transport(), _Inner(loop)
+    transport.pacer = ReadPacer(
+        inner, transport, linger=LINGER, quiet=QUIET_BYTES, poll=POLL, waiting=lambda: transport.buffered
+    )
+    start = 0.0
 
     async def main() -> None:
+        nonlocal start
         start = loop.time()
-        for at, size in reads:
+        for at, size in arrivals:
             await asyncio.sleep(max(0.0, start + at - loop.time()))
-            pacer.data_received(b"x" * size)
-        await asyncio.sleep(0.06)
+            transport.arrive(size)
+        await asyncio.sleep(after)
 
     try:
         loop.run_until_complete(main())
     finally:
         loop.close()
-    return transport, inner
+    return transport, inner, start
 
 
-def test_a_trickle_pauses_after_each_read_and_resumes() -> None:
-    transport, inner = _run([(0.0, 100), (0.06, 100), (0.12, 100)])
-    assert inner.reads == [100, 100, 100]  # every byte is handed on
-    assert transport.pauses == 3
-    assert not transport.paused  # resumed after the linger
+def test_a_trickle_is_read_once_per_linger_and_nothing_is_lost() -> None:
+    """Commits 100 ms apart: the first read pauses for the linger; what came meanwhile is one read."""
+    transport, inner, _ = _run([(0.0, 100)] + [(0.05 + 0.1 * i, 100) for i in range(1, 12)])
+    sizes = [size for _, size in inner.reads]
+    assert sum(sizes) == 1200  # every byte is handed on
+    assert sizes[:2] == [100, 900]  # the first at once, then the nine of the rest of the second together
+    assert inner.reads[1][0] - inner.reads[0][0] >= LINGER - 0.01
+    assert transport.pauses == len(sizes)
 
 
-def test_a_burst_is_not_paced_after_its_first_window() -> None:
-    big = 200 * 1024
-    reads: list[tuple[float, int]] = [(0.0, 100), (0.06, big)] + [
-        (0.06 + 0.01 * i, 8192) for i in range(1, 15)
-    ]
-    transport, _ = _run(reads)
-    # The first read (the window before was quiet) pauses; the window with 200 KiB does not, nor
-    # do the next ones, though each read is small: each window brings more than 16 KiB.
-    assert transport.pauses == 1
+def test_a_burst_during_a_pause_is_read_within_one_poll() -> None:
+    """Bytes arriving fast while paused end the pause at the next check, and pacing stops."""
+    big = 4 * QUIET_BYTES
+    arrivals = [(0.0, 100), (0.02, big)] + [(0.03 + 0.01 * i, 8192) for i in range(20)]
+    transport, inner, start = _run(arrivals)
+    assert transport.pacer is not None
+    assert transport.pacer.bursts == 1
+    assert inner.reads[1][0] - start < 0.02 + 2 * POLL  # not the linger
+    assert transport.pauses == 1  # the burst's reads are not paced: every window brings > 16 KiB
+    assert sum(size for _, size in inner.reads) == 100 + big + 20 * 8192
+
+
+def test_a_busy_trickle_ends_a_pause_early_but_keeps_pacing() -> None:
+    """16 KiB gathered slowly (not a burst rate) is read before the linger ends; pacing goes on."""
+    arrivals = [(0.0, 100)] + [(0.1 * i, 4096) for i in range(1, 12)]
+    transport, inner, _ = _run(arrivals)
+    assert transport.pacer is not None
+    assert transport.pacer.bursts == 0
+    assert inner.reads[1][0] - inner.reads[0][0] < LINGER - 0.2  # four 4 KiB arrivals: 16 KiB waiting
+    assert inner.reads[1][1] >= QUIET_BYTES
+    assert transport.pauses == len(inner.reads)  # still pausing after every read
+
+
+def test_hold_open_reads_at_once_while_an_answer_is_awaited() -> None:
+    """The health probe's answer is not held back by a pause (which may exceed the probe's timeout)."""
+    loop = asyncio.SelectorEventLoop()
+    transport, inner = _Transport(), _Inner(loop)
+    pacer = ReadPacer(inner, transport, linger=30.0, poll=POLL, waiting=lambda: transport.buffered)
+    transport.pacer = pacer
+
+    async def main() -> None:
+        transport.arrive(100)  # paused for 30 s
+        transport.arrive(10)
+        with pacer.hold_open():
+            await asyncio.sleep(0.01)
+            assert [size for _, size in inner.reads] == [100, 10]  # resumed at once
+            transport.arrive(20)  # the probe's answer: read at once, no pause
+            assert not transport.paused
+        transport.arrive(30)  # after the probe: pacing again
+        assert transport.paused
+
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+    assert [size for _, size in inner.reads] == [100, 10, 20, 30]
+
+
+def test_bytes_waiting_reads_nothing() -> None:
+    """FIONREAD counts what a socket holds without taking it; a closed socket counts nothing."""
+    a, b = socket.socketpair()
+    with a, b:
+        assert bytes_waiting(b) == 0
+        a.sendall(b"x" * 5000)
+        assert bytes_waiting(b) == 5000
+        assert bytes_waiting(b) == 5000
+        assert len(b.recv(10_000)) == 5000
+    assert bytes_waiting(b) == 0
+
+
+def test_a_large_read_while_reading_is_a_burst_from_its_first_byte() -> None:
+    """A burst that starts while the connection reads (not paused) is never paused."""
+    transport, inner, _ = _run([(0.0, 4 * QUIET_BYTES)] + [(0.01 * i, 8192) for i in range(1, 10)], after=0.1)
+    assert transport.pacer is not None
+    assert transport.pacer.bursts == 1
+    assert transport.pauses == 0
+    assert len(inner.reads) == 10

@@ -267,6 +267,9 @@ class Service:
                 stats=self.listen,
                 backoff=Backoff.transient(10.0),
                 consume=hint_counter(self.stats),
+                # One latency budget: the export delay is also how long the connection collects
+                # a trickle of notifications before reading it (docs/performance.md).
+                read_linger=self.cfg.export.delay,
                 task_status=task_status,
             )
 

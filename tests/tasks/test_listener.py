@@ -40,8 +40,9 @@ def server(monkeypatch: pytest.MonkeyPatch) -> FakeServer:
 
 
 class Listening:
-    def __init__(self, server: FakeServer, capacity: int = 100) -> None:
+    def __init__(self, server: FakeServer, capacity: int = 100, read_linger: float = 0.0) -> None:
         self.server = server
+        self.read_linger = read_linger
         self.stats = ListenStatistics()
         self.send, self.receive = trio.open_memory_channel[ListenItem](capacity)
         self.consumed: list[tuple[str, str]] = []
@@ -65,6 +66,7 @@ class Listening:
                 health_timeout=3.0,
                 consume=self.consume,
                 path=DeliveryPath.PUBLIC,
+                read_linger=self.read_linger,
             )
         )
 
@@ -184,6 +186,76 @@ async def test_run_listener_drops_on_overflow_and_asks_for_one_catch_up(
         server.notify("build_finished", "7")
         assert payloads(lis.drain()) == ["7"]
         nursery.cancel_scope.cancel()
+
+
+async def test_run_listener_paced_hands_a_trickle_on_once_per_linger(
+    aio_loop: asyncio.AbstractEventLoop, server: FakeServer, autojump_clock: trio.testing.MockClock
+) -> None:
+    """With a read linger (the export delay), what arrives during the pause comes in one read, nothing lost."""
+    server.paced = True
+    lis = Listening(server, read_linger=1.0)
+    async with trio.open_nursery() as nursery:
+        await lis.start(nursery)
+        lis.drain()
+        t0 = trio.current_time()
+        server.notify("build_finished", "1")  # read at once; reading pauses for 1 s
+        await trio.testing.wait_all_tasks_blocked()
+        assert payloads(lis.drain()) == ["1"]
+        for i in range(2, 6):
+            await trio.sleep(0.1)
+            server.notify("build_finished", str(i))
+        await trio.sleep(0.5)
+        assert lis.drain() == []  # waiting in the socket
+        got = await lis.receive.receive()
+        assert trio.current_time() - t0 == pytest.approx(1.0, abs=0.06)
+        assert payloads([got, *lis.drain()]) == ["2", "3", "4", "5"]
+        nursery.cancel_scope.cancel()
+    assert server.live == []
+
+
+async def test_run_listener_paced_for_longer_than_the_probe_timeout_keeps_a_healthy_link(
+    aio_loop: asyncio.AbstractEventLoop, server: FakeServer, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A pause (30 s here) must not hold back the SELECT 1 probe's answer past its 3 s timeout."""
+    server.paced = True
+    lis = Listening(server, read_linger=30.0)
+    async with trio.open_nursery() as nursery:
+        await lis.start(nursery)
+        lis.drain()
+        server.notify("build_finished", "1")  # reading pauses for 30 s
+        await trio.sleep(0.5)
+        server.notify("build_finished", "2")
+        await trio.sleep(20)  # four probes
+        assert lis.stats.connection_losses == 0
+        # The probe reads what waited in the socket along with its answer: "2" came at the first one.
+        assert payloads(lis.drain()) == ["1", "2"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_run_listener_paced_still_notices_a_hung_link_and_reconnects(
+    aio_loop: asyncio.AbstractEventLoop, server: FakeServer, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Pacing changes nothing for the probe: a hung link is replaced after interval + timeout."""
+    server.paced = True
+    lis = Listening(server, read_linger=1.0)
+    async with trio.open_nursery() as nursery:
+        await lis.start(nursery)
+        lis.drain()
+        server.notify("build_finished", "1")
+        t0 = trio.current_time()
+        server.hang = True
+        await trio.sleep(5 + 3 + 0.1)
+        assert lis.stats.connection_losses == 1
+        server.hang = False
+        with trio.fail_after(60):
+            while not isinstance(await lis.receive.receive(), Resync):
+                pass
+        assert trio.current_time() - t0 == pytest.approx(5 + 3 + 1)
+        server.notify("build_finished", "2")
+        await trio.testing.wait_all_tasks_blocked()
+        assert payloads(lis.drain()) == ["2"]
+        nursery.cancel_scope.cancel()
+    assert server.live == []
 
 
 KEY = 42

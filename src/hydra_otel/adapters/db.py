@@ -24,11 +24,11 @@ Why the listener looks the way it does (measured, see docs/decisions/0002):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import functools
 import hashlib
 import logging
-import math
 import re
 import struct
 import time
@@ -42,6 +42,7 @@ import trio
 import trio_asyncio
 from trio_asyncio import aio_as_trio
 
+from hydra_otel.adapters.read_pacer import ReadPacer, pace_reads
 from hydra_otel.core.backoff import Backoff
 from hydra_otel.errors import (
     DbSettingsError,
@@ -331,73 +332,11 @@ def _filter_undecodable(conn: asyncpg.Connection, stats: ListenStatistics) -> No
     transport.set_protocol(_UndecodableFilter(transport.get_protocol(), on_undecodable))
 
 
-#: Seconds the LISTEN connection waits after a read before it reads again, while notifications
-#: trickle in (docs/performance.md).
-READ_LINGER = 0.05
-#: Bytes per ``READ_LINGER`` window below which notifications count as a trickle (about 5,000
-#: notifications a second); above it, every read is handed on at once.
-QUIET_BYTES = 16 * 1024
-
-
-class _ReadPacer(_ProtocolInFront):
-    """Sits in front of the LISTEN connection's protocol; while notifications trickle in, reads
-    again only ``linger`` seconds after each read.
-
-    At a steady trickle each commit's notifications arrive in a read of their own, and each
-    read wakes trio-asyncio's reader machinery and every pipeline stage, and costs the
-    resolver its queries. Pausing the transport after a read lets the kernel's socket buffer
-    collect what else arrives in the window, so one read, one wake-up of each stage and one
-    query per table serve all of it. Nothing is lost while paused: the server keeps what does
-    not fit in the socket buffer.
-
-    It paces only while the last whole window brought fewer than ``quiet`` bytes. A burst
-    (far more than that) is read as fast as before: pausing then would cap it at one socket
-    buffer per window. A notification waits ``linger`` at most.
-    """
-
-    def __init__(self, inner: asyncio.Protocol, transport: Any, linger: float, quiet: int) -> None:
-        super().__init__(inner)
-        self._transport = transport
-        self._linger = linger
-        self._quiet_bytes = quiet
-        self._timer: asyncio.TimerHandle | None = None
-        self._window_start = -math.inf
-        self._window_bytes = 0
-        self._quiet = True  # did the last whole window bring little?
-
-    def data_received(self, data: bytes) -> None:
-        self._inner.data_received(data)
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        if now - self._window_start >= self._linger:
-            # A new window. A gap since the last read says nothing: the trio thread may have
-            # been busy with a burst. Only what the last window brought does.
-            self._quiet = self._window_bytes < self._quiet_bytes
-            self._window_start, self._window_bytes = now, 0
-        self._window_bytes += len(data)
-        pace = self._quiet and self._window_bytes < self._quiet_bytes
-        if pace and self._timer is None and not self._transport.is_closing():
-            self._transport.pause_reading()
-            self._timer = loop.call_later(self._linger, self._resume)
-
-    def _resume(self) -> None:
-        self._timer = None
-        self._transport.resume_reading()  # a no-op once the transport is closing
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._inner.connection_lost(exc)
-
-
-def _pace_reads(conn: asyncpg.Connection, linger: float) -> None:
-    """Put a :class:`_ReadPacer` in front of ``conn``'s protocol (skipped where the private
-    transport attribute is absent: notifications are then read as they come)."""
+def _pace_reads(conn: asyncpg.Connection, linger: float) -> ReadPacer | None:
+    """Put a :class:`~hydra_otel.adapters.read_pacer.ReadPacer` in front of ``conn``'s protocol
+    (None where the private transport attribute is absent: notifications are then read as they come)."""
     transport = getattr(conn, "_transport", None)
-    if transport is None or linger <= 0:
-        return
-    transport.set_protocol(_ReadPacer(transport.get_protocol(), transport, linger, QUIET_BYTES))
+    return None if transport is None else pace_reads(transport, linger)
 
 
 def _ignore(*_args: object) -> None:
@@ -700,14 +639,15 @@ async def run_listener(
     health_timeout: float = 3.0,
     consume: Callable[[str, str], bool] | None = None,
     path: DeliveryPath | None = None,
-    read_linger: float = READ_LINGER,
+    read_linger: float = 0.0,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """LISTEN on ``channels`` forever, reconnecting with ``backoff``.
 
-    After a small read the connection reads again only ``read_linger`` seconds later
-    (:class:`_ReadPacer`), so a steady trickle of notifications is handed on in batches;
-    0 hands on each read at once.
+    After a small read the connection reads again only ``read_linger`` seconds later, or as
+    soon as a burst waits in the socket (:class:`~hydra_otel.adapters.read_pacer.ReadPacer`),
+    so a steady trickle of notifications is handed on in batches; 0 (the default) hands on each
+    read at once. The daemon passes its export delay: one latency budget (docs/performance.md).
 
     ``path`` picks the delivery path (tests force :attr:`DeliveryPath.PUBLIC`); by default the
     fastest one the installed asyncpg supports, logged once.
@@ -781,7 +721,7 @@ async def _session(
     health_timeout: float,
     consume: Callable[[str, str], bool] | None = None,
     path: DeliveryPath = DeliveryPath.DIRECT,
-    read_linger: float = READ_LINGER,
+    read_linger: float = 0.0,
 ) -> None:
     """One connection's life: returns never, raises DbUnavailable (or a driver error) when lost."""
     direct = path is DeliveryPath.DIRECT
@@ -820,13 +760,13 @@ async def _session(
         conn.add_termination_listener(lambda _c: flags.lost.set())
         for channel in channels:
             await aio_as_trio(conn.add_listener)(channel, _ignore if direct else public)
-        _pace_reads(conn, read_linger)  # after LISTEN: set-up round trips are not held back
+        pacer = _pace_reads(conn, read_linger)  # after LISTEN: set-up round trips are not held back
         stats.connects += 1
         log.info("LISTEN active", extra={"channels": len(channels), "backend_pid": conn.get_server_pid()})
         await send.send(Resync("connected"))
         on_ready()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_health, conn, flags, health_interval, health_timeout)
+            nursery.start_soon(_health, conn, flags, health_interval, health_timeout, pacer)
             nursery.start_soon(_overflow_watch, send, flags)
             await flags.lost.wait()
             nursery.cancel_scope.cancel()
@@ -837,11 +777,19 @@ async def _session(
         conn.terminate()  # sync abort: never await close() on a dead or hung connection
 
 
-async def _health(conn: asyncpg.Connection, flags: _Flags, interval: float, probe_timeout: float) -> None:
+async def _health(
+    conn: asyncpg.Connection,
+    flags: _Flags,
+    interval: float,
+    probe_timeout: float,
+    pacer: ReadPacer | None = None,
+) -> None:
     while True:
         await trio.sleep(interval)
         try:
-            with trio.fail_after(probe_timeout):
+            # A paused connection would read the answer only after its pause (up to the export
+            # delay, which may exceed the timeout): read without pauses while it is awaited.
+            with trio.fail_after(probe_timeout), pacer.hold_open() if pacer else contextlib.nullcontext():
                 await aio_as_trio(conn.fetchval)("SELECT 1")
         except RETRYABLE:
             flags.lost.set()
