@@ -451,7 +451,12 @@ EXPORT_MAX_REQUEST_BYTES = Setting(
     "receivers accept by default; a refused oversized request would be retried for ever.")
 EXPORT_DELAY = Setting(
     flag="--export-delay", env=("HYDRA_OTEL_EXPORT_DELAY",), default="1.0", section="Export",
-    check=_seconds(60), doc="How long a partial batch waits for more spans before it is exported.")
+    check=_seconds(60), doc="The latency budget of a span: how long a partial batch waits for more spans "
+    "before it is exported. The same delay paces the LISTEN connection's reads while notifications "
+    "trickle in (it collects them for up to this long, then reads them in one go), and the spans of "
+    "such a batch are exported as soon as they are resolved, so a live span waits about this long "
+    "once, not twice. A larger value costs less CPU per event at a steady rate; a burst is read and "
+    "exported at once whatever the value (docs/performance.md).")
 EXPORT_MAX_BACKOFF = Setting(
     flag="--export-max-backoff", env=("HYDRA_OTEL_EXPORT_MAX_BACKOFF",), default="30", section="Export",
     check=_seconds(), doc="Cap on the pause between retries of a failed export.")

@@ -202,6 +202,7 @@ class Service:
                 export=cfg.export,
                 queue_size=cfg.queue_size,
                 commit=store_marks(functools.partial(self._save_marks, store), self.stats),
+                live=True,
             )
             known = KnownJobsets(
                 functools.partial(queries.existing_jobsets, db),

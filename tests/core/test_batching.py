@@ -157,3 +157,60 @@ def test_empty_lists_change_nothing() -> None:
 def test_invalid_settings_are_refused(size: int, delay: float) -> None:
     with pytest.raises(ValueError, match="size"):
         Batcher(size=size, delay=delay)
+
+
+def test_a_complete_list_goes_once_the_input_is_drained() -> None:
+    """Live work's spans (nothing more will join them) go at the next idle, without their age."""
+    b = Batcher(size=SIZE, delay=DELAY)
+    b.add(spans(1, 2), now=0.0, complete=True)
+    assert b.next_batch() is None  # more input may be queued: a burst fills its batches first
+    b.idle()
+    assert send_all(b) == [[1, 2]]
+    assert b.next_deadline() is None
+
+
+def test_a_burst_of_complete_lists_fills_full_batches_and_sends_its_last_remainder_at_once() -> None:
+    """While input is queued (no idle), complete lists only fill batches; the remainder goes at idle."""
+    b = Batcher(size=SIZE, delay=DELAY)
+    out: list[list[int]] = []
+    for i in range(3):  # three lists of three, queued one behind the other
+        b.add(spans(3 * i, 3 * i + 1, 3 * i + 2), now=0.0, complete=True)
+        out += send_all(b)
+    assert out == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    b.idle()
+    assert send_all(b) == [[8]]
+
+
+def test_idle_without_a_complete_list_waits_for_the_delay() -> None:
+    """A list that is not complete (a catch-up page before its checkpoint) keeps batching."""
+    b = Batcher(size=SIZE, delay=DELAY)
+    b.add(spans(1), now=0.0)
+    b.idle()
+    assert b.next_batch() is None
+    b.expire(DELAY)
+    assert send_all(b) == [[1]]
+
+
+def test_a_complete_list_takes_what_is_pending_before_it_along() -> None:
+    """Spans pending ahead of a complete list go with it (in order); the flag ends with the flush."""
+    b = Batcher(size=SIZE, delay=DELAY)
+    b.add(spans(1), now=0.0)
+    b.add(spans(2), now=0.2, complete=True)
+    b.idle()
+    assert send_all(b) == [[1, 2]]
+    b.add(spans(3), now=0.3)  # not complete: the earlier flag does not carry over
+    b.idle()
+    assert b.next_batch() is None
+    assert b.next_deadline() == 0.3 + DELAY
+
+
+def test_marks_still_wait_for_a_complete_list_sent_early() -> None:
+    """Sending early changes no commit order: a checkpoint after a complete list waits for its ack."""
+    b = Batcher(size=SIZE, delay=DELAY)
+    b.add(spans(1), now=0.0, complete=True)
+    b.checkpoint(Marks(eval_id=5))
+    b.idle()
+    assert ids(b.next_batch()) == [1]
+    assert b.take_commits() == []
+    b.sent()
+    assert b.take_commits() == [Marks(eval_id=5)]

@@ -12,6 +12,7 @@ import trio.testing
 
 from hydra_otel.adapters.otlp import DELIVERED, Delivery
 from hydra_otel.core.backoff import Backoff
+from hydra_otel.core.batching import CompleteSpans
 from hydra_otel.core.catchup import Checkpoint, Marks
 from hydra_otel.core.spans import SpanRecord
 from hydra_otel.selfmon.stats import Stats
@@ -21,7 +22,7 @@ from tests.factories import make_span
 DELAY = 1.0
 BATCH = 4
 
-Item = Sequence[SpanRecord] | Checkpoint
+Item = Sequence[SpanRecord] | CompleteSpans | Checkpoint
 
 
 class RecordingSink:
@@ -108,6 +109,51 @@ async def test_run_exporter_sends_the_remainder_of_an_oversized_list_after_the_d
         assert h.sink.sent == [(start, [0, 1, 2, 3]), (start + DELAY, [4, 5])]
         await h.send.aclose()
     assert h.stats.spans_exported == 6
+
+
+async def test_run_exporter_sends_a_complete_list_at_once(autojump_clock: trio.testing.MockClock) -> None:
+    """Live work's spans, batched by the LISTEN connection already, do not wait for the delay."""
+    h = Harness()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(h.run)
+        start = trio.current_time()
+        await h.send.send([make_span(span_id=1)])  # pending ahead of it: goes along
+        await h.send.send(CompleteSpans([make_span(span_id=2)]))
+        await h.until_sent(1)
+        assert h.sink.sent == [(start, [1, 2])]
+        await h.send.aclose()
+
+
+async def test_run_exporter_fills_batches_from_complete_lists_queued_behind_each_other(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A burst's complete lists, queued before the exporter wakes, go as full batches plus one remainder."""
+    h = Harness()
+    for i in range(3):
+        h.send.send_nowait(CompleteSpans([make_span(span_id=3 * i + j) for j in range(3)]))
+    async with trio.open_nursery() as nursery:
+        start = trio.current_time()
+        nursery.start_soon(h.run)
+        await h.until_sent(3)
+        assert h.sink.sent == [(start, [0, 1, 2, 3]), (start, [4, 5, 6, 7]), (start, [8])]
+        await h.send.aclose()
+
+
+async def test_run_exporter_commits_after_a_complete_list_only_once_it_was_acknowledged(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A checkpoint behind a complete list is stored after that list was exported, never before."""
+    h = Harness()
+    marks = Marks(stop_time=7)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(h.run)
+        await h.send.send(CompleteSpans([make_span(span_id=1)]))
+        await h.until_sent(1)
+        assert h.committed == []
+        await h.send.send(Checkpoint(marks))
+        await h.send.aclose()
+    assert [ids for _, ids in h.sink.sent] == [[1]]
+    assert h.committed == [marks]
 
 
 async def test_run_exporter_flushes_at_a_checkpoint_and_commits_it_after_the_spans(

@@ -15,19 +15,20 @@ import trio.testing
 
 from hydra_otel.adapters.otlp import DELIVERED, Delivery
 from hydra_otel.core.backoff import Backoff
+from hydra_otel.core.batching import CompleteSpans
 from hydra_otel.core.catchup import Checkpoint, Marks
 from hydra_otel.core.evals import Attempt, AttemptKind
 from hydra_otel.core.spans import SpanRecord
 from hydra_otel.core.stitch import Work
 from hydra_otel.selfmon.stats import Stats
-from hydra_otel.tasks.exporter import run_exporter
+from hydra_otel.tasks.exporter import ExportItem, run_exporter
 from hydra_otel.tasks.resolver import Resolver, run_resolver
 from tests.factories import RENDER_CONFIG
 from tests.tasks.fakedb import FakeDb
 
 T = 1_700_000_000
 
-Out = Sequence[SpanRecord] | Checkpoint
+Out = ExportItem
 
 
 def failed(jobset_id: int, cid: str = "c") -> Attempt:
@@ -45,7 +46,12 @@ def database() -> FakeDb:
 
 def kinds(items: list[Out]) -> list[object]:
     """Each output item as the span names of a list, or the checkpoint's marks."""
-    return [i.marks if isinstance(i, Checkpoint) else [r.name for r in i] for i in items]
+    return [
+        i.marks
+        if isinstance(i, Checkpoint)
+        else [r.name for r in (i.spans if isinstance(i, CompleteSpans) else i)]
+        for i in items
+    ]
 
 
 async def test_resolver_renders_attempts_and_records_their_jobset_checks() -> None:
@@ -76,7 +82,7 @@ async def test_resolver_drops_exact_repeats_of_exported_spans() -> None:
     assert stats.spans_deduplicated == 1
 
 
-async def resolve_all(db: FakeDb, work: list[Work | Checkpoint]) -> list[Out]:
+async def resolve_all(db: FakeDb, work: list[Work | Checkpoint], *, live: bool = False) -> list[Out]:
     """Run run_resolver over ``work`` to its end; return everything it sent, in order."""
     work_tx, work_rx = trio.open_memory_channel[Work | Checkpoint](100)
     out_tx, out_rx = trio.open_memory_channel[Out](100)
@@ -85,7 +91,7 @@ async def resolve_all(db: FakeDb, work: list[Work | Checkpoint]) -> list[Out]:
     work_tx.close()
     resolver = Resolver.create(db, RENDER_CONFIG, Stats())
     with trio.fail_after(5):
-        await run_resolver(work_rx, out_tx, resolver, backoff=Backoff())
+        await run_resolver(work_rx, out_tx, resolver, backoff=Backoff(), live=live)
     return [item async for item in out_rx]
 
 
@@ -93,7 +99,7 @@ async def test_run_resolver_keeps_checkpoints_behind_the_spans_of_the_work_befor
     """Each checkpoint follows the spans of what came before it, preceded by the live jobset checks resolved."""
     m1, m2 = Marks(stop_time=T - 5), Marks(stop_time=T)
     out = await resolve_all(database(), [failed(1), Checkpoint(m1), failed(2), Checkpoint(m2)])
-    name1, name2 = [[s.name for s in i] for i in out if not isinstance(i, Checkpoint)]
+    name1, name2 = [[s.name for s in i] for i in out if isinstance(i, list)]
     assert kinds(out) == [
         name1,
         Marks(jobsets={1: T - 10}),  # the live outcome's check, right behind its span
@@ -109,6 +115,37 @@ async def test_run_resolver_sends_the_live_checks_of_the_last_batch_when_input_e
     out = await resolve_all(database(), [failed(1)])
     assert [type(i) for i in out] == [list, Checkpoint]
     assert out[1] == Checkpoint(Marks(jobsets={1: T - 10}))
+
+
+async def test_run_resolver_marks_live_spans_with_nothing_queued_behind_them_complete() -> None:
+    """Live: the last segment's spans (nothing queued, no checkpoint after) go as CompleteSpans."""
+    out = await resolve_all(database(), [failed(1), failed(2, "d")], live=True)
+    assert [type(i) for i in out] == [CompleteSpans, Checkpoint]
+    complete = out[0]
+    assert isinstance(complete, CompleteSpans)
+    assert len(complete.spans) == 2
+
+
+async def test_run_resolver_leaves_spans_before_a_checkpoint_and_backfill_spans_incomplete() -> None:
+    """A catch-up page ends with its checkpoint, which sends it; without ``live`` nothing is complete."""
+    paged = await resolve_all(database(), [failed(1), Checkpoint(Marks(stop_time=T))], live=True)
+    assert [type(i) for i in paged] == [list, Checkpoint, Checkpoint]
+    backfill = await resolve_all(database(), [failed(1)], live=False)
+    assert [type(i) for i in backfill] == [list, Checkpoint]
+
+
+async def test_run_resolver_does_not_mark_a_list_complete_while_more_work_is_queued() -> None:
+    """Work queued behind a batch (a burst) keeps its lists incomplete, so the exporter fills batches."""
+    work_tx, work_rx = trio.open_memory_channel[Work | Checkpoint](100)
+    out_tx, out_rx = trio.open_memory_channel[Out](100)
+    for jobset in (1, 2):
+        work_tx.send_nowait(failed(jobset, f"c{jobset}"))
+    work_tx.close()
+    resolver = Resolver.create(database(), RENDER_CONFIG, Stats())
+    with trio.fail_after(5):
+        await run_resolver(work_rx, out_tx, resolver, backoff=Backoff(), batch_size=1, live=True)
+    out = [type(i) for i in [item async for item in out_rx]]
+    assert out == [list, Checkpoint, CompleteSpans, Checkpoint]
 
 
 async def test_run_resolver_holds_work_and_its_checkpoint_while_the_database_is_down(

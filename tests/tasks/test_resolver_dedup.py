@@ -23,6 +23,7 @@ from hydra_otel.core.stitch import Work
 from hydra_otel.errors import DbUnavailable
 from hydra_otel.selfmon.stats import Stats
 from hydra_otel.tasks.catchup_task import Catchup, CatchupSettings, CatchupState
+from hydra_otel.tasks.exporter import ExportItem
 from hydra_otel.tasks.resolver import Resolver, run_resolver
 from tests.factories import RENDER_CONFIG
 from tests.tasks.fakedb import FakeDb, Row
@@ -54,13 +55,13 @@ async def scan(db: FakeDb, handled: RecentKeys) -> list[Work | Checkpoint]:
 async def run(resolver: Resolver, work: Sequence[Work | Checkpoint]) -> list[SpanRecord]:
     """Every span run_resolver sends for ``work``, resolved one item at a time (a lagging live path)."""
     work_tx, work_rx = trio.open_memory_channel[Work | Checkpoint](100)
-    out_tx, out_rx = trio.open_memory_channel[Sequence[SpanRecord] | Checkpoint](100)
+    out_tx, out_rx = trio.open_memory_channel[ExportItem](100)
     for item in work:
         work_tx.send_nowait(item)
     work_tx.close()
     with trio.fail_after(5):
         await run_resolver(work_rx, out_tx, resolver, backoff=Backoff(), batch_size=1)
-    return [s async for out in out_rx if not isinstance(out, Checkpoint) for s in out]
+    return [s async for out in out_rx if isinstance(out, list) for s in out]
 
 
 async def alone(db: FakeDb) -> list[SpanRecord]:

@@ -8,7 +8,15 @@ acknowledged, in order, and says what to send next:
 * a partial batch goes once its oldest span has waited ``delay`` seconds
   (:meth:`Batcher.next_deadline`, then :meth:`Batcher.expire`);
 * a checkpoint, or the end of the input, sends everything pending, in full
-  batches and then the remainder.
+  batches and then the remainder;
+* a *complete* list (:class:`CompleteSpans`: live work, nothing more will join
+  it) sends everything pending once no more input is queued
+  (:meth:`Batcher.idle`). The LISTEN connection has batched that work for up
+  to the same ``delay`` already (adapters/read_pacer.py), so ageing it again
+  would only add latency: the two waits are one budget. Waiting for the input
+  to be drained first keeps a burst in full batches: its lists follow each
+  other, so only its last remainder goes early. Catch-up pages are not
+  complete: they keep batching until their checkpoint.
 
 The age is timed from the span that arrived first into an empty batch, and
 kept when a full batch leaves a remainder behind: the rest of an oversized
@@ -29,9 +37,17 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from hydra_otel.core.catchup import Marks
 from hydra_otel.core.spans import SpanRecord
+
+
+@dataclass(frozen=True, slots=True)
+class CompleteSpans:
+    """The spans of one resolved batch of live work: nothing more will join it, send it soon."""
+
+    spans: Sequence[SpanRecord]
 
 
 class Batcher:
@@ -52,6 +68,7 @@ class Batcher:
         self._pending: list[SpanRecord] = []
         self._oldest = 0.0  # when the oldest pending span arrived (meaningful while any is pending)
         self._flush = False  # send everything pending, not only full batches
+        self._complete = False  # a complete list is pending: send it once the input is drained
         self._in_flight = 0  # length of the batch handed out by next_batch(), not yet sent()
         self._added = 0  # spans added since construction
         self._acked = 0  # spans acknowledged since construction
@@ -71,14 +88,24 @@ class Batcher:
         """
         return list(self._pending)
 
-    def add(self, spans: Sequence[SpanRecord], now: float) -> None:
-        """Queue ``spans``, received at the monotonic time ``now``."""
+    def add(self, spans: Sequence[SpanRecord], now: float, *, complete: bool = False) -> None:
+        """Queue ``spans``, received at the monotonic time ``now``.
+
+        ``complete``: nothing more will join them (a :class:`CompleteSpans`); everything
+        pending goes at the next :meth:`idle`.
+        """
         if not spans:
             return
         if not self._pending:
             self._oldest = now
         self._pending.extend(spans)
         self._added += len(spans)
+        self._complete = self._complete or complete
+
+    def idle(self) -> None:
+        """No more input is queued now: send everything pending if a complete list is among it."""
+        if self._complete and self._pending:
+            self._flush = True
 
     def checkpoint(self, marks: Marks) -> None:
         """A checkpoint: send everything before it, then hand out ``marks`` to be stored."""
@@ -115,7 +142,7 @@ class Batcher:
         self._acked += self._in_flight
         self._in_flight = 0
         if not self._pending:
-            self._flush = False
+            self._flush = self._complete = False
 
     def take_commits(self) -> list[Marks]:
         """Marks of the checkpoints whose spans were all acknowledged, in arrival order; store them."""

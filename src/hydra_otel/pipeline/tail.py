@@ -13,7 +13,7 @@ deadline cover them, and when the work channel closes each stage ends in turn.
 from __future__ import annotations
 
 import functools
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -21,10 +21,9 @@ from hydra_otel.adapters.otlp import SpanSink
 from hydra_otel.config import ExportConfig
 from hydra_otel.core.backoff import Backoff
 from hydra_otel.core.catchup import Checkpoint, Marks
-from hydra_otel.core.spans import SpanRecord
 from hydra_otel.core.stitch import Work
 from hydra_otel.selfmon.stats import Stats
-from hydra_otel.tasks.exporter import run_exporter
+from hydra_otel.tasks.exporter import ExportItem, run_exporter
 from hydra_otel.tasks.resolver import RESOLVE_BATCH, Resolver, run_resolver
 
 #: What the exporter calls with a checkpoint's marks once everything before it was acknowledged.
@@ -49,6 +48,7 @@ def start_tail(
     export: ExportConfig,
     queue_size: int,
     commit: Commit,
+    live: bool = False,
 ) -> None:
     """Start the exporter, then the resolver (sinks before sources), into ``nursery``.
 
@@ -60,8 +60,11 @@ def start_tail(
         export: batching and retry settings.
         queue_size: the work channel's size; the span channel is sized from it (:func:`span_lists`).
         commit: stores a checkpoint's marks (:func:`store_marks` builds one).
+        live: the work includes live work, batched by the LISTEN connection for up to the
+            export delay: its spans are exported as soon as they are resolved
+            (:func:`~hydra_otel.tasks.resolver.run_resolver`).
     """
-    span_tx, span_rx = trio.open_memory_channel[Sequence[SpanRecord] | Checkpoint](span_lists(queue_size))
+    span_tx, span_rx = trio.open_memory_channel[ExportItem](span_lists(queue_size))
     nursery.start_soon(
         functools.partial(
             run_exporter,
@@ -75,7 +78,7 @@ def start_tail(
         )
     )
     nursery.start_soon(
-        functools.partial(run_resolver, backoff=Backoff.transient(10.0)),
+        functools.partial(run_resolver, backoff=Backoff.transient(10.0), live=live),
         work,
         span_tx,
         resolver,

@@ -1,7 +1,9 @@
 """Exporter task: batches spans and exports them with retries.
 
 A batch is sent when it holds ``batch_size`` spans or its oldest span has
-waited ``delay`` seconds. A failed export is retried with capped, jittered
+waited ``delay`` seconds, or at once when live work's spans (a
+:class:`~hydra_otel.core.batching.CompleteSpans`) arrived and nothing more is
+queued: the LISTEN connection batched them for the same delay already. A failed export is retried with capped, jittered
 backoff while the batch is held; the bounded span channel then fills and
 backpressure reaches the listener, so memory stays bounded during an outage.
 When the input closes (shutdown) the last batch is flushed. Whatever is cut
@@ -30,7 +32,7 @@ import trio
 
 from hydra_otel.adapters.otlp import Delivery, SpanSink
 from hydra_otel.core.backoff import Backoff
-from hydra_otel.core.batching import Batcher
+from hydra_otel.core.batching import Batcher, CompleteSpans
 from hydra_otel.core.catchup import Checkpoint, Marks
 from hydra_otel.core.evals import rebuilt_by_catchup
 from hydra_otel.core.spans import SpanRecord
@@ -39,9 +41,12 @@ from hydra_otel.selfmon.stats import Stats
 
 log = logging.getLogger("hydra_otel.exporter")
 
+#: What the resolver sends the exporter: span lists (complete ones from live work) and checkpoints.
+ExportItem = Sequence[SpanRecord] | CompleteSpans | Checkpoint
+
 
 async def run_exporter(
-    spans: trio.MemoryReceiveChannel[Sequence[SpanRecord] | Checkpoint],
+    spans: trio.MemoryReceiveChannel[ExportItem],
     sink: SpanSink,
     stats: Stats,
     *,
@@ -56,6 +61,7 @@ async def run_exporter(
     When to send what is :class:`~hydra_otel.core.batching.Batcher`'s call; this task receives,
     sends (retrying until the endpoint answers) and stores.
 
+    A :class:`~hydra_otel.core.batching.CompleteSpans` goes at once when nothing more is queued.
     A :class:`Checkpoint` flushes the batch, and once the endpoint acknowledged
     it, ``commit`` stores the checkpoint's marks.
     """
@@ -79,9 +85,7 @@ async def run_exporter(
             _count_unsent(stats, batcher.unacknowledged() + _drain(spans))
 
 
-async def _receive(
-    spans: trio.MemoryReceiveChannel[Sequence[SpanRecord] | Checkpoint], batcher: Batcher
-) -> bool:
+async def _receive(spans: trio.MemoryReceiveChannel[ExportItem], batcher: Batcher) -> bool:
     """Take one item into ``batcher`` or, at its deadline, expire it; return whether ``spans`` ended."""
     deadline = batcher.next_deadline()
     with trio.move_on_at(math.inf if deadline is None else deadline):
@@ -92,14 +96,18 @@ async def _receive(
             return True
         if isinstance(item, Checkpoint):
             batcher.checkpoint(item.marks)
+        elif isinstance(item, CompleteSpans):
+            batcher.add(item.spans, trio.current_time(), complete=True)
         else:
             batcher.add(item, trio.current_time())
+        if not spans.statistics().current_buffer_used:
+            batcher.idle()  # a complete list goes now; a burst's next list would have been queued
         return False
     batcher.expire(trio.current_time())  # the deadline passed (cancelled before or during receive)
     return False
 
 
-def _drain(spans: trio.MemoryReceiveChannel[Sequence[SpanRecord] | Checkpoint]) -> list[SpanRecord]:
+def _drain(spans: trio.MemoryReceiveChannel[ExportItem]) -> list[SpanRecord]:
     """Take whatever is still queued (the pipeline is stopping); return its spans."""
     out: list[SpanRecord] = []
     while True:
@@ -107,7 +115,9 @@ def _drain(spans: trio.MemoryReceiveChannel[Sequence[SpanRecord] | Checkpoint]) 
             item = spans.receive_nowait()
         except (trio.WouldBlock, trio.EndOfChannel):
             return out
-        if not isinstance(item, Checkpoint):
+        if isinstance(item, CompleteSpans):
+            out += item.spans
+        elif not isinstance(item, Checkpoint):
             out += item
 
 

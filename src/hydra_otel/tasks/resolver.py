@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import trio
@@ -31,6 +30,7 @@ from hydra_otel.adapters import queries
 from hydra_otel.adapters.db import while_unavailable
 from hydra_otel.adapters.steplogs import StepLogs
 from hydra_otel.core.backoff import Backoff
+from hydra_otel.core.batching import CompleteSpans
 from hydra_otel.core.budget import steps_omitted
 from hydra_otel.core.builds import (
     BuildFacts,
@@ -63,6 +63,7 @@ from hydra_otel.errors import DbUnavailable, PermissionDenied
 from hydra_otel.log import RateLimitedLog
 from hydra_otel.selfmon.stats import Stats
 from hydra_otel.tasks.channels import receive_some
+from hydra_otel.tasks.exporter import ExportItem
 
 log = logging.getLogger("hydra_otel.resolver")
 
@@ -337,18 +338,25 @@ class Held:
 
 async def run_resolver(
     work: trio.MemoryReceiveChannel[Work | Checkpoint],
-    spans: trio.MemorySendChannel[Sequence[SpanRecord] | Checkpoint],
+    spans: trio.MemorySendChannel[ExportItem],
     resolver: Resolver,
     *,
     backoff: Backoff,
     batch_size: int = RESOLVE_BATCH,
     held_limit: int = HELD_LIMIT,
+    live: bool = False,
 ) -> None:
     """Consume ``work`` until it closes; closes ``spans`` when done. Checkpoints keep their place.
 
     A batch is what is queued when the resolver gets to it; it waits for no more. Live work
     arrives batched already (the LISTEN connection paces its reads while notifications trickle,
-    ``adapters/db.py``, ``READ_LINGER``), and the catch-up sends whole pages.
+    for up to the export delay: ``adapters/read_pacer.py``), and the catch-up sends whole pages.
+
+    With ``live`` (the daemon; not the backfill, which has no live work), spans resolved from
+    what was queued, with nothing queued behind it and no checkpoint after it, are sent as a
+    :class:`~hydra_otel.core.batching.CompleteSpans`: nothing more will join them, so the
+    exporter sends them without waiting for the export delay again. Spans followed by a
+    checkpoint (a catch-up page) are not: the checkpoint sends them.
     """
     held = Held()
 
@@ -378,7 +386,8 @@ async def run_resolver(
                     if segment or held.due() or (closed and held.work):
                         records = await _resolve_with_retry(resolver, segment, backoff, held)
                         if records:
-                            await spans.send(records)
+                            complete = live and item is None and not work.statistics().current_buffer_used
+                            await spans.send(CompleteSpans(records) if complete else records)
                     segment = []
                     if resolver.unsent_jobsets:
                         # Live evaluation outcomes become a (partial) checkpoint behind their spans.
