@@ -57,6 +57,13 @@ class Compression(StrEnum):
     NONE = "none"
 
 
+class ExportWorker(StrEnum):
+    """Where spans are encoded and sent: a child process (the second core) or a thread of the daemon."""
+
+    PROCESS = "process"
+    THREAD = "thread"
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DbConfig:
     """Where Hydra's database is: ``url`` (hidden from repr), ``redacted_url`` for logs, ``source``."""
@@ -120,6 +127,8 @@ class ExportConfig:
     delay: float
     max_backoff: float
     resource: Pairs
+    #: Encode and send spans in a child process (default) or in a thread of the daemon's process.
+    worker: ExportWorker = ExportWorker.PROCESS
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -452,6 +461,13 @@ EXPORT_MAX_REQUEST_BYTES = Setting(
 EXPORT_DELAY = Setting(
     flag="--export-delay", env=("HYDRA_OTEL_EXPORT_DELAY",), default="1.0", section="Export",
     check=_seconds(60), doc="How long a partial batch waits for more spans before it is exported.")
+EXPORT_WORKER = Setting(
+    flag="--export-worker", env=("HYDRA_OTEL_EXPORT_WORKER",), default="process", section="Export",
+    check=_choice(ExportWorker),
+    doc="Where spans are encoded and sent: `process`, a child process of the daemon, so that the "
+    "machine's second core does it while the daemon renders the next spans (docs/decisions/"
+    "0007-export-process.md); `thread`, a worker thread of the daemon's own process, which shares "
+    "one core with everything else.")
 EXPORT_MAX_BACKOFF = Setting(
     flag="--export-max-backoff", env=("HYDRA_OTEL_EXPORT_MAX_BACKOFF",), default="30", section="Export",
     check=_seconds(), doc="Cap on the pause between retries of a failed export.")
@@ -534,7 +550,8 @@ SETTINGS: tuple[Setting[Any], ...] = (
     MAX_BUILDS_PER_TRACE, MAX_SPANS_PER_TRACE, MAX_LINKS,
     OTLP_PROTOCOL, OTLP_ENDPOINT, OTLP_HEADERS, OTLP_TIMEOUT, OTLP_CERTIFICATE, OTLP_CLIENT_KEY,
     OTLP_CLIENT_CERTIFICATE, OTLP_INSECURE, OTLP_COMPRESSION, SDK_DISABLED, TRACES_EXPORTER,
-    METRICS_EXPORTER, LOGS_EXPORTER, EXPORT_BATCH_SIZE, EXPORT_MAX_REQUEST_BYTES, EXPORT_DELAY, EXPORT_MAX_BACKOFF, SERVICE_NAME,
+    METRICS_EXPORTER, LOGS_EXPORTER, EXPORT_BATCH_SIZE, EXPORT_MAX_REQUEST_BYTES, EXPORT_DELAY, EXPORT_WORKER, EXPORT_MAX_BACKOFF,
+    SERVICE_NAME,
     RESOURCE_ATTRIBUTES, STATE_DIR, LOG_LEVEL, SHUTDOWN_GRACE, CATCHUP_INTERVAL, CATCHUP_OVERLAP,
     TAKEOVER_WINDOW, METRICS_ADDRESS, METRICS_EXPORT, METRICS_INTERVAL, STEP_LOGS, STEP_LOGS_DIR,
     STEP_LOG_LINES, LOGS_EXPORT, QUEUE_SIZE,
@@ -703,6 +720,7 @@ def _export(r: _Resolver) -> ExportConfig:
         delay=r.get(EXPORT_DELAY),
         max_backoff=r.get(EXPORT_MAX_BACKOFF),
         resource=_resource(r),
+        worker=r.get(EXPORT_WORKER),
     )
 
 
