@@ -9,7 +9,7 @@ and repairing impossible values (core/sanitize.py) behave exactly as in the daem
 own thread.
 
 Frames, both ways, are a 4-byte big-endian length and a body. From the parent: the
-init frame (``I`` + marshal of the exporter settings, resource, request size limit,
+init frame (``I`` + pickle of the exporter settings, resource, request size limit,
 log level and secrets to redact), then per export either ``B`` (a flag byte saying
 whether to count repaired spans, then :func:`~hydra_otel.core.span_tuples.pack`'s
 bytes) or ``R`` (resume the unfinished batch). To the parent: marshal of
@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import marshal
 import os
+import pickle
 import signal
 import sys
 from collections.abc import Sequence
@@ -65,25 +66,16 @@ def init_frame(
     attributes = [
         (str(k), v) for k, v in resource.attributes.items() if isinstance(v, str | bool | int | float)
     ]
-    fields = {
-        "protocol": settings.protocol,
-        "endpoint": settings.endpoint,
-        "headers": dict(settings.headers),
-        "timeout_s": settings.timeout_s,
-        "certificate": settings.certificate,
-        "client_key": settings.client_key,
-        "client_certificate": settings.client_certificate,
-        "insecure": settings.insecure,
-        "compression": settings.compression,
-    }
-    return frame(INIT + marshal.dumps((fields, attributes, max_request_bytes, level, list(secrets))))
+    # Pickled, once per child: the settings hold enums (StrEnum), which marshal does not take.
+    init = (settings, attributes, max_request_bytes, str(level), [str(s) for s in secrets])
+    return frame(INIT + pickle.dumps(init, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 def _sink(body: bytes) -> OtlpSink:
-    fields, attributes, max_bytes, level, secrets = marshal.loads(body)
+    settings, attributes, max_bytes, level, secrets = pickle.loads(body)  # the parent's own frame
     logconf.configure(level, secrets)
     resource = Resource(dict(attributes))
-    return OtlpSink(make_exporter(ExporterSettings(**fields)), resource, max_request_bytes=max_bytes)
+    return OtlpSink(make_exporter(settings), resource, max_request_bytes=max_bytes)
 
 
 def answer(delivery: Delivery, batch: Sequence[SpanRecord], unsettled: int) -> bytes:
