@@ -27,6 +27,7 @@ the next batch's.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import marshal
 import os
@@ -56,11 +57,11 @@ class ChildDiedError(Exception):
 
 
 class _Child:
-    """One running export process and the parent's ends of its two pipes."""
+    """One running export process and the parent's (non-blocking) ends of its two pipes."""
 
     def __init__(self, init: bytes) -> None:
-        child_in, to_child = os.pipe()  # (read end, write end)
-        from_child, child_out = os.pipe()
+        child_in, self.to_child = os.pipe()  # (read end, write end)
+        self.from_child, child_out = os.pipe()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", _WORKER, str(child_in), str(child_out)],
             pass_fds=(child_in, child_out),
@@ -70,10 +71,11 @@ class _Child:
         )
         os.close(child_in)
         os.close(child_out)
-        os.write(to_child, init)  # small: fits the pipe's buffer, so this never blocks
-        self.send = trio.lowlevel.FdStream(to_child)
-        self.receive = trio.lowlevel.FdStream(from_child)
+        os.write(self.to_child, init)  # small: fits the pipe's buffer, so this never blocks
+        os.set_blocking(self.to_child, False)
+        os.set_blocking(self.from_child, False)
         self.buffer = bytearray()
+        self.closed = False
         #: The child holds the unfinished state of the sink's held batch.
         self.holds_batch = False
 
@@ -83,16 +85,28 @@ class _Child:
         Raises:
             ChildDiedError: the child ended before answering.
         """
-        try:
-            await self.send.send_all(request)
-            head = await self._read(4)
-            return await self._read(int.from_bytes(head, "big"))
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            raise ChildDiedError from exc
+        await self._write(request)
+        head = await self._read(4)
+        return await self._read(int.from_bytes(head, "big"))
+
+    async def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(self.to_child, view) :]
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(self.to_child)
+            except BrokenPipeError as exc:
+                raise ChildDiedError from exc
+        await trio.lowlevel.checkpoint()
 
     async def _read(self, n: int) -> bytes:
         while len(self.buffer) < n:
-            chunk = await self.receive.receive_some()
+            try:
+                chunk = os.read(self.from_child, 1 << 16)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self.from_child)
+                continue
             if not chunk:
                 raise ChildDiedError
             self.buffer += chunk
@@ -102,11 +116,16 @@ class _Child:
 
     def close(self) -> None:
         """Close the pipes (the child sees the end of its input and exits)."""
-        self.send.close()
-        self.receive.close()
+        if self.closed:
+            return
+        self.closed = True
+        for fd in (self.to_child, self.from_child):
+            with contextlib.suppress(RuntimeError):  # outside Trio: no task can be waiting on it
+                trio.lowlevel.notify_closing(fd)
+            os.close(fd)
 
     def kill(self) -> None:
-        """End the child now and close the pipes."""
+        """End the child now and close the pipes (reap it with ``proc.wait()``)."""
         self.close()
         if self.proc.poll() is None:
             self.proc.kill()
@@ -150,6 +169,8 @@ class ProcessSink:
         self._held: Sequence[SpanRecord] | None = None
         self._settled = 0
         self._counted = False
+        #: Children killed after a cancelled export, still to be waited for.
+        self._killed: list[subprocess.Popen[bytes]] = []
         #: Export processes that died and were replaced.
         self.restarts = 0
 
@@ -160,6 +181,7 @@ class ProcessSink:
 
     async def export(self, batch: Sequence[SpanRecord]) -> Delivery:
         """Export ``batch`` in the child; a retry of the same object resumes where it stopped."""
+        self._killed = [p for p in self._killed if p.poll() is None]
         if self._child is None:
             self._child = _Child(self._init)
         child = self._child
@@ -180,6 +202,7 @@ class ProcessSink:
         finally:
             if not done and self._child is child:  # cancelled mid-exchange: the pipe is out of step
                 child.kill()
+                self._killed.append(child.proc)
                 self._child = None
         return self._delivery(child, batch, offset, body)
 
@@ -211,6 +234,9 @@ class ProcessSink:
 
     def shutdown(self) -> None:
         """Let the child finish and exit (its input ends), killing it after :data:`EXIT_WAIT_S`."""
+        for proc in self._killed:
+            proc.wait()
+        self._killed = []
         child, self._child = self._child, None
         if child is None:
             return
