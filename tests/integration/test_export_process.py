@@ -123,6 +123,44 @@ async def test_a_retry_resumes_at_the_first_unacknowledged_request(make: Make) -
         assert span_ids(receiver) == [r.span_id for r in spans]  # each once, in order
 
 
+async def test_after_a_death_only_the_unsettled_spans_go_to_the_new_child(make: Make) -> None:
+    """Killed after part of a batch was taken: the rest goes, once, and a refusal in it names the right span."""
+    spans = records()
+    poison = spans[-3]
+    with TakesOneThenFails() as receiver:
+        receiver.refuse(lambda s: int.from_bytes(s.span_id, "big") == poison.span_id)
+        sink = make(f"http://{receiver.endpoint}", "grpc", timeout=1.0, max_request_bytes=8_000)
+        with trio.fail_after(30):
+            assert not (await sink.export(spans)).done
+            taken = len(span_ids(receiver))
+            assert 0 < taken < len(spans)
+            assert sink.pid is not None
+            os.kill(sink.pid, signal.SIGKILL)
+            receiver.failing = False
+            died = await sink.export(spans)
+            assert not died.done
+            assert sink.restarts == 1
+            delivery = await sink.export(spans)
+        assert delivery.done
+        assert [r for r, _ in delivery.refused] == [poison]
+        assert delivery.refused[0][0] is poison
+        assert span_ids(receiver) == [r.span_id for r in spans if r is not poison]  # each once, in order
+
+
+async def test_a_new_batch_after_an_unfinished_one_is_not_taken_for_a_retry(make: Make) -> None:
+    """A pipeline restart hands over new batches: the child's unfinished one is dropped, not resumed."""
+    spans = records()
+    first, second = spans[:60], spans[60:]
+    with TakesOneThenFails() as receiver:
+        sink = make(f"http://{receiver.endpoint}", "grpc", timeout=1.0, max_request_bytes=8_000)
+        with trio.fail_after(30):
+            assert not (await sink.export(first)).done
+            taken = span_ids(receiver)
+            receiver.failing = False
+            assert (await sink.export(second)).done
+        assert span_ids(receiver) == taken + [r.span_id for r in second]
+
+
 async def test_a_killed_child_is_replaced_and_nothing_is_lost(
     otlp_grpc: GrpcOtlpReceiver, make: Make
 ) -> None:

@@ -78,6 +78,8 @@ class _Child:
         self.closed = False
         #: The child holds the unfinished state of the sink's held batch.
         self.holds_batch = False
+        #: Where in the batch the spans the child was sent start (after a restart, past the settled ones).
+        self.offset = 0
 
     async def exchange(self, request: bytes) -> bytes:
         """Send one frame and wait for the answer's body.
@@ -185,14 +187,15 @@ class ProcessSink:
         if self._child is None:
             self._child = _Child(self._init)
         child = self._child
+        resume = batch is self._held and child.holds_batch
         if batch is not self._held:
             self._held, self._settled, self._counted = batch, 0, False
-        offset = self._settled
-        if child.holds_batch:
+        if resume:
             request = frame(RESUME)
-        else:
+        else:  # a new batch, or the rest of one a dead child had not settled
+            child.offset = self._settled
             flag = b"\x00" if self._counted else b"\x01"
-            request = frame(BATCH + flag + pack(batch[offset:]))
+            request = frame(BATCH + flag + pack(batch[child.offset :]))
         done = False
         try:
             body = await child.exchange(request)
@@ -204,18 +207,18 @@ class ProcessSink:
                 child.kill()
                 self._killed.append(child.proc)
                 self._child = None
-        return self._delivery(child, batch, offset, body)
+        return self._delivery(child, batch, body)
 
-    def _delivery(self, child: _Child, batch: Sequence[SpanRecord], offset: int, body: bytes) -> Delivery:
+    def _delivery(self, child: _Child, batch: Sequence[SpanRecord], body: bytes) -> Delivery:
         done, refused, repaired, example, reason, unsettled = marshal.loads(body)
         self._counted = True
+        # The unsettled spans are always the batch's last ones (OtlpSink.unsettled).
+        self._settled, child.holds_batch = len(batch) - unsettled, not done
         if done:
-            self._held, child.holds_batch = None, False
-        else:
-            self._settled, child.holds_batch = len(batch) - unsettled, True
+            self._held = None
         return Delivery(
             done=done,
-            refused=tuple((batch[offset + i], why) for i, why in refused),
+            refused=tuple((batch[child.offset + i], why) for i, why in refused),
             repaired=repaired,
             repair_example=example,
             reason=reason,
