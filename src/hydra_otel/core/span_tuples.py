@@ -46,9 +46,10 @@ Flat = tuple[
 ]
 
 _KINDS = (Kind.INTERNAL, Kind.SERVER)
-_KIND_CODES = {k: i for i, k in enumerate(_KINDS)}
 _STATUSES = (Status.UNSET, Status.OK, Status.ERROR)
-_STATUS_CODES = {s: i for i, s in enumerate(_STATUSES)}
+# Codes looked up by identity: hashing an Enum member runs Python code (Enum.__hash__), twice a span.
+_KIND_CODES = {id(k): i for i, k in enumerate(_KINDS)}
+_STATUS_CODES = {id(s): i for i, s in enumerate(_STATUSES)}
 #: What flattening a record that is not as the types say can raise (it then travels pickled).
 _ODD = (KeyError, TypeError, ValueError, AttributeError)
 
@@ -62,11 +63,11 @@ def _flat(r: SpanRecord) -> Flat:
         r.span_id,
         r.parent_span_id,
         r.name,
-        _KIND_CODES[r.kind],
+        _KIND_CODES[id(r.kind)],
         r.start_ns,
         r.end_ns,
         r.attributes,
-        _STATUS_CODES[r.status],
+        _STATUS_CODES[id(r.status)],
         r.status_message,
         events,
         links,
