@@ -18,6 +18,7 @@ from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from hydra_otel.adapters.export_process import ProcessSink
 from hydra_otel.adapters.otlp import Delivery, to_readable
 from hydra_otel.demo.sandbox.receiver import GrpcOtlpReceiver, HttpOtlpReceiver
+from hydra_otel.selfmon.stats import Stats
 from tests.integration.test_otlp_encoded import RESOURCE, endpoints, records, settings
 
 Make = Callable[..., ProcessSink]
@@ -166,7 +167,8 @@ async def test_a_killed_child_is_replaced_and_nothing_is_lost(
 ) -> None:
     """SIGKILL while the child works: the call returns not done, a new child sends the batch, no span lost."""
     spans = records()
-    sink = make(f"http://{otlp_grpc.endpoint}", "grpc", timeout=10.0)
+    stats = Stats()
+    sink = make(f"http://{otlp_grpc.endpoint}", "grpc", timeout=10.0, stats=stats)
     with trio.fail_after(60):
         assert (await sink.export(spans[:10])).done  # the child is up and has sent once
         otlp_grpc.set_down(grpc.StatusCode.UNAVAILABLE)  # the child now retries inside the SDK
@@ -185,7 +187,7 @@ async def test_a_killed_child_is_replaced_and_nothing_is_lost(
         (died,) = result
         assert not died.done
         assert "ended" in died.reason
-        assert sink.restarts == 1
+        assert sink.restarts == stats.export_process_restarts == 1
         otlp_grpc.set_up()
         assert (await sink.export(spans)).done
     assert sink.pid not in (None, first)

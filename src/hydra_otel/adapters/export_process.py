@@ -44,6 +44,7 @@ from hydra_otel.adapters.export_worker import BATCH, RESUME, frame, init_frame
 from hydra_otel.adapters.otlp import DEFAULT_MAX_REQUEST_BYTES, Delivery, ExporterSettings
 from hydra_otel.core.span_tuples import pack
 from hydra_otel.core.spans import SpanRecord
+from hydra_otel.selfmon.stats import Stats
 
 log = logging.getLogger("hydra_otel.export")
 
@@ -134,10 +135,15 @@ class _Child:
 
 
 def _child_env() -> dict[str, str]:
-    """This environment, with this process's copy of hydra_otel first on the child's path."""
+    """This environment, with this process's import path as the child's ``PYTHONPATH``.
+
+    As multiprocessing's *spawn* does: a launcher may set up the path in the program itself (Nix's
+    wrapped scripts do), and the child must import the same hydra_otel and the same OpenTelemetry.
+    """
     env = dict(os.environ)
     src = str(Path(hydra_otel.__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+    paths = [src, *(p for p in sys.path if p and p != src)]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     return env
 
 
@@ -153,6 +159,7 @@ class ProcessSink:
         max_request_bytes: encoded size of one request at most.
         log_level: the child's log level (its lines go to the same stderr, in the same format).
         secrets: what the child's log lines must never show.
+        stats: where deaths of the child are counted (``export_process_restarts``), if anywhere.
     """
 
     def __init__(
@@ -163,6 +170,7 @@ class ProcessSink:
         *,
         log_level: str = "info",
         secrets: Sequence[str] = (),
+        stats: Stats | None = None,
     ) -> None:
         self._init = init_frame(settings, resource, max_request_bytes, log_level, secrets)
         self._child: _Child | None = _Child(self._init)
@@ -175,6 +183,7 @@ class ProcessSink:
         self._killed: list[subprocess.Popen[bytes]] = []
         #: Export processes that died and were replaced.
         self.restarts = 0
+        self._stats = stats
 
     @property
     def pid(self) -> int | None:
@@ -229,6 +238,8 @@ class ProcessSink:
         self._child = None
         code = await trio.to_thread.run_sync(child.proc.wait)
         self.restarts += 1
+        if self._stats is not None:
+            self._stats.export_process_restarts += 1
         log.error(
             "the span export process ended unexpectedly; starting a new one and retrying the batch",
             extra={"exit_code": code, "pid": child.proc.pid, "restarts": self.restarts},

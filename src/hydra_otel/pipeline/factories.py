@@ -19,6 +19,7 @@ from hydra_otel.adapters.otlp_metrics import MetricsSink, make_metrics_sink
 from hydra_otel.adapters.steplogs import LogTailSink, StepLogs, TailSettings, make_log_exporter
 from hydra_otel.config import Config, ExportWorker, OtlpTarget, Signal
 from hydra_otel.core.evals import RenderConfig
+from hydra_otel.selfmon.stats import Stats
 
 
 def render_config(cfg: Config) -> RenderConfig:
@@ -70,13 +71,14 @@ def otel_resource(cfg: Config) -> Resource:
     )
 
 
-def make_sink(cfg: Config, worker: ExportWorker | None = None) -> SpanSink:
+def make_sink(cfg: Config, worker: ExportWorker | None = None, stats: Stats | None = None) -> SpanSink:
     """The OTLP span sink the configuration asks for.
 
     Args:
         cfg: the configuration.
         worker: where to encode and send, if not ``cfg.export.worker`` (``check`` sends one span:
             a thread, rather than a process started for it).
+        stats: where the export process's deaths are counted.
 
     Raises:
         SdkMismatch: the installed exporter release lacks an internal that sending relies on.
@@ -93,6 +95,7 @@ def make_sink(cfg: Config, worker: ExportWorker | None = None) -> SpanSink:
         max_request_bytes=cfg.export.max_request_bytes,
         log_level=cfg.log_level,
         secrets=cfg.secrets,
+        stats=stats,
     )
 
 
