@@ -127,8 +127,8 @@ class ExportConfig:
     delay: float
     max_backoff: float
     resource: Pairs
-    #: Encode and send spans in a child process (default) or in a thread of the daemon's process.
-    worker: ExportWorker = ExportWorker.PROCESS
+    #: Encode and send spans in a thread of the daemon's process (default) or in a child process.
+    worker: ExportWorker = ExportWorker.THREAD
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -462,12 +462,13 @@ EXPORT_DELAY = Setting(
     flag="--export-delay", env=("HYDRA_OTEL_EXPORT_DELAY",), default="1.0", section="Export",
     check=_seconds(60), doc="How long a partial batch waits for more spans before it is exported.")
 EXPORT_WORKER = Setting(
-    flag="--export-worker", env=("HYDRA_OTEL_EXPORT_WORKER",), default="process", section="Export",
+    flag="--export-worker", env=("HYDRA_OTEL_EXPORT_WORKER",), default="thread", section="Export",
     check=_choice(ExportWorker),
-    doc="Where spans are encoded and sent: `process`, a child process of the daemon, so that the "
-    "machine's second core does it while the daemon renders the next spans (docs/decisions/"
-    "0007-export-process.md); `thread`, a worker thread of the daemon's own process, which shares "
-    "one core with everything else.")
+    doc="Where spans are encoded and sent: `thread`, a worker thread of the daemon's process, which "
+    "shares its GIL; `process`, a child process, which takes about 15 µs of CPU per span off the "
+    "daemon's process but costs about 10 µs more in all and 55 MB of memory. `process` pays off "
+    "only where a core is free for it (PostgreSQL and the collector on other hosts, or more than "
+    "two cores): on a busy two-core host it was no faster (docs/decisions/0007-export-process.md).")
 EXPORT_MAX_BACKOFF = Setting(
     flag="--export-max-backoff", env=("HYDRA_OTEL_EXPORT_MAX_BACKOFF",), default="30", section="Export",
     check=_seconds(), doc="Cap on the pause between retries of a failed export.")
