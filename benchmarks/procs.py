@@ -193,26 +193,59 @@ class Daemon:
         return self.proc.returncode
 
 
+def family(pid: int) -> list[int]:
+    """``pid`` and its live descendants (the daemon's span export process), from /proc's parent IDs."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):  # it ended meanwhile
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of every thread of ``pid`` so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK
+    """utime + stime of every thread of ``pid`` and of its children (live ones and reaped ones) so far."""
+    total = 0
+    for i, p in enumerate(family(pid)):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+        if i == 0:  # cutime + cstime: children that ended and were waited for
+            total += int(fields[13]) + int(fields[14])
+    return total / _TICK
 
 
-def memory_kb(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM (peak RSS) in kB."""
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            out[key] = int(value.split()[0])
+def memory_kb(pid: int, pids: list[int] | None = None) -> dict[str, int]:
+    """VmRSS and VmHWM (peak RSS) in kB, summed over ``pid`` and its live descendants (or ``pids``)."""
+    out = {"VmRSS": 0, "VmHWM": 0}
+    for p in family(pid) if pids is None else pids:
+        try:
+            text = Path(f"/proc/{p}/status").read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            key, _, value = line.partition(":")
+            if key in out:
+                out[key] += int(value.split()[0])
     return out
 
 
 def reset_peak(pid: int) -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0, needs the right to write clear_refs)."""
+    """Reset VmHWM to the current RSS of ``pid`` and its descendants (Linux >= 4.0, needs the right)."""
     try:
-        Path(f"/proc/{pid}/clear_refs").write_text("5")
+        for p in family(pid):
+            Path(f"/proc/{p}/clear_refs").write_text("5")
     except OSError:
         return False
     return True
@@ -228,9 +261,13 @@ class RssSampler:
         self._thread.start()
 
     def _run(self) -> None:
+        pids, n = [self.pid], 0
         while not self._stop.wait(self.interval):
+            if n % 50 == 0:  # scanning /proc for the family costs more than reading two status files
+                pids = family(self.pid)
+            n += 1
             try:
-                rss = memory_kb(self.pid)["VmRSS"]
+                rss = memory_kb(self.pid, pids)["VmRSS"]
             except (OSError, KeyError):
                 return
             self.max_kb = max(self.max_kb, rss)

@@ -326,8 +326,13 @@ async def _watch_signals(service: Service) -> None:
 async def main(cfg: Config) -> None:
     """The ``hydra-otel run`` program: the service plus signal handling."""
     metrics = make_metrics(cfg)
+    stats = Stats()
     service = Service(
-        cfg=cfg, sink=MeteredSpanSink(make_sink(cfg), metrics), metrics=metrics, step_logs=make_step_logs(cfg)
+        cfg=cfg,
+        sink=MeteredSpanSink(make_sink(cfg, stats=stats), metrics),
+        metrics=metrics,
+        step_logs=make_step_logs(cfg),
+        stats=stats,
     )
     async with open_loop(), trio.open_nursery() as nursery:
         nursery.start_soon(_watch_signals, service)

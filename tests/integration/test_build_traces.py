@@ -49,9 +49,12 @@ async def eval_with_builds(hydra: Hydra, jobs: list[str]) -> tuple[int, list[int
     return eval_id, build_ids
 
 
-async def test_mixed_evaluation(hydra: Hydra, start_daemon: StartDaemon, otlp_grpc: GrpcOtlpReceiver) -> None:
+@pytest.mark.parametrize("worker", ["thread", "process"])
+async def test_mixed_evaluation(
+    hydra: Hydra, start_daemon: StartDaemon, otlp_grpc: GrpcOtlpReceiver, worker: str
+) -> None:
     """Success, failure with dependents, cached failure, substitution, remote machine: the exact tree."""
-    await start_daemon()
+    await start_daemon(export_worker=worker)
     eval_id, (ok, bad, dep1, dep2, subst) = await eval_with_builds(
         hydra, ["ok", "bad", "dep1", "dep2", "subst"]
     )

@@ -330,7 +330,7 @@ class OtlpSink:
 
     async def export(self, batch: Sequence[SpanRecord]) -> Delivery:
         """Encode and export ``batch`` in a worker thread."""
-        return await trio.to_thread.run_sync(self._send, batch, abandon_on_cancel=True)
+        return await trio.to_thread.run_sync(self.send, batch, abandon_on_cancel=True)
 
     def _parts(self, records: Sequence[SpanRecord]) -> list[_Part]:
         parts, start = [], 0
@@ -339,7 +339,12 @@ class OtlpSink:
             start += request.spans
         return parts
 
-    def _send(self, batch: Sequence[SpanRecord]) -> Delivery:
+    def send(self, batch: Sequence[SpanRecord]) -> Delivery:
+        """Encode and export ``batch`` in the calling thread (blocks; see :meth:`export`).
+
+        The export process (adapters/export_process.py) calls it directly: it has no Trio thread
+        to keep free. Calling it again with the same ``batch`` object resumes an unfinished one.
+        """
         # Encoding happens here, in the worker thread, so a batch never holds up the Trio thread for
         # more than the interpreter's switch interval.
         repaired, example = 0, ""
@@ -371,6 +376,13 @@ class OtlpSink:
                     half = len(part.records) // 2
                     pending[:0] = self._parts(part.records[:half]) + self._parts(part.records[half:])
         return Delivery(done=True, refused=tuple(refused), repaired=repaired, repair_example=example)
+
+    def unsettled(self) -> int:
+        """Spans at the end of the last batch neither acknowledged nor refused (0 once it is done).
+
+        They are always its last ones: requests go in order, and a refused one is split in place.
+        """
+        return 0 if self._unfinished is None else sum(len(p.records) for p in self._unfinished[1])
 
     def shutdown(self) -> None:
         """Shut the exporter down (returns quickly; interrupts retry sleeps)."""

@@ -13,11 +13,13 @@ import trio
 from opentelemetry.sdk.resources import Resource
 
 import hydra_otel
+from hydra_otel.adapters.export_process import ProcessSink
 from hydra_otel.adapters.otlp import ExporterSettings, OtlpSink, SpanSink, make_exporter
 from hydra_otel.adapters.otlp_metrics import MetricsSink, make_metrics_sink
 from hydra_otel.adapters.steplogs import LogTailSink, StepLogs, TailSettings, make_log_exporter
-from hydra_otel.config import Config, OtlpTarget, Signal
+from hydra_otel.config import Config, ExportWorker, OtlpTarget, Signal
 from hydra_otel.core.evals import RenderConfig
+from hydra_otel.selfmon.stats import Stats
 
 
 def render_config(cfg: Config) -> RenderConfig:
@@ -69,12 +71,31 @@ def otel_resource(cfg: Config) -> Resource:
     )
 
 
-def make_sink(cfg: Config) -> OtlpSink:
-    """The OTLP span sink the configuration asks for."""
-    return OtlpSink(
-        make_exporter(export_settings(cfg)),
+def make_sink(cfg: Config, worker: ExportWorker | None = None, stats: Stats | None = None) -> SpanSink:
+    """The OTLP span sink the configuration asks for.
+
+    Args:
+        cfg: the configuration.
+        worker: where to encode and send, if not ``cfg.export.worker`` (``check`` sends one span:
+            a thread, rather than a process started for it).
+        stats: where the export process's deaths are counted.
+
+    Raises:
+        SdkMismatch: the installed exporter release lacks an internal that sending relies on.
+        OSError: a certificate or key file cannot be read.
+    """
+    settings = export_settings(cfg)
+    exporter = make_exporter(settings)  # here too for the process: its errors stop the start-up
+    if (worker or cfg.export.worker) is ExportWorker.THREAD:
+        return OtlpSink(exporter, otel_resource(cfg), max_request_bytes=cfg.export.max_request_bytes)
+    exporter.shutdown()
+    return ProcessSink(
+        settings,
         otel_resource(cfg),
         max_request_bytes=cfg.export.max_request_bytes,
+        log_level=cfg.log_level,
+        secrets=cfg.secrets,
+        stats=stats,
     )
 
 

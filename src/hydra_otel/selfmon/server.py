@@ -300,6 +300,11 @@ def snapshot_from(
                 "Pipeline restarts after an unexpected error (each logged with its traceback).",
                 stats.task_restarts,
             ),
+            counter(
+                f"{p}export_process_restarts_total",
+                "Span export processes that died and were replaced (each batch they held is retried).",
+                stats.export_process_restarts,
+            ),
             *extra_gauges,
         )
     )

@@ -39,6 +39,7 @@ class Stats:
     #: Tables hydra-otel may not read now, with the GRANT that fixes each (health: unhealthy while any).
     denied_tables: dict[str, str] = field(default_factory=dict)
     task_restarts: int = 0  # pipeline restarts after an unexpected error
+    export_process_restarts: int = 0  # span export processes that died and were replaced
 
     def snapshot(self) -> dict[str, object]:
         """A JSON-friendly copy of every counter."""
@@ -62,6 +63,7 @@ class Stats:
             "marks_store_failures": self.marks_store_failures,
             "permission_denied": dict(self.permission_denied),
             "task_restarts": self.task_restarts,
+            "export_process_restarts": self.export_process_restarts,
             "queries": self.queries,
         }
 

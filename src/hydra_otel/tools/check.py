@@ -16,7 +16,7 @@ import trio
 
 from hydra_otel.adapters import command_queries, db, progress_store
 from hydra_otel.adapters.otlp import Delivery
-from hydra_otel.config import Config
+from hydra_otel.config import Config, ExportWorker
 from hydra_otel.core.backoff import Backoff
 from hydra_otel.core.spans import Kind, SpanRecord
 from hydra_otel.errors import StateDirError
@@ -236,7 +236,7 @@ async def _check_otlp(cfg: Config) -> CheckResult:
     where = f"{e.endpoint} ({e.protocol.value})"
     record = _check_span()
     try:
-        sink = make_sink(cfg)
+        sink = make_sink(cfg, ExportWorker.THREAD)  # one span: not worth a process
     except (OSError, ValueError) as exc:  # e.g. an unreadable certificate
         return CheckResult(name=name, ok=False, detail=f"{where}: {type(exc).__name__}: {exc}")
     delivery = Delivery(done=False, reason=f"not acknowledged within {e.timeout:g} s")
