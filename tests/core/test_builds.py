@@ -16,6 +16,7 @@ import pytest
 from hydra_otel.core import ids
 from hydra_otel.core import semconv as sc
 from hydra_otel.core.builds import (
+    _STORE_NAME,
     Cause,
     Placement,
     StepFacts,
@@ -120,6 +121,27 @@ def _step_nrs(spans: list[SpanRecord]) -> list[object]:
 def test_derivation_name(path: str | None, name: str) -> None:
     """Store paths lose directory, hash and one .drv suffix; anything else keeps its base name."""
     assert derivation_name(path) == name
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        f"/nix/store/{HASH}-.drv",
+        f"/nix/store/{HASH}-x.drv",
+        f"/nix/store/{HASH}-",
+        f"/nix/store/{HASH}-hello.drv\n",
+        f"/nix/store/{HASH}-a\nb.drv",
+        f"/nix/{HASH}-foo/bar",
+        f"/nix/store/{HASH}-foo/{HASH}-bar.drv",
+        f"/nix/store/{HASH}0-long.drv",
+        f"/nix/store/{HASH}-é.drv",
+        f"{HASH}-",
+    ],
+)
+def test_derivation_name_agrees_with_the_pattern(path: str) -> None:
+    """The string-method fast path gives what the store-path pattern gives, on edge cases too."""
+    m = _STORE_NAME.match(path)
+    assert derivation_name.__wrapped__(path) == (m.group("name") if m else path.rsplit("/", 1)[-1])
 
 
 # --- placement -------------------------------------------------------------------------------

@@ -72,8 +72,13 @@ def min_spans_per_trace(max_builds: int) -> int:
 
 
 def steps_omitted(record: SpanRecord) -> int:
-    """The steps a build span says were left out of its trace (0 for any other span)."""
-    for key, value in record.attributes:
+    """The steps a build span says were left out of its trace (0 for any other span).
+
+    Only a build span carries the count, as its last attribute (core/builds.py): one look, not a
+    scan, since this runs for every exported span.
+    """
+    if record.attributes:
+        key, value = record.attributes[-1]
         if key == sc.HYDRA_BUILD_STEPS_OMITTED and isinstance(value, int):
             return value
     return 0

@@ -37,6 +37,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import functools
+import operator
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -56,6 +57,10 @@ from hydra_otel.core.spans import (
     truncate,
 )
 from hydra_otel.core.status import status_info
+
+#: Enum members are read through a descriptor in Python 3.11 (several times a plain global):
+#: the per-span code reads them from here.
+_INTERNAL, _ERROR = Kind.INTERNAL, Status.ERROR
 
 _STORE_NAME = re.compile(r"^(?:.*/)?[0-9a-z]{32}-(?P<name>.+?)(?:\.drv)?$")
 
@@ -109,11 +114,21 @@ class StepFacts:
     resolved_drv_path: str | None
 
 
+_HASH_CHARS = frozenset("0123456789abcdefghijklmnopqrstuvwxyz")
+
+
 @functools.lru_cache(maxsize=16384)  # a step's path recurs: its span renders alone, then with its build
 def derivation_name(path: str | None) -> str:
     """``/nix/store/<hash>-hello-2.12.drv`` -> ``hello-2.12``."""
     if not path:
         return "unknown"
+    # The usual store path, read with string methods: matching _STORE_NAME costs five times as much,
+    # and a burst's paths are all new. Anything else (no hash in the last component, a newline,
+    # which `.` and `$` treat apart) goes to the pattern, which defines the result.
+    base = path.rpartition("/")[2]
+    if len(base) > 33 and base[32] == "-" and _HASH_CHARS.issuperset(base[:32]) and "\n" not in path:
+        name = base[33:]
+        return name[:-4] if name.endswith(".drv") and len(name) > 4 else name
     m = _STORE_NAME.match(path)
     return m.group("name") if m else path.rsplit("/", 1)[-1]
 
@@ -181,10 +196,13 @@ def step_needs_build(b: BuildFacts, steps: Sequence[StepFacts], attempt: int) ->
     return attempt < latest or (attempt == latest and not b.finished)
 
 
-def _previous_attempt_end(b: BuildFacts, steps: Sequence[StepFacts], attempt: int) -> int:
-    """When attempt ``attempt - 1`` ended (its ending step's stop time), else the queue time."""
-    ends = sorted((s.stepnr, s.stoptime) for s in steps if _ends_attempt(b, s) and s.stoptime is not None)
-    return ends[attempt - 1][1] if 0 < attempt <= len(ends) else b.timestamp
+def _previous_attempt_end(b: BuildFacts, ends: Sequence[StepFacts], attempt: int) -> int:
+    """When attempt ``attempt - 1`` ended (its ending step's stop time), else the queue time.
+
+    ``ends`` is :func:`_ending_steps` (each has a stop time).
+    """
+    stop = ends[attempt - 1].stoptime if 0 < attempt <= len(ends) else None
+    return stop if stop is not None else b.timestamp
 
 
 def step_in_budget(cfg: RenderConfig, b: BuildFacts, steps: Sequence[StepFacts], s: StepFacts) -> bool:
@@ -263,13 +281,14 @@ def build_spans(
     """
     if b.stoptime is None:
         raise ValueError(f"build {b.build_id} has no recorded finish")
-    latest = build_attempt(b, steps)
-    by_attempt = _split_attempts(b, steps)
-    out = _attempt_spans(cfg, b, steps, by_attempt.get(latest, []), latest, cause)
+    # The attempt-ending steps, found once: every attempt rule below needs them, and only them.
     ends = _ending_steps(b, steps)
+    latest = sum(1 for s in ends if s.stoptime is not None and s.stoptime < b.stoptime)  # build_attempt
+    by_attempt = _split_attempts(ends, steps)
+    out = _attempt_spans(cfg, b, ends, by_attempt.get(latest, []), latest, cause)
     for attempt in range(latest):
         facts = earlier_attempt(b, ends[attempt])
-        out += _attempt_spans(cfg, facts, steps, by_attempt.get(attempt, []), attempt, None)
+        out += _attempt_spans(cfg, facts, ends, by_attempt.get(attempt, []), attempt, None)
     return out
 
 
@@ -301,31 +320,40 @@ def _ending_steps(b: BuildFacts, steps: Sequence[StepFacts]) -> list[StepFacts]:
     return sorted((s for s in steps if _ends_attempt(b, s)), key=lambda s: s.stepnr)
 
 
-def _split_attempts(b: BuildFacts, steps: Sequence[StepFacts]) -> dict[int, list[StepFacts]]:
-    """Steps by attempt (as :func:`step_attempt` counts), each in step order; O(n log n)."""
-    ends = [s.stepnr for s in _ending_steps(b, steps)]
+def _split_attempts(ends: Sequence[StepFacts], steps: Sequence[StepFacts]) -> dict[int, list[StepFacts]]:
+    """Steps by attempt (as :func:`step_attempt` counts), each in step order; O(n log n).
+
+    ``ends`` is :func:`_ending_steps` of the build.
+    """
+    numbers = [s.stepnr for s in ends]
     out: dict[int, list[StepFacts]] = {}
-    for s in sorted(steps, key=lambda s: s.stepnr):
-        out.setdefault(bisect.bisect_left(ends, s.stepnr), []).append(s)
+    for s in sorted(steps, key=_STEPNR):
+        out.setdefault(bisect.bisect_left(numbers, s.stepnr), []).append(s)
     return out
+
+
+_STEPNR = operator.attrgetter("stepnr")  # a sort key in C, not a lambda called per step
 
 
 def _attempt_spans(
     cfg: RenderConfig,
     b: BuildFacts,
-    steps: Sequence[StepFacts],
+    ends: Sequence[StepFacts],
     mine: Sequence[StepFacts],
     attempt: int,
     cause: Cause | None,
 ) -> list[SpanRecord]:
-    """Build span, ``queued`` and steps of one attempt, finished as row ``b`` says."""
+    """Build span, ``queued`` and steps of one attempt, finished as row ``b`` says.
+
+    ``ends`` is :func:`_ending_steps` of the build; ``mine`` the attempt's steps in step order.
+    """
     assert b.stoptime is not None
-    kept = _kept_steps(cfg, b, steps, mine)
+    kept = _kept_steps(cfg, b, ends, mine)
     starts = [s.starttime for s in mine if s.starttime is not None]
     if attempt == 0:
         start = b.timestamp
     else:  # a restart: the attempt began with its first step (or, with none, when the last one ended)
-        start = min(starts) if starts else _previous_attempt_end(b, steps, attempt)
+        start = min(starts) if starts else _previous_attempt_end(b, ends, attempt)
     end = max(b.stoptime, start)
     where, tid, span = _parent(cfg, b, attempt)
     info = status_info(b.status)
@@ -352,18 +380,20 @@ def _attempt_spans(
 
 
 def _kept_steps(
-    cfg: RenderConfig, b: BuildFacts, steps: Sequence[StepFacts], mine: Sequence[StepFacts]
+    cfg: RenderConfig, b: BuildFacts, ends: Sequence[StepFacts], mine: Sequence[StepFacts]
 ) -> list[StepFacts]:
-    """The steps of ``mine`` (one attempt) within the build's share: :func:`step_in_budget`, in O(n)."""
-    share = budget.build_share(cfg.max_spans_per_trace, b.trace_builds, own_trace=placement(cfg, b).own_trace)
-    limit = budget.step_limit(share)
+    """The steps of ``mine`` (one attempt, in step order) within the build's share:
+    :func:`step_in_budget`, in O(n). ``ends`` is :func:`_ending_steps` of the build."""
     if not mine:
         return []
-    first = min(s.stepnr for s in mine)
-    previous_end = max((t.stepnr for t in steps if _ends_attempt(b, t) and t.stepnr < first), default=0)
-    return [
-        s for s in mine if budget.step_kept(limit, s.stepnr - previous_end, ends_attempt=_ends_attempt(b, s))
-    ]
+    share = budget.build_share(cfg.max_spans_per_trace, b.trace_builds, own_trace=placement(cfg, b).own_trace)
+    limit = budget.step_limit(share)
+    first, last = mine[0].stepnr, mine[-1].stepnr
+    previous_end = max((t.stepnr for t in ends if t.stepnr < first), default=0)
+    if budget.step_kept(limit, last - previous_end, ends_attempt=False):
+        return list(mine)  # even the last step fits by its place, so every step does (the usual build)
+    own = {t.stepnr for t in ends}  # step numbers are unique within a build
+    return [s for s in mine if budget.step_kept(limit, s.stepnr - previous_end, ends_attempt=s.stepnr in own)]
 
 
 def _queued_span(
@@ -443,6 +473,8 @@ def _build_links(
 
 def propagated_from(b: BuildFacts, steps: Sequence[StepFacts]) -> int | None:
     """The build whose failure was propagated to ``b``'s latest attempt, if any."""
+    if not any(s.propagated_from for s in steps):
+        return None  # the usual build, told without working out its attempts
     for s in _steps_of_attempt(b, steps, build_attempt(b, steps)):
         if s.propagated_from:
             return s.propagated_from
@@ -464,11 +496,12 @@ def step_span(
     info = status_info(s.status)
     status = info.span_status
     kind = "substitute" if s.type == 1 else "step"  # not "build": that names the build span
+    # Hydra knows a machine only by its URI from the machines file: it is both its ID and its name.
+    worker = s.machine or "localhost"
     pairs: list[tuple[str, AttrValue | None]] = [
         (sc.HYDRA_SPAN_TYPE, "step"),
-        # Hydra knows a machine only by its URI from the machines file: it is both its ID and its name.
-        (sc.CICD_WORKER_ID, s.machine or "localhost"),
-        (sc.CICD_WORKER_NAME, s.machine or "localhost"),
+        (sc.CICD_WORKER_ID, worker),
+        (sc.CICD_WORKER_NAME, worker),
         (sc.CICD_PIPELINE_TASK_RUN_RESULT, info.result),
         (sc.ERROR_TYPE, info.error_type),
         (sc.HYDRA_BUILD_ID, b.build_id),
@@ -491,12 +524,12 @@ def step_span(
         span_id=_step_id(cfg.instance, b.eval_id if b.in_eval_trace else None, b.build_id, s.stepnr),
         parent_span_id=parent_id,
         name=f"{kind} {derivation_name(s.drvpath)}",
-        kind=Kind.INTERNAL,
-        start_ns=seconds_ns(start),
-        end_ns=seconds_ns(end),
+        kind=_INTERNAL,
+        start_ns=start * 1_000_000_000,  # seconds_ns, inline: a call per field shows at this rate
+        end_ns=end * 1_000_000_000,
         attributes=present(pairs),
         status=status,
-        status_message=_step_status_message(s, info.name) if status is Status.ERROR else "",
+        status_message=_step_status_message(s, info.name) if status is _ERROR else "",
     )
 
 

@@ -34,14 +34,17 @@ class RecentSpans:
         """True if ``record`` should be exported (not an exact repeat of a recent one)."""
         key = (record.trace_id, record.span_id)
         digest = hash(record)
-        if self._seen.get(key) == digest:
-            self._seen.move_to_end(key)
+        seen = self._seen
+        known = seen.get(key)
+        if known == digest:
+            seen.move_to_end(key)
             self.skipped += 1
             return False
-        self._seen[key] = digest
-        self._seen.move_to_end(key)
-        if len(self._seen) > self._capacity:
-            self._seen.popitem(last=False)
+        seen[key] = digest
+        if known is not None:  # new content under known IDs: now the most recent entry
+            seen.move_to_end(key)
+        elif len(seen) > self._capacity:  # a new entry (appended last): the oldest goes
+            seen.popitem(last=False)
         return True
 
 

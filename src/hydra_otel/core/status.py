@@ -14,7 +14,7 @@ and they count in no error metric (docs/decisions/0005-cicd-results.md).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from hydra_otel.core import semconv as sc
 from hydra_otel.core.spans import Status
@@ -38,11 +38,12 @@ class StatusInfo:
     name: str  # Hydra's wording, lower case
     result: str  # cicd.pipeline.task.run.result
     error_type: str | None  # error.type when the span is an error; None otherwise
+    #: OK for success, ERROR for an error result, UNSET for cancellation and skip. Derived once:
+    #: every build and step span reads it.
+    span_status: Status = field(init=False, compare=False, repr=False)
 
-    @property
-    def span_status(self) -> Status:
-        """OK for success, ERROR for an error result, UNSET for cancellation and skip."""
-        return span_status(self.result)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "span_status", span_status(self.result))  # frozen: set once, here
 
 
 def span_status(result: str) -> Status:
@@ -69,9 +70,11 @@ STATUSES: dict[int, StatusInfo] = {
     13: StatusInfo("resolved to a content-addressed derivation", sc.RESULT_SUCCESS, None),
 }
 
+_UNKNOWN = StatusInfo("unknown", sc.RESULT_ERROR, "unknown_status")
+
 
 def status_info(code: int | None) -> StatusInfo:
     """The meaning of ``code``; unknown codes are errors named after their number."""
     if code is None:
-        return StatusInfo("unknown", sc.RESULT_ERROR, "unknown_status")
+        return _UNKNOWN
     return STATUSES.get(code) or StatusInfo(f"unknown status {code}", sc.RESULT_ERROR, f"status_{code}")

@@ -268,6 +268,8 @@ class Resolver:
         (sizes, status 6); the span exported then is the better one, so it is not overwritten.
         """
         rebuilt = {build_span_id(self.cfg, b, a) for a in range(build_attempt(b, rows))}
+        if not rebuilt:
+            return spans  # a first attempt (nearly every build): nothing was rebuilt
         return [
             s
             for s in spans
