@@ -107,7 +107,10 @@ def summarize(
                     "commit_to_last_span_s": last("eval") - commits["eval"],
                     "queries": f["eval"]["queries"],
                 },
-                "builds": {"commit_to_last_span_s": export_s},
+                "builds": {
+                    "commit_to_last_span_s": export_s,
+                    "committing_s": f.get("bursts_committing_s"),
+                },
                 "dependents": {"commit_to_last_span_s": last("dependents") - commits["dependents"]},
             },
             "lost": {
@@ -268,7 +271,8 @@ def table(r: dict[str, Any]) -> str:
         f"  daemon export, build bursts   {d['export']['rate_per_s']:>12,.0f} spans/s"
         f"  ({d['export']['spans']:,} spans; {d['export']['cpu_us_per_span']:.0f} µs CPU each)",
         f"  eval burst commit -> last span     {bursts['eval']['commit_to_last_span_s']:>8.2f} s",
-        f"  build bursts commit -> last span   {bursts['builds']['commit_to_last_span_s']:>8.2f} s",
+        f"  build bursts commit -> last span   {bursts['builds']['commit_to_last_span_s']:>8.2f} s"
+        f"  (the workload committed them in {bursts['builds']['committing_s'] or 0:.2f} s)",
         f"  dependents commit -> last span     {bursts['dependents']['commit_to_last_span_s']:>8.2f} s",
         f"  peak RSS (whole run)               {d['memory']['peak_run_mb']:>8.0f} MB",
         f"  latency at {d['latency']['offered_rate_per_s']:.0f} events/s      "

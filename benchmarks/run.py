@@ -56,6 +56,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--export-delay", type=float, default=1.0, help="the daemon's HYDRA_OTEL_EXPORT_DELAY")
     p.add_argument("--queue-size", type=int, help="the daemon's HYDRA_OTEL_QUEUE_SIZE (default: its own)")
     p.add_argument(
+        "--export-worker",
+        choices=("thread", "process"),
+        help="the daemon's HYDRA_OTEL_EXPORT_WORKER (default: its own)",
+    )
+    p.add_argument(
         "--hog",
         action="store_true",
         help="run everything (baselines included) with a CPU hog: a busy process taking one core",
@@ -137,6 +142,8 @@ def daemon_env(res: Resources, dsn: str, args: argparse.Namespace) -> dict[str, 
     )
     if args.queue_size:
         env["HYDRA_OTEL_QUEUE_SIZE"] = str(args.queue_size)
+    if args.export_worker:
+        env["HYDRA_OTEL_EXPORT_WORKER"] = args.export_worker
     return env
 
 
@@ -228,6 +235,7 @@ async def run(args: argparse.Namespace, res: Resources) -> dict[str, Any]:
         "export_delay_s": args.export_delay,
         "export_batch": BATCH,
         "queue_size": args.queue_size or "default (100000)",
+        "export_worker": args.export_worker or "default (thread)",
     }
     r = report.summarize(settings, ctx, baselines, end, arrivals)
     if PROFILES:
