@@ -267,7 +267,7 @@ def table(r: dict[str, Any]) -> str:
         f"  ({b['R_export']['cpu_us_per_span']:.0f} µs CPU each)",
         f"  R_export direct (own encoder) {b['R_export_direct']['rate_per_s']:>12,.0f} spans/s"
         f"  ({b['R_export_direct']['cpu_us_per_span']:.0f} µs CPU each; daemon at "
-        f"{d['export']['rate_per_s'] / max(1.0, b['R_export_direct']['rate_per_s']):.2f}x of it, no target)",
+        f"{d['export']['rate_per_s'] / max(1.0, b['R_export_direct']['rate_per_s']):.2f}x of it; target below)",
         f"  daemon export, build bursts   {d['export']['rate_per_s']:>12,.0f} spans/s"
         f"  ({d['export']['spans']:,} spans; {d['export']['cpu_us_per_span']:.0f} µs CPU each)",
         f"  eval burst commit -> last span     {bursts['eval']['commit_to_last_span_s']:>8.2f} s",

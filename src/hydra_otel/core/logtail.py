@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from hydra_otel.core import semconv as sc
-from hydra_otel.core.spans import Attributes, SpanEvent, SpanRecord
+from hydra_otel.core.spans import Attributes, SpanEvent, SpanRecord, Status
 
 DEFAULT_LOGS_DIR: Final = "/var/lib/hydra/build-logs"
 DEFAULT_MAX_LINES: Final = 50
@@ -114,6 +114,10 @@ def tail_request(record: SpanRecord, log_path: str | None = None) -> TailRequest
     Returns:
         The request, timed at the step's end.
     """
+    if record.status is Status.OK:
+        # A step's span is OK exactly for the statuses in _SUCCESS (core/status.py): most spans
+        # stop here, before their attributes are copied into a dict.
+        return None
     attrs = record.attrs()
     nr, build_id, status = (
         attrs.get(sc.HYDRA_STEP_NR),
