@@ -10,14 +10,17 @@ from __future__ import annotations
 import asyncio
 import math
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import trio
 
+from hydra_otel.adapters.otlp import Delivery
 from hydra_otel.adapters.otlp_metrics import MeteredSpanSink, MetricsSink, make_metric_exporter
 from hydra_otel.core.cicd_metrics import PIPELINE_RUN_ACTIVE, PIPELINE_RUN_ERRORS, SYSTEM_ERRORS, WORKER_COUNT
+from hydra_otel.core.spans import SpanRecord
 from hydra_otel.demo.sandbox.hydrasim import NewBuild
 from hydra_otel.demo.sandbox.receiver import GrpcOtlpReceiver, ReceivedSpan, attributes_dict
 from hydra_otel.pipeline.factories import export_settings, make_sink, otel_resource
@@ -38,7 +41,37 @@ def metrics_receiver() -> Iterator[GrpcMetricsLogsReceiver]:
         yield r
 
 
-StartMetered = Callable[[], Awaitable[MetricsSink]]
+class Watched:
+    """A span sink that says how many spans its inner sink has taken (the export call returned)."""
+
+    def __init__(self, inner: MeteredSpanSink) -> None:
+        self._inner = inner
+        self._changed = trio.Event()
+        self.exported = 0
+
+    async def export(self, batch: Sequence[SpanRecord]) -> Delivery:
+        delivery = await self._inner.export(batch)
+        self.exported += len(batch)
+        self._changed.set()
+        self._changed = trio.Event()
+        return delivery
+
+    async def wait_for(self, spans: int) -> None:
+        while self.exported < spans:
+            await self._changed.wait()
+
+    def shutdown(self) -> None:
+        self._inner.shutdown()
+
+
+class Metered(NamedTuple):
+    """The metrics pipeline of a started daemon."""
+
+    metrics: MetricsSink
+    sink: Watched
+
+
+StartMetered = Callable[[], Awaitable[Metered]]
 
 
 @pytest.fixture
@@ -53,16 +86,17 @@ async def start_metered(
     """Start the daemon with its metrics pipeline wired as ``run`` wires it, exporting only on flush."""
     services: list[Service] = []
 
-    async def start() -> MetricsSink:
+    async def start() -> Metered:
         cfg = daemon_config(hydra_db, f"http://{otlp_grpc.endpoint}", tmp_path)
         exporter = make_metric_exporter(export_settings(cfg), f"http://{metrics_receiver.endpoint}")
         metrics = MetricsSink(exporter, otel_resource(cfg), interval_s=math.inf)
-        service = Service(cfg=cfg, sink=MeteredSpanSink(make_sink(cfg), metrics), metrics=metrics)
+        sink = Watched(MeteredSpanSink(make_sink(cfg), metrics))
+        service = Service(cfg=cfg, sink=sink, metrics=metrics)
         nursery.start_soon(service.run)
         with trio.fail_after(15):
             await service.ready.wait()
         services.append(service)
-        return metrics
+        return Metered(metrics, sink)
 
     yield start
     for service in services:
@@ -92,7 +126,7 @@ async def test_results_status_and_error_metric_agree(
 ) -> None:
     """Cancelled and obsolete (skipped) builds: UNSET, cancellation/skip, no error.type; the error
     counters count exactly the ERROR spans (failed build as a pipeline error, aborted as a system one)."""
-    metrics = await start_metered()
+    metered = await start_metered()
     jobs = ["ok", "cancelled", "obsolete", "failed", "aborted"]
     _, ids, sql = hydra.sim.eval_added(
         1, "1.1", eval_start=T0, timestamp=T0 + 10, checkout_time=5, eval_time=12,
@@ -115,7 +149,10 @@ async def test_results_status_and_error_metric_agree(
         attrs = attributes_dict(builds[job].span.attributes)
         assert (builds[job].span.status.code, attrs["cicd.pipeline.task.run.result"]) == (code, result), job
         assert attrs.get("error.type") == error_type, job
-    got = await flushed(metrics, metrics_receiver)
+    # The receiver holds the spans before the export call returns and the sink counts them.
+    with trio.fail_after(10):
+        await metered.sink.wait_for(len(spans))
+    got = await flushed(metered.metrics, metrics_receiver)
     pipeline = {point_attributes(p)["error.type"]: p.as_int for p in sum_points(got, PIPELINE_RUN_ERRORS)}
     system = {point_attributes(p)["error.type"]: p.as_int for p in sum_points(got, SYSTEM_ERRORS)}
     assert (pipeline, system) == ({"build_failed": 1}, {"aborted": 1})
@@ -217,7 +254,7 @@ async def test_live_runs_and_busy_workers(
         hydra.sim.step_started(b2, 1, now=T0 + 30, machine="ssh://builder-1"),
         hydra.sim.step_started(b3, 1, now=T0 + 30, machine="ssh://builder-2"),
     )
-    got = await flushed(await start_metered(), metrics_receiver)
+    got = await flushed((await start_metered()).metrics, metrics_receiver)
     active = {
         str(point_attributes(p)["cicd.pipeline.name"]): p.as_int for p in sum_points(got, PIPELINE_RUN_ACTIVE)
     }
