@@ -178,3 +178,47 @@ async def test_a_burst_is_read_without_pauses(
     finally:
         await aio_as_trio(conn.close)()
     nursery.cancel_scope.cancel()
+
+
+async def test_a_stopped_listener_first_reads_what_waits_in_its_socket(
+    aio_loop: asyncio.AbstractEventLoop, hydra_db: str
+) -> None:
+    """A notification committed during a pause is handed on when the listener is stopped, not dropped
+    with the connection (the evaluator's live-only notifications cannot be found again)."""
+    send, receive = trio.open_memory_channel[db.ListenItem](100)
+    conn = await aio_as_trio(asyncpg.connect)(hydra_db)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                lambda task_status: db.run_listener(
+                    hydra_db,
+                    ["eval_failed"],
+                    send,
+                    stats=ListenStatistics(),
+                    backoff=Backoff(),
+                    read_linger=60.0,  # one read, then no other for a minute
+                    health_interval=600.0,  # and no probe that holds reading open
+                    task_status=task_status,
+                )
+            )
+            with trio.fail_after(10):
+                assert await receive.receive() == db.Resync("connected")
+                await aio_as_trio(conn.execute)("NOTIFY eval_failed, 'first'")
+                first = await receive.receive()
+            assert isinstance(first, db.RawNotification)
+            assert first.payload == "first"
+            await aio_as_trio(conn.execute)("NOTIFY eval_failed, 'waiting'")
+            nursery.cancel_scope.cancel()
+    finally:
+        await aio_as_trio(conn.close)()
+    rest = [item.payload for item in _queued(receive) if isinstance(item, db.RawNotification)]
+    assert rest == ["waiting"]
+
+
+def _queued(receive: trio.MemoryReceiveChannel[db.ListenItem]) -> list[db.ListenItem]:
+    items = []
+    while True:
+        try:
+            items.append(receive.receive_nowait())
+        except trio.WouldBlock:
+            return items

@@ -727,6 +727,8 @@ async def _session(
     direct = path is DeliveryPath.DIRECT
     conn = await _connect(dsn, **({"connection_class": _DirectNotifyConnection} if direct else {}))
     flags = _Flags()
+    listening = False
+    pacer: ReadPacer | None = None
     try:
         if getattr(conn.get_settings(), "server_encoding", "") == "SQL_ASCII":
             # Any role can NOTIFY bytes that are not UTF-8 into a SQL_ASCII database. With a UTF8
@@ -761,6 +763,7 @@ async def _session(
         for channel in channels:
             await aio_as_trio(conn.add_listener)(channel, _ignore if direct else public)
         pacer = _pace_reads(conn, read_linger)  # after LISTEN: set-up round trips are not held back
+        listening = True  # from here on, notifications may wait in the socket
         stats.connects += 1
         log.info("LISTEN active", extra={"channels": len(channels), "backend_pid": conn.get_server_pid()})
         await send.send(Resync("connected"))
@@ -772,9 +775,38 @@ async def _session(
             nursery.cancel_scope.cancel()
         raise DbUnavailable("LISTEN connection terminated")
     finally:
+        if listening and not flags.lost.is_set():
+            await _drain(conn, pacer, health_timeout)
         if direct:
             conn._notify_sink = None
         conn.terminate()  # sync abort: never await close() on a dead or hung connection
+
+
+async def _drain(conn: asyncpg.Connection, pacer: ReadPacer | None, within: float) -> None:
+    """Read what waits for this connection before it closes: the listener is being stopped.
+
+    A paused connection leaves notifications in the socket (up to the export delay's worth) and
+    the server may hold more; dropped at a graceful stop, the live-only ones (evaluator runs,
+    cached evaluations) would be lost for good. One round trip with reading open hands on every
+    notification the server sent before its answer. Shielded from the stop that got us here,
+    bounded by ``within`` seconds.
+    """
+    with trio.CancelScope(shield=True, deadline=trio.current_time() + within) as scope:
+        try:
+            with pacer.hold_open() if pacer else contextlib.nullcontext():
+                await aio_as_trio(conn.fetchval)("SELECT 1")
+        except Exception as exc:  # noqa: BLE001 - best effort: must not hide why the listener stops
+            log.warning(
+                "LISTEN connection failed while reading its last notifications before stopping; "
+                "the catch-up finds the builds and steps among them at the next start",
+                extra={"error": f"{type(exc).__name__}: {exc}"},
+            )
+    if scope.cancelled_caught:
+        log.warning(
+            "LISTEN connection did not answer within %.0f s while reading its last notifications "
+            "before stopping; the catch-up finds the builds and steps among them at the next start",
+            within,
+        )
 
 
 async def _health(
