@@ -803,9 +803,9 @@ async def _drain(conn: asyncpg.Connection, pacer: ReadPacer | None, within: floa
             )
     if scope.cancelled_caught:
         log.warning(
-            "LISTEN connection did not answer within %.0f s while reading its last notifications "
-            "before stopping; the catch-up finds the builds and steps among them at the next start",
-            within,
+            "LISTEN connection did not answer in time while reading its last notifications before "
+            "stopping; the catch-up finds the builds and steps among them at the next start",
+            extra={"timeout_s": within},
         )
 
 
