@@ -211,7 +211,7 @@ async def test_failed_step_gets_a_span_event_when_logs_export_is_off(tmp_path: P
     assert event.time_ns == failed.end_ns
     assert dict(event.attributes)["hydra.step.log_tail"] == expected_tail()
     assert dict(event.attributes)["log.file.path"] == hydra_log_path(str(tmp_path), DRV)
-    assert dataclasses.replace(out[1], events=()) == failed
+    assert out[1]._replace(events=()) == failed
     assert logs.stats.snapshot() == {"outcomes": {"found": 1}, "refused": {}, "skipped": 0}
 
 

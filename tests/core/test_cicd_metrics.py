@@ -258,9 +258,7 @@ def test_live_step_before_its_build_has_no_pipeline_name() -> None:
 def test_step_carrying_pipeline_name_keeps_it() -> None:
     """A step span that carries ``cicd.pipeline.name`` itself needs no build span for it."""
     live = step_span(CFG, BUILD, STEPS[1], 0)
-    tagged = dataclasses.replace(
-        live, attributes=(*live.attributes, (sc.CICD_PIPELINE_NAME, "nixpkgs:trunk"))
-    )
+    tagged = live._replace(attributes=(*live.attributes, (sc.CICD_PIPELINE_NAME, "nixpkgs:trunk")))
     (obs,) = MetricDeriver().observe([tagged])
     assert dict(obs.attributes)["cicd.pipeline.name"] == "nixpkgs:trunk"
 

@@ -191,9 +191,7 @@ def test_request_agrees_with_the_step_status(status: int | None) -> None:
 def test_no_request_for_other_spans() -> None:
     """A span that is not a step (no step number or status) gets no request."""
     span = step_span(CFG, BUILD, STEP, 0)
-    stripped = dataclasses.replace(
-        span, attributes=tuple(a for a in span.attributes if a[0] != sc.HYDRA_STEP_NR)
-    )
+    stripped = span._replace(attributes=tuple(a for a in span.attributes if a[0] != sc.HYDRA_STEP_NR))
     assert tail_request(stripped) is None
 
 

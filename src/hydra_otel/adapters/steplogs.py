@@ -585,7 +585,7 @@ class StepLogs:
             else:
                 record = out[index]
                 event = log_tail_event(result.tail, request.at_ns)
-                out[index] = dataclasses.replace(record, events=(*record.events, event))
+                out[index] = record._replace(events=(*record.events, event))
         return out
 
     async def _read(self, candidates: list[tuple[LogLocation, ...]]) -> list[TailResult | None]:

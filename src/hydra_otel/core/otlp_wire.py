@@ -57,9 +57,11 @@ _FIXED64 = struct.Struct("<Q")
 _DOUBLE = struct.Struct("<d")
 
 #: Encoded attributes are remembered per key. Most keys take few values (status names, systems,
-#: machines, span types, projects), and those are encoded once. A key that shows more than
-#: ``_VALUES_PER_KEY`` values (derivation paths, URLs, IDs) is not cached any more, and long
-#: values (error texts, log tails) never are, so the cache stays under a few MB.
+#: machines, span types, projects), and those are encoded once. A key's memory holds
+#: ``_VALUES_PER_KEY`` values at most and starts afresh when full, so for keys of many values
+#: (build IDs, derivation paths) it keeps the recent ones: a build's ID is on each of its spans,
+#: which are encoded together. Long values (error texts, log tails) are never kept, so the cache
+#: stays under a few MB.
 _VALUES_PER_KEY = 256
 _CACHE_ITEM_LIMIT = 256
 
@@ -81,9 +83,6 @@ class _UnfitError(Exception):
 
 #: What encoding an unchecked value can raise: each sends the span to :func:`sanitize.repair`.
 _UNFIT = (_UnfitError, ValueError, TypeError, OverflowError, AttributeError, KeyError, struct.error)
-
-
-_NEW: dict[tuple[type, AttrValue], bytes] = {}  # marks a key not seen yet (never filled)
 
 
 def _varint(n: int) -> bytes:
@@ -136,7 +135,8 @@ class SpanEncoder:
     """
 
     def __init__(self, resource: Attributes, scope_name: str, scope_version: str) -> None:
-        self._cache: dict[tuple[bytes, str], dict[tuple[type, AttrValue], bytes] | None] = {}
+        #: (tag, key) -> the key's encoded field and its values' encoded ``KeyValue`` fields.
+        self._cache: dict[tuple[bytes, str], tuple[bytes, dict[tuple[type, AttrValue], bytes]]] = {}
         #: Spans encoded from a repaired copy, since this encoder was made, and the latest of them.
         self.repaired = 0
         self.last_repair = ""
@@ -209,34 +209,47 @@ class SpanEncoder:
         return body
 
     def _span(self, r: SpanRecord) -> bytes:
+        # One unpacking of the record's tuple costs less than reading its fields one by one.
+        (
+            trace_id,
+            span_id,
+            parent,
+            name,
+            kind,
+            start_ns,
+            end_ns,
+            attributes,
+            status,
+            message,
+            events,
+            links,
+        ) = r
         # What the wire format would take but OTLP forbids: to_bytes() and pack() refuse the rest
         # (negative or oversized IDs and times).
-        if not (
-            0 <= r.start_ns <= r.end_ns < TIME_MAX_NS and r.trace_id and r.span_id and r.parent_span_id != 0
-        ):
+        if not (0 <= start_ns <= end_ns < TIME_MAX_NS and trace_id and span_id and parent != 0):
             raise _UnfitError("IDs or times")
         parts = [
-            b"\x0a\x10" + r.trace_id.to_bytes(16, "big"),  # trace_id (1)
-            b"\x12\x08" + r.span_id.to_bytes(8, "big"),  # span_id (2)
+            b"\x0a\x10" + trace_id.to_bytes(16, "big"),  # trace_id (1)
+            b"\x12\x08" + span_id.to_bytes(8, "big"),  # span_id (2)
         ]
-        if r.parent_span_id is not None:
-            parts.append(b"\x22\x08" + r.parent_span_id.to_bytes(8, "big"))  # parent_span_id (4)
-        if r.name:
-            if len(r.name) > NAME_LIMIT or "\x00" in r.name:
+        if parent is not None:
+            parts.append(b"\x22\x08" + parent.to_bytes(8, "big"))  # parent_span_id (4)
+        if name:
+            if len(name) > NAME_LIMIT or "\x00" in name:
                 raise _UnfitError("name")
-            parts.append(_field(b"\x2a", r.name.encode()))  # name (5)
-        parts.append(_SPAN_KINDS[r.kind])
-        if r.start_ns:
-            parts.append(b"\x39" + _FIXED64.pack(r.start_ns))  # start_time_unix_nano (7)
-        if r.end_ns:
-            parts.append(b"\x41" + _FIXED64.pack(r.end_ns))  # end_time_unix_nano (8)
-        parts.append(self._attributes(b"\x4a", r.attributes))  # attributes (9)
-        if r.events or r.links:
-            if len(r.events) > EVENT_COUNT_LIMIT or len(r.links) > LINK_COUNT_LIMIT:
+            parts.append(_field(b"\x2a", name.encode()))  # name (5)
+        parts.append(_SPAN_KINDS[kind])
+        if start_ns:
+            parts.append(b"\x39" + _FIXED64.pack(start_ns))  # start_time_unix_nano (7)
+        if end_ns:
+            parts.append(b"\x41" + _FIXED64.pack(end_ns))  # end_time_unix_nano (8)
+        parts.append(self._attributes(b"\x4a", attributes))  # attributes (9)
+        if events or links:
+            if len(events) > EVENT_COUNT_LIMIT or len(links) > LINK_COUNT_LIMIT:
                 raise _UnfitError("events or links")
-            parts.extend(self._event(e) for e in r.events)  # events (11)
-            parts.extend(self._link(lk) for lk in r.links)  # links (13)
-        parts.append(_status(r.status, r.status_message))  # status (15)
+            parts.extend(self._event(e) for e in events)  # events (11)
+            parts.extend(self._link(lk) for lk in links)  # links (13)
+        parts.append(_status(status, message))  # status (15)
         parts.append(_SPAN_FLAGS)
         return b"".join(parts)
 
@@ -247,21 +260,20 @@ class SpanEncoder:
         cache = self._cache
         out = []
         for key, value in attributes:
-            values = cache.get((tag, key), _NEW)
-            # The class too: True == 1 == 1.0 as dict keys.
-            encoded = None if values is None else values.get((value.__class__, value))
-            if encoded is None:
+            entry = cache.get((tag, key))
+            if entry is None:  # a key seen for the first time: checked and encoded once
                 if len(key) > KEY_LIMIT or "\x00" in key:
                     raise _UnfitError(key)
-                kv = (_field(b"\x0a", key.encode()) if key else b"") + _field(b"\x12", _any_value(value))
-                encoded = _field(tag, kv)
-                if values is _NEW:
-                    values = cache[(tag, key)] = {}
-                if values is not None and len(encoded) <= _CACHE_ITEM_LIMIT:
-                    if len(values) < _VALUES_PER_KEY:
-                        values[(value.__class__, value)] = encoded
-                    else:
-                        cache[(tag, key)] = None  # a key of many values: stop caching it
+                entry = cache[(tag, key)] = (_field(b"\x0a", key.encode()) if key else b"", {})
+            prefix, values = entry
+            # The class too: True == 1 == 1.0 as dict keys.
+            encoded = values.get((value.__class__, value))
+            if encoded is None:
+                encoded = _field(tag, prefix + _field(b"\x12", _any_value(value)))
+                if len(encoded) <= _CACHE_ITEM_LIMIT:
+                    if len(values) >= _VALUES_PER_KEY:
+                        values.clear()  # a key of many values: the recent ones are the ones that recur
+                    values[(value.__class__, value)] = encoded
             out.append(encoded)
         return b"".join(out)
 

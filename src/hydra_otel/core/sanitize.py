@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TypeGuard, TypeVar
 
 from hydra_otel.core.spans import (
@@ -192,8 +192,7 @@ def repair(r: SpanRecord) -> SpanRecord:
         parent = None
     elif parent is not None:
         parent = fix.ident(parent, _ID64, "parent span ID")
-    fixed = replace(
-        r,
+    fixed = r._replace(
         trace_id=fix.ident(r.trace_id, _ID128, "trace ID"),
         span_id=fix.ident(r.span_id, _ID64, "span ID"),
         parent_span_id=parent,
@@ -209,7 +208,7 @@ def repair(r: SpanRecord) -> SpanRecord:
     )
     if not fix.issues:
         return r
-    return replace(fixed, attributes=_with_issues(fixed.attributes, fix.issues))
+    return fixed._replace(attributes=_with_issues(fixed.attributes, fix.issues))
 
 
 def stub(r: SpanRecord) -> SpanRecord:
