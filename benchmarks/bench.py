@@ -182,7 +182,7 @@ async def build_bursts(ctx: Ctx) -> None:
     """20,000 builds finishing with 3 steps each, committed in bursts back to back; then the dependents."""
     assert ctx.daemon is not None
     lay, pid = ctx.lay, ctx.daemon.pid
-    off, cpu0 = ctx.qlog.offset(), procs.cpu_seconds(pid)
+    off, cpu0, threads0 = ctx.qlog.offset(), procs.cpu_seconds(pid), procs.cpu_by_thread(pid)
     for i, builds in enumerate(lay.bursts()):
         t = await ctx.commit(w.burst_sql(lay, builds), 4 * len(builds))
         if i == 0:
@@ -191,6 +191,7 @@ async def build_bursts(ctx: Ctx) -> None:
     ctx.figures["bursts_committing_s"] = t - ctx.commits["bursts"]
     ctx.wait("bursts", ctx.spans["bursts"])
     ctx.figures["bursts_cpu_s"] = procs.cpu_seconds(pid) - cpu0
+    ctx.figures["bursts_cpu_threads"] = procs.thread_shares(threads0, procs.cpu_by_thread(pid))
     sql, n = w.dependents_sql(lay)
     ctx.commits["dependents"] = await ctx.commit(sql, n)
     ctx.wait("dependents", ctx.spans["dependents"])
@@ -204,6 +205,7 @@ async def steady(ctx: Ctx) -> None:
     lay = ctx.lay
     assert ctx.daemon is not None
     off, cpu0 = ctx.qlog.offset(), procs.cpu_seconds(ctx.daemon.pid)
+    threads0 = procs.cpu_by_thread(ctx.daemon.pid)
     start = time.monotonic()
     for i, b in enumerate(lay.steady()):
         delay = start + i / lay.sizes.rate - time.monotonic()
@@ -216,6 +218,7 @@ async def steady(ctx: Ctx) -> None:
     ctx.figures["steady_cpu_percent"] = (
         100 * (procs.cpu_seconds(ctx.daemon.pid) - cpu0) / (time.monotonic() - start)
     )
+    ctx.figures["steady_cpu_threads"] = procs.thread_shares(threads0, procs.cpu_by_thread(ctx.daemon.pid))
     ctx.wait("steady", [s for b in lay.steady() for s in ctx.spans[f"build:{b}"]])
     await asyncio.sleep(0.5)
     ctx.figures["steady_queries"] = dict(ctx.qlog.count(off))

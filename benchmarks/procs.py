@@ -226,6 +226,39 @@ def cpu_seconds(pid: int) -> float:
     return total / _TICK
 
 
+def cpu_by_thread(pid: int) -> dict[str, float]:
+    """CPU seconds so far of each thread of ``pid`` (summed by thread name), and of its live children.
+
+    Names as the kernel has them: "python" for the Trio thread (the main one), "Trio thread N"
+    for trio's worker threads (the export worker), gRPC's own threads by theirs; a child
+    process counts as one entry, "child <name>".
+    """
+    out: dict[str, float] = {}
+    for i, p in enumerate(family(pid)):
+        tasks = Path(f"/proc/{p}/task")
+        try:
+            stats = (
+                [(t / "stat").read_text() for t in tasks.iterdir()]
+                if i == 0
+                else [Path(f"/proc/{p}/stat").read_text()]
+            )
+        except OSError:
+            continue
+        for stat in stats:
+            name = stat[stat.index("(") + 1 : stat.rindex(")")]
+            fields = stat.rsplit(")", 1)[1].split()
+            key = name if i == 0 else f"child {name}"
+            out[key] = out.get(key, 0.0) + (int(fields[11]) + int(fields[12])) / _TICK
+    return out
+
+
+def thread_shares(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Each thread's share of the CPU spent between two :func:`cpu_by_thread` readings, largest first."""
+    spent = {k: v - before.get(k, 0.0) for k, v in after.items()}
+    total = sum(spent.values()) or 1.0
+    return dict(sorted(((k, v / total) for k, v in spent.items() if v > 0), key=lambda kv: -kv[1]))
+
+
 def memory_kb(pid: int, pids: list[int] | None = None) -> dict[str, int]:
     """VmRSS and VmHWM (peak RSS) in kB, summed over ``pid`` and its live descendants (or ``pids``)."""
     out = {"VmRSS": 0, "VmHWM": 0}

@@ -101,6 +101,7 @@ def summarize(
                 "rate_per_s": n_spans / export_s,
                 "cpu_s": f["bursts_cpu_s"],
                 "cpu_us_per_span": 1e6 * f["bursts_cpu_s"] / n_spans,
+                "cpu_share_by_thread": f["bursts_cpu_threads"],
             },
             "bursts": {
                 "eval": {
@@ -150,6 +151,7 @@ def summarize(
                 "max_s": max(lat_ok, default=float("nan")),
                 "idle_single_build_s": idle_lat,
                 "cpu_percent_of_core": f["steady_cpu_percent"],
+                "cpu_share_by_thread": f["steady_cpu_threads"],
             },
             "idle_cpu": f["idle_cpu"],
             "stats": stats,
@@ -249,6 +251,17 @@ def _issue17_targets(r: dict[str, Any]) -> list[Target]:
     ]
 
 
+def _shares(shares: dict[str, float]) -> str:
+    """Thread shares as "Trio thread 70%, worker threads 25%, ...": the main thread is the Trio thread,
+    trio's worker threads (export in thread mode, state dir writes) are summed."""
+    named: dict[str, float] = {}
+    for k, v in shares.items():
+        label = "Trio thread" if k == "python" else "worker threads" if k.startswith("Trio thread") else k
+        named[label] = named.get(label, 0.0) + v
+    top = sorted(named.items(), key=lambda kv: -kv[1])[:4]
+    return ", ".join(f"{k} {100 * v:.0f}%" for k, v in top) or "n/a"
+
+
 def table(r: dict[str, Any]) -> str:
     """The figures and the PASS/FAIL table, as text."""
     d, b = r["daemon"], r["baselines"]
@@ -270,6 +283,7 @@ def table(r: dict[str, Any]) -> str:
         f"{d['export']['rate_per_s'] / max(1.0, b['R_export_direct']['rate_per_s']):.2f}x of it; target below)",
         f"  daemon export, build bursts   {d['export']['rate_per_s']:>12,.0f} spans/s"
         f"  ({d['export']['spans']:,} spans; {d['export']['cpu_us_per_span']:.0f} µs CPU each)",
+        f"  CPU by thread, build bursts        {_shares(d['export']['cpu_share_by_thread'])}",
         f"  eval burst commit -> last span     {bursts['eval']['commit_to_last_span_s']:>8.2f} s",
         f"  build bursts commit -> last span   {bursts['builds']['commit_to_last_span_s']:>8.2f} s"
         f"  (the workload committed them in {bursts['builds']['committing_s'] or 0:.2f} s)",
@@ -278,6 +292,7 @@ def table(r: dict[str, Any]) -> str:
         f"  latency at {d['latency']['offered_rate_per_s']:.0f} events/s      "
         f"p50 {d['latency']['p50_s']:.2f} s, p99 {d['latency']['p99_s']:.2f} s, max {d['latency']['max_s']:.2f} s; "
         f"CPU {d['latency']['cpu_percent_of_core']:.1f}% of a core",
+        f"  CPU by thread, steady              {_shares(d['latency']['cpu_share_by_thread'])}",
         f"  lost: {d['lost']['notifications_missing']:,} of {d['lost']['notifications_sent']:,} notifications, "
         f"{d['lost']['spans_missing']:,} of {d['lost']['spans_expected']:,} spans; resyncs {d['lost']['resyncs']}",
         f"  queries by kind (whole run)        {d['queries']['run']}",
