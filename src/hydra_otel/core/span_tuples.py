@@ -2,7 +2,7 @@
 
 Theory of operation: the export process (adapters/export_process.py) encodes and sends
 spans the daemon's Trio process rendered, so every span crosses a pipe. Pickling a list
-of :class:`SpanRecord` costs about as much as encoding it (each frozen dataclass and
+of :class:`SpanRecord` costs about as much as encoding it (each record, event, link and
 enum member is reduced and rebuilt by name), which would give back most of what the
 second core saves. A record flattened to a tuple of ints, strings and tuples, and the
 list written with ``marshal``, costs a third of that in the parent: marshal writes
