@@ -202,7 +202,7 @@ async def test_failed_step_gets_a_span_event_when_logs_export_is_off(tmp_path: P
     """Without a log sink, the failed step's span comes back with a log-tail event; others are untouched."""
     write_log(tmp_path, LINES, ".bz2")
     failed = step_span(CFG, BUILD, STEP, 0)
-    ok = step_span(CFG, BUILD, dataclasses.replace(STEP, stepnr=1, status=0), 0)
+    ok = step_span(CFG, BUILD, STEP._replace(stepnr=1, status=0), 0)
     logs = StepLogs(settings(tmp_path))
     out = await logs.process([ok, failed])
     assert out[0] == ok
@@ -234,7 +234,7 @@ async def test_notified_log_path_is_not_read(tmp_path: Path) -> None:
 
 async def test_missing_log_and_batch_bound(tmp_path: Path) -> None:
     """A missing log leaves the span as it was; failed steps beyond max_per_batch are skipped and counted."""
-    spans = [step_span(CFG, BUILD, dataclasses.replace(STEP, stepnr=n), 0) for n in range(1, 4)]
+    spans = [step_span(CFG, BUILD, STEP._replace(stepnr=n), 0) for n in range(1, 4)]
     logs = StepLogs(settings(tmp_path, max_per_batch=2))
     assert await logs.process(spans) == spans
     assert logs.stats.snapshot() == {"outcomes": {"missing": 2}, "refused": {}, "skipped": 1}

@@ -9,7 +9,6 @@ so a regression fails the test instead of hanging it.
 from __future__ import annotations
 
 import bz2
-import dataclasses
 import logging
 import os
 import socket
@@ -310,7 +309,7 @@ async def test_refusals_are_counted_and_logged_once(tmp_path: Path, caplog: pyte
     root = logs_dir(tmp_path)
     os.mkfifo(laid_out(root))
     logs = StepLogs(settings(root))
-    spans = [step_span(CFG, BUILD, dataclasses.replace(STEP, stepnr=n), 0) for n in range(1, 6)]
+    spans = [step_span(CFG, BUILD, STEP._replace(stepnr=n), 0) for n in range(1, 6)]
     with caplog.at_level(logging.WARNING, "hydra_otel.steplogs"), trio.fail_after(5):
         assert await logs.process(spans) == spans
         assert await logs.process(spans) == spans
@@ -327,7 +326,7 @@ async def test_refusals_are_counted_and_logged_once(tmp_path: Path, caplog: pyte
 async def test_bad_derivation_path_is_refused(tmp_path: Path) -> None:
     """A step row whose derivation path names no file is refused (nothing is opened)."""
     root = logs_dir(tmp_path)
-    odd = dataclasses.replace(STEP, drvpath="/nix/store/..")
+    odd = STEP._replace(drvpath="/nix/store/..")
     logs = StepLogs(settings(root))
     span = step_span(CFG, BUILD, odd, 0)
     assert await logs.process([span]) == [span]

@@ -17,7 +17,6 @@ have a span, and every parent must exist. The backfill's rendering is compared w
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -111,8 +110,7 @@ def finish(status: int, stop: int) -> Action:
     def act(rows: Rows) -> tuple[str, int]:
         top = max((s for s in rows.steps.values() if s.drvpath == DRV), key=lambda s: s.stepnr)
         done = status == 0
-        rows.build = dataclasses.replace(
-            rows.build,
+        rows.build = rows.build._replace(
             finished=True,
             status=status,
             starttime=top.starttime,
@@ -128,7 +126,7 @@ def finish(status: int, stop: int) -> Action:
 
 def restart(rows: Rows) -> tuple[str, int]:
     """The web UI's restart: only ``finished`` (and ``iscachedbuild``) change; builds_restarted fires."""
-    rows.build = dataclasses.replace(rows.build, finished=False, cached=False)
+    rows.build = rows.build._replace(finished=False, cached=False)
     return "trigger", 0
 
 
@@ -141,10 +139,10 @@ def cancel(at: int, *, killing: int) -> Action:
     """
 
     def act(rows: Rows) -> tuple[str, int]:
-        rows.build = dataclasses.replace(
-            rows.build, finished=True, status=4, starttime=T0 + at, stoptime=T0 + at, cached=False
+        rows.build = rows.build._replace(
+            finished=True, status=4, starttime=T0 + at, stoptime=T0 + at, cached=False
         )
-        rows.steps[killing] = dataclasses.replace(rows.steps[killing], status=4, stoptime=T0 + at)
+        rows.steps[killing] = rows.steps[killing]._replace(status=4, stoptime=T0 + at)
         return "trigger", 0
 
     return act

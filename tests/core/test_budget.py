@@ -113,12 +113,10 @@ def test_restart_gets_a_new_share() -> None:
     """After a restart, the new attempt's steps count from the step that ended the previous attempt."""
     b, first = big_build(10, trace_builds=1000)
     rerun = [
-        dataclasses.replace(
-            s, stepnr=s.stepnr + 10, starttime=T0 + 100 + s.stepnr, stoptime=T0 + 101 + s.stepnr
-        )
+        s._replace(stepnr=s.stepnr + 10, starttime=T0 + 100 + s.stepnr, stoptime=T0 + 101 + s.stepnr)
         for s in first
     ]
-    b = dataclasses.replace(b, stoptime=T0 + 111)
+    b = b._replace(stoptime=T0 + 111)
     spans = build_spans(CFG, b, [*first, *rerun])
     assert spans[0].attrs().get(sc.HYDRA_BUILD_ATTEMPT) == 1
     latest = [s for s in spans if s.parent_span_id == spans[0].span_id]

@@ -63,8 +63,8 @@ TOP = make_step(
     stepnr=2, drvpath=DRV, machine="ssh://builder1", overhead_ms=1_234, times_built=1, nondeterministic=False
 )
 # A dependency fetched from a binary cache on the local machine ("" in buildsteps.machine).
-SUBST = dataclasses.replace(
-    TOP, stepnr=1, type=1, drvpath=DEP, starttime=T0 + 60, stoptime=T0 + 70, machine="", overhead_ms=None
+SUBST = TOP._replace(
+    stepnr=1, type=1, drvpath=DEP, starttime=T0 + 60, stoptime=T0 + 70, machine="", overhead_ms=None
 )
 
 
@@ -155,7 +155,7 @@ def test_build_in_eval_trace_hangs_under_the_eval_root() -> None:
 
 def test_build_beyond_budget_is_a_linked_root() -> None:
     """Beyond the budget, a build roots its own trace and links back to the evaluation's root."""
-    b = dataclasses.replace(BUILD, in_eval_trace=False)
+    b = BUILD._replace(in_eval_trace=False)
     key = ids.build_trace("hydra", 100)
     assert placement(CFG, b) == Placement(key, None, True)
     root, _, *steps = build_spans(CFG, b, [SUBST, TOP])
@@ -171,7 +171,7 @@ def test_build_beyond_budget_is_a_linked_root() -> None:
 
 def test_build_without_eval_is_an_unlinked_root() -> None:
     """A build no evaluation contains roots its own trace, with no link and no eval ID."""
-    b = dataclasses.replace(BUILD, eval_id=None)
+    b = BUILD._replace(eval_id=None)
     key = ids.build_trace("hydra", 100)
     assert placement(CFG, b) == Placement(key, None, True)
     (root, *_) = build_spans(CFG, b, [SUBST, TOP])
@@ -191,10 +191,10 @@ def test_first_attempt_is_zero() -> None:
 
 
 # Attempt 0 failed at T0+100; the build was restarted and built again from T0+1000 to T0+1200.
-FAILED_TOP = dataclasses.replace(TOP, status=1, starttime=T0 + 80, stoptime=T0 + 100)
-RERUN_DEP = dataclasses.replace(SUBST, stepnr=3, starttime=T0 + 1000, stoptime=T0 + 1010)
-RERUN_TOP = dataclasses.replace(TOP, stepnr=4, starttime=T0 + 1020, stoptime=T0 + 1200)
-RESTARTED = dataclasses.replace(BUILD, starttime=T0 + 1020, stoptime=T0 + 1200)
+FAILED_TOP = TOP._replace(status=1, starttime=T0 + 80, stoptime=T0 + 100)
+RERUN_DEP = SUBST._replace(stepnr=3, starttime=T0 + 1000, stoptime=T0 + 1010)
+RERUN_TOP = TOP._replace(stepnr=4, starttime=T0 + 1020, stoptime=T0 + 1200)
+RESTARTED = BUILD._replace(starttime=T0 + 1020, stoptime=T0 + 1200)
 RESTARTED_STEPS = [SUBST, FAILED_TOP, RERUN_DEP, RERUN_TOP]
 
 
@@ -206,28 +206,24 @@ def test_restart_starts_attempt_one() -> None:
 
 def test_propagated_step_of_own_derivation_does_not_end_an_attempt() -> None:
     """A propagated failure row for the build's own derivation is not a top-level step."""
-    propagated = dataclasses.replace(
-        FAILED_TOP, stepnr=1, propagated_from=7, starttime=None, stoptime=T0 + 100
-    )
-    steps = [propagated, dataclasses.replace(TOP, stepnr=2)]
+    propagated = FAILED_TOP._replace(stepnr=1, propagated_from=7, starttime=None, stoptime=T0 + 100)
+    steps = [propagated, TOP._replace(stepnr=2)]
     assert step_attempt(BUILD, steps, 2) == 0
     assert build_attempt(BUILD, steps) == 0
 
 
 def test_dependency_steps_do_not_end_an_attempt() -> None:
     """Finished steps of other derivations never count, however many precede the build's finish."""
-    deps = [
-        dataclasses.replace(SUBST, stepnr=n, type=0, starttime=T0 + n, stoptime=T0 + n) for n in (1, 2, 3)
-    ]
-    steps = [*deps, dataclasses.replace(TOP, stepnr=4)]
+    deps = [SUBST._replace(stepnr=n, type=0, starttime=T0 + n, stoptime=T0 + n) for n in (1, 2, 3)]
+    steps = [*deps, TOP._replace(stepnr=4)]
     assert [step_attempt(BUILD, steps, n) for n in (1, 2, 3, 4)] == [0, 0, 0, 0]
     assert build_attempt(BUILD, steps) == 0
 
 
 def test_running_top_level_step_does_not_end_an_attempt() -> None:
     """A top-level step still running (status NULL) has not ended its attempt."""
-    running = dataclasses.replace(TOP, stepnr=1, status=None, stoptime=None)
-    later = dataclasses.replace(SUBST, stepnr=2)
+    running = TOP._replace(stepnr=1, status=None, stoptime=None)
+    later = SUBST._replace(stepnr=2)
     assert step_attempt(BUILD, [running, later], 2) == 0
     assert build_attempt(BUILD, [running, later]) == 0
 
@@ -311,8 +307,8 @@ def test_successful_build_spans() -> None:
 def test_failed_build_spans() -> None:
     """A failed build and step are errors named after Hydra's status, with the error text truncated."""
     text = "builder for '/nix/store/...-hello-2.12.drv' failed with exit code 1\n" + "x" * 200
-    b = dataclasses.replace(BUILD, status=1)
-    top = dataclasses.replace(TOP, status=1, errormsg=text)
+    b = BUILD._replace(status=1)
+    top = TOP._replace(status=1, errormsg=text)
     build, _, _, step = build_spans(CFG, b, [SUBST, top])
     assert (build.status, build.status_message) == (Status.ERROR, "failed")
     assert build.attrs()[sc.ERROR_TYPE] == "build_failed"
@@ -330,8 +326,7 @@ def test_failed_build_spans() -> None:
 
 def test_dependency_failed_build_links_its_cause() -> None:
     """A dependent's propagated step (NULL times) sits at the build's stop time; the build links its cause."""
-    dependent = dataclasses.replace(
-        BUILD,
+    dependent = BUILD._replace(
         build_id=101,
         job="app.x86_64-linux",
         nixname="app-1.0",
@@ -339,8 +334,8 @@ def test_dependency_failed_build_links_its_cause() -> None:
         timestamp=T0 + 5,
         status=2,
     )
-    propagated = dataclasses.replace(
-        FAILED_TOP, build_id=101, stepnr=1, starttime=None, stoptime=None, machine="", propagated_from=100
+    propagated = FAILED_TOP._replace(
+        build_id=101, stepnr=1, starttime=None, stoptime=None, machine="", propagated_from=100
     )
     assert propagated_from(dependent, [propagated]) == 100
     assert propagated_from(BUILD, [SUBST, TOP]) is None
@@ -373,7 +368,7 @@ def test_cause_attempt_is_the_one_that_failed_then() -> None:
 
 def test_cached_build_is_a_single_span() -> None:
     """A build finished by another build's step has no steps, hence no queued span."""
-    b = dataclasses.replace(BUILD, cached=True, starttime=T0 + 300)
+    b = BUILD._replace(cached=True, starttime=T0 + 300)
     (build,) = build_spans(CFG, b, [])
     assert (build.start_ns, build.end_ns) == (T0 * S, (T0 + 300) * S)
     assert build.attrs()[sc.HYDRA_BUILD_CACHED] is True
@@ -383,7 +378,7 @@ def test_cached_build_is_a_single_span() -> None:
 def test_restarted_build_renders_its_latest_attempt_then_the_earlier_one() -> None:
     """The second finish is a new span in the same trace, starting at the attempt's first step; the first
     attempt comes again, rebuilt from its steps, equal to its rendering when the row held it."""
-    failed = dataclasses.replace(BUILD, status=1, stoptime=T0 + 100, size=None, closure_size=None)
+    failed = BUILD._replace(status=1, stoptime=T0 + 100, size=None, closure_size=None)
     first = build_spans(CFG, failed, [SUBST, FAILED_TOP])
     second = build_spans(CFG, RESTARTED, RESTARTED_STEPS)
     assert first[0].attrs()[sc.HYDRA_BUILD_ATTEMPT] == 0
@@ -406,19 +401,19 @@ def test_restarted_build_renders_its_latest_attempt_then_the_earlier_one() -> No
 def test_build_without_a_recorded_finish_is_refused() -> None:
     """Rendering a build that never finished (no stop time) is a caller error."""
     with pytest.raises(ValueError, match="build 100 has no recorded finish"):
-        build_spans(CFG, dataclasses.replace(BUILD, stoptime=None), [SUBST, TOP])
+        build_spans(CFG, BUILD._replace(stoptime=None), [SUBST, TOP])
 
 
 def test_restarted_build_renders_its_last_finish() -> None:
     """A build restarted after build_finished (finished = 0, old values kept) renders that finish, identically."""
-    restarted = dataclasses.replace(BUILD, finished=False)
+    restarted = BUILD._replace(finished=False)
     assert build_spans(CFG, restarted, [SUBST, TOP]) == build_spans(CFG, BUILD, [SUBST, TOP])
 
 
 def test_build_spans_are_a_pure_function_of_rows() -> None:
     """Rendering twice, from copies or rows in another order, gives equal records with equal reprs."""
     once = build_spans(CFG, BUILD, [SUBST, TOP])
-    again = build_spans(CFG, dataclasses.replace(BUILD), [TOP, dataclasses.replace(SUBST)])
+    again = build_spans(CFG, BUILD._replace(), [TOP, SUBST._replace()])
     assert once == again
     assert repr(once).encode() == repr(again).encode()
     assert [hash(r) for r in once] == [hash(r) for r in again]
@@ -426,7 +421,7 @@ def test_build_spans_are_a_pure_function_of_rows() -> None:
 
 def test_live_step_span_equals_the_one_rendered_with_its_build() -> None:
     """A step rendered at step_finished (build not finished yet) equals its rendering with the build."""
-    running = dataclasses.replace(BUILD, finished=False, starttime=None, stoptime=None, status=None)
+    running = BUILD._replace(finished=False, starttime=None, stoptime=None, status=None)
     live = step_span(CFG, running, TOP, step_attempt(running, [SUBST, TOP], TOP.stepnr))
     assert live == build_spans(CFG, BUILD, [SUBST, TOP])[-1]
 
@@ -440,25 +435,23 @@ FINISHED_ONCE = {
     # A transient failure (e.g. the builder's connection dropped) is recorded on the top-level step
     # with status 3 (aborted) and retried; so is a step cleared by clear_busy at queue-runner start.
     "retried-aborted-step": [
-        dataclasses.replace(TOP, stepnr=1, status=3, starttime=T0 + 60, stoptime=T0 + 70),
+        TOP._replace(stepnr=1, status=3, starttime=T0 + 60, stoptime=T0 + 70),
         TOP,
     ],
     # A content-addressed derivation: the top-level step is written as resolved (status 13) and the
     # resolved derivation is then built under its own drv path.
     "resolved-ca-step": [
-        dataclasses.replace(
-            TOP, stepnr=1, status=13, starttime=T0 + 60, stoptime=T0 + 60, resolved_drv_path=RESOLVED
-        ),
-        dataclasses.replace(TOP, drvpath=RESOLVED),
+        TOP._replace(stepnr=1, status=13, starttime=T0 + 60, stoptime=T0 + 60, resolved_drv_path=RESOLVED),
+        TOP._replace(drvpath=RESOLVED),
     ],
     # A multi-output derivation fetched from the cache: one substitution step per output.
     "substituted-outputs": [
-        dataclasses.replace(TOP, stepnr=1, type=1, starttime=T0 + 299, machine=""),
-        dataclasses.replace(TOP, stepnr=2, type=1, starttime=T0 + 299, machine=""),
+        TOP._replace(stepnr=1, type=1, starttime=T0 + 299, machine=""),
+        TOP._replace(stepnr=2, type=1, starttime=T0 + 299, machine=""),
     ],
     # The substitution step's stop time and the build's (handle_cached_build's own `now`) can differ.
     "substituted-a-second-earlier": [
-        dataclasses.replace(TOP, stepnr=1, type=1, starttime=T0 + 298, stoptime=T0 + 299, machine=""),
+        TOP._replace(stepnr=1, type=1, starttime=T0 + 298, stoptime=T0 + 299, machine=""),
     ],
 }
 
@@ -473,9 +466,9 @@ def test_build_that_finished_once_is_attempt_zero(steps: list[StepFacts]) -> Non
 
 def test_restart_after_untimed_top_level_step_keeps_steps_and_build_together() -> None:
     """The attempt of a restarted build's finish and of its new steps agree."""
-    unsupported = dataclasses.replace(TOP, stepnr=1, status=9, starttime=None, stoptime=None, machine="")
-    rerun = dataclasses.replace(TOP, stepnr=2, starttime=T0 + 1000, stoptime=T0 + 1200)
-    b = dataclasses.replace(BUILD, stoptime=T0 + 1200)
+    unsupported = TOP._replace(stepnr=1, status=9, starttime=None, stoptime=None, machine="")
+    rerun = TOP._replace(stepnr=2, starttime=T0 + 1000, stoptime=T0 + 1200)
+    b = BUILD._replace(stoptime=T0 + 1200)
     steps = [unsupported, rerun]
     assert build_attempt(b, steps) == step_attempt(b, steps, 2)
     assert 2 in _step_nrs(build_spans(CFG, b, steps))
@@ -483,7 +476,7 @@ def test_restart_after_untimed_top_level_step_keeps_steps_and_build_together() -
 
 def test_later_attempt_without_steps_starts_after_the_previous_one() -> None:
     """A restarted build finished as cached does not begin before its previous attempt ended."""
-    b = dataclasses.replace(BUILD, cached=True, starttime=T0 + 1000, stoptime=T0 + 1000)
+    b = BUILD._replace(cached=True, starttime=T0 + 1000, stoptime=T0 + 1000)
     build = build_spans(CFG, b, [SUBST, FAILED_TOP])[0]
     assert build.attrs()[sc.HYDRA_BUILD_ATTEMPT] == 1
     assert build.start_ns >= (T0 + 100) * S
@@ -526,7 +519,7 @@ def test_eval_link_targets_the_span_the_build_renders() -> None:
     """The eval root's link to a build beyond the budget is that build's first span, and vice versa."""
     facts = dataclasses.replace(EVAL, builds_new=1001, own_trace_build_ids=(100,))
     (root, *_) = eval_spans(facts, CFG)
-    (build, *_) = build_spans(CFG, dataclasses.replace(BUILD, in_eval_trace=False), [SUBST, TOP])
+    (build, *_) = build_spans(CFG, BUILD._replace(in_eval_trace=False), [SUBST, TOP])
     assert (root.links[0].trace_id, root.links[0].span_id) == (build.trace_id, build.span_id)
     assert (build.links[0].trace_id, build.links[0].span_id) == (root.trace_id, root.span_id)
 
@@ -574,8 +567,8 @@ def test_status_result_and_span_status(code: int | None, result: str, status: St
 @pytest.mark.parametrize("code", [4, 5])
 def test_cancelled_and_obsolete_builds_are_not_errors(code: int) -> None:
     """A cancelled or obsolete build and its cancelled step: status UNSET, no error.type, no message."""
-    b = dataclasses.replace(BUILD, status=code)
-    steps = [dataclasses.replace(TOP, status=code, errormsg="cancelled by user")]
+    b = BUILD._replace(status=code)
+    steps = [TOP._replace(status=code, errormsg="cancelled by user")]
     build, *_, step = build_spans(CFG, b, steps)
     for span in (build, step):
         assert (span.status, span.status_message) == (Status.UNSET, "")

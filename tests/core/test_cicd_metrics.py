@@ -189,7 +189,7 @@ def test_build_spans_give_build_queue_and_step_observations() -> None:
 
 def test_failed_build_counts_an_error_and_skips_propagated_steps() -> None:
     """A failed build counts one error of its type; a propagated step is a record, not a run."""
-    failed = dataclasses.replace(BUILD, status=2)
+    failed = BUILD._replace(status=2)
     steps = [step(1, status=1, propagated_from=99)]
     obs = MetricDeriver().observe(build_spans(CFG, failed, steps))
     assert by_name(obs, PIPELINE_RUN_ERRORS) == [
@@ -202,7 +202,7 @@ def test_failed_build_counts_an_error_and_skips_propagated_steps() -> None:
 def test_cancelled_build_is_no_error() -> None:
     """Cancelled and obsolete builds are measured but not counted as pipeline errors."""
     for status in (4, 5):
-        obs = MetricDeriver().observe(build_spans(CFG, dataclasses.replace(BUILD, status=status), STEPS))
+        obs = MetricDeriver().observe(build_spans(CFG, BUILD._replace(status=status), STEPS))
         assert by_name(obs, PIPELINE_RUN_ERRORS) == []
         assert len(by_name(obs, BUILD_DURATION)) == 1
 
@@ -221,11 +221,9 @@ def test_restarted_build_attempt_counts_again() -> None:
     """A new attempt has new span IDs, so it is a new run and counts."""
     deriver = MetricDeriver()
     deriver.observe(
-        build_spans(
-            CFG, dataclasses.replace(BUILD, status=1), [step(1, status=1, start=T0 + 80, stop=T0 + 300)]
-        )
+        build_spans(CFG, BUILD._replace(status=1), [step(1, status=1, start=T0 + 80, stop=T0 + 300)])
     )
-    retry = dataclasses.replace(BUILD, stoptime=T0 + 900)
+    retry = BUILD._replace(stoptime=T0 + 900)
     steps = [step(1, status=1, start=T0 + 80, stop=T0 + 300), step(2, start=T0 + 600, stop=T0 + 900)]
     obs = deriver.observe(build_spans(CFG, retry, steps))
     assert by_name(obs, BUILD_DURATION) == [
@@ -327,11 +325,11 @@ FORBIDDEN_KEYS = {
 
 def test_no_high_cardinality_attributes() -> None:
     """No observation carries an ID, a job name, a derivation path, a URL or error text."""
-    failed = dataclasses.replace(BUILD, status=1)
+    failed = BUILD._replace(status=1)
     spans: list[SpanRecord] = [
         *eval_spans(EVAL, CFG),
         *build_spans(CFG, failed, [step(1, status=1, start=T0 + 80, stop=T0 + 300, errormsg="boom")]),
-        *build_spans(CFG, dataclasses.replace(BUILD, build_id=101, status=3), []),
+        *build_spans(CFG, BUILD._replace(build_id=101, status=3), []),
         attempt_span(
             Attempt(
                 kind=AttemptKind.FAILED, jobset_id=3, correlation_id="9.9", started_ns=T0 * S, ended_ns=T0 * S
@@ -377,7 +375,7 @@ def test_aborted_build_and_dead_evaluator_are_system_errors() -> None:
         ended_ns=(T0 + 9) * S,
     )
     died = dataclasses.replace(JOBSET, error_msg="evaluation failed with exit code 137", error_time=T0 + 5)
-    spans = [*build_spans(CFG, dataclasses.replace(BUILD, status=3), STEPS), attempt_span(dead, died, CFG)]
+    spans = [*build_spans(CFG, BUILD._replace(status=3), STEPS), attempt_span(dead, died, CFG)]
     obs = MetricDeriver().observe(spans)
     assert by_name(obs, PIPELINE_RUN_ERRORS) == []
     assert by_name(obs, SYSTEM_ERRORS) == [
@@ -389,7 +387,7 @@ def test_aborted_build_and_dead_evaluator_are_system_errors() -> None:
 @pytest.mark.parametrize("status", list(range(14)))
 def test_error_counters_agree_with_span_status(status: int) -> None:
     """A build counts one error (pipeline or system) exactly when its span status is ERROR."""
-    spans = build_spans(CFG, dataclasses.replace(BUILD, status=status), STEPS)
+    spans = build_spans(CFG, BUILD._replace(status=status), STEPS)
     obs = MetricDeriver().observe(spans)
     errors = len(by_name(obs, PIPELINE_RUN_ERRORS)) + len(by_name(obs, SYSTEM_ERRORS))
     assert errors == (1 if spans[0].status is Status.ERROR else 0)

@@ -177,14 +177,14 @@ def test_request_for_a_failed_step() -> None:
 )
 def test_no_request(change: dict[str, object]) -> None:
     """Successful steps and failed steps that ran no builder get no request."""
-    assert tail_request(step_span(CFG, BUILD, dataclasses.replace(STEP, **change), 0)) is None  # type: ignore[arg-type]
+    assert tail_request(step_span(CFG, BUILD, STEP._replace(**change), 0)) is None  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("status", [*range(-1, 20), None])
 def test_request_agrees_with_the_step_status(status: int | None) -> None:
     """Every step status, known or not: a request exactly for failed steps that ran a builder
     (the OK span status that ends the check early stands for the successful statuses only)."""
-    got = tail_request(step_span(CFG, BUILD, dataclasses.replace(STEP, status=status), 0))
+    got = tail_request(step_span(CFG, BUILD, STEP._replace(status=status), 0))
     assert (got is not None) == (is_failed_step(status) and status not in (8, 9))
 
 

@@ -60,10 +60,10 @@ def _builds() -> list[SpanRecord]:
             for k in (1, 2, 3)
         ]
         if i % 6 == 2:  # restarted: an earlier attempt ended with a failed step 3, then steps 4-5
-            steps[2] = dataclasses.replace(steps[2], status=1, stoptime=T0 + 20)
+            steps[2] = steps[2]._replace(status=1, stoptime=T0 + 20)
             steps += [
-                dataclasses.replace(steps[1], stepnr=4),
-                dataclasses.replace(steps[2], stepnr=5, status=0),
+                steps[1]._replace(stepnr=4),
+                steps[2]._replace(stepnr=5, status=0),
             ]
         cause = Cause(build_id=999, trace_id=7, span_id=9) if i % 10 == 9 else None
         for cfg in (RENDER_CONFIG, small):

@@ -6,7 +6,6 @@ reader's interval is infinite so exports happen exactly at ``force_flush`` and `
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Iterator, Sequence
 
@@ -77,7 +76,7 @@ class FakeSpanSink:
 async def test_histograms_and_counters_arrive(receiver: GrpcMetricsLogsReceiver) -> None:
     """Observations become explicit-bucket histograms and a counter, with their attributes and resource."""
     sink = MetricsSink(make_metric_exporter(grpc_settings(receiver.endpoint)), RESOURCE, interval_s=math.inf)
-    failed = build_spans(CFG, dataclasses.replace(BUILD, build_id=101, status=1), STEPS)
+    failed = build_spans(CFG, BUILD._replace(build_id=101, status=1), STEPS)
     sink.record(MetricDeriver().observe([*build_spans(CFG, BUILD, STEPS), *failed]))
     with trio.fail_after(20):
         assert await sink.force_flush()

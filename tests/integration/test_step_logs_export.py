@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,7 +38,7 @@ async def test_tail_arrives_as_a_correlated_log_record(
     )
     sink = LogTailSink(exporter, RESOURCE, schedule_delay_s=60.0)
     failed = step_span(CFG, BUILD, STEP, 0)
-    ok = step_span(CFG, BUILD, dataclasses.replace(STEP, stepnr=1, status=0), 0)
+    ok = step_span(CFG, BUILD, STEP._replace(stepnr=1, status=0), 0)
     logs = StepLogs(settings(tmp_path), sink)
     out = await logs.process([ok, failed])
     assert out == [ok, failed]  # exported as a log record, so the span stays as it was

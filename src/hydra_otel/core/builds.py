@@ -35,12 +35,12 @@ failures, unsupported systems) are placed at the build's stop time.
 from __future__ import annotations
 
 import bisect
-import dataclasses
 import functools
 import operator
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from hydra_otel.core import budget, ids
 from hydra_otel.core import semconv as sc
@@ -65,9 +65,12 @@ _INTERNAL, _ERROR = Kind.INTERNAL, Status.ERROR
 _STORE_NAME = re.compile(r"^(?:.*/)?[0-9a-z]{32}-(?P<name>.+?)(?:\.drv)?$")
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class BuildFacts:
-    """One ``builds`` row with its jobset, owning evaluation and trace placement."""
+class BuildFacts(NamedTuple):
+    """One ``builds`` row with its jobset, owning evaluation and trace placement.
+
+    Facts are named tuples, as spans are (core/spans.py): one is made for every row a batch
+    reads, and a tuple is built in C. Change one with ``facts._replace(...)``.
+    """
 
     build_id: int
     finished: bool
@@ -93,8 +96,7 @@ class BuildFacts:
     trace_builds: int = 1  # builds sharing the trace: they split its span budget (core/budget.py)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class StepFacts:
+class StepFacts(NamedTuple):
     """One ``buildsteps`` row."""
 
     build_id: int
@@ -302,8 +304,7 @@ def earlier_attempt(b: BuildFacts, ending: StepFacts) -> BuildFacts:
     bytes, whichever process renders it. A succeeded one lacks its sizes, and a build that
     failed with output (status 6, its step 0) is shown as succeeded.
     """
-    return dataclasses.replace(
-        b,
+    return b._replace(
         finished=True,
         starttime=ending.starttime,
         stoptime=ending.stoptime,
