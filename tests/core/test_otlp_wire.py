@@ -86,7 +86,7 @@ def test_equal_values_of_different_types_are_not_confused_by_the_cache() -> None
 
 
 def cached_values(enc: SpanEncoder) -> int:
-    return sum(len(values) for _, values in enc._cache.values())
+    return sum(len(values) for keys in enc._cache.values() for _, values in keys.values())
 
 
 def test_long_values_are_not_cached() -> None:
@@ -104,8 +104,8 @@ def test_a_key_of_many_values_keeps_its_recent_ones(monkeypatch: pytest.MonkeyPa
     for i in range(23):
         for _ in range(3):  # as a build's ID recurs on each of its spans
             assert_same_as_sdk([make_span(attributes=(("n", i), ("same", "v")))], enc)
-    _, numbers = enc._cache[(b"\x4a", "n")]
-    assert [value for _, value in numbers] == [20, 21, 22]  # started afresh at 20, 15, 10 and 5
+    _, numbers = enc._cache[b"\x4a"]["n"]
+    assert list(numbers) == [20, 21, 22]  # started afresh at 20, 15, 10 and 5
     assert cached_values(enc) == len(RESOURCE) + 3 + 1  # the resource's attributes, 3 numbers and "same"
 
 

@@ -135,8 +135,9 @@ class SpanEncoder:
     """
 
     def __init__(self, resource: Attributes, scope_name: str, scope_version: str) -> None:
-        #: (tag, key) -> the key's encoded field and its values' encoded ``KeyValue`` fields.
-        self._cache: dict[tuple[bytes, str], tuple[bytes, dict[tuple[type, AttrValue], bytes]]] = {}
+        #: tag -> key -> the key's encoded field and, by value, the class and ``KeyValue`` field
+        #: encoded for it.
+        self._cache: dict[bytes, dict[str, tuple[bytes, dict[AttrValue, tuple[type, bytes]]]]] = {}
         #: Spans encoded from a repaired copy, since this encoder was made, and the latest of them.
         self.repaired = 0
         self.last_repair = ""
@@ -257,23 +258,28 @@ class SpanEncoder:
         """Each attribute as a ``KeyValue`` field with ``tag``; recurring ones come from the cache."""
         if len(attributes) > ATTRIBUTE_COUNT_LIMIT:
             raise _UnfitError("attributes")
-        cache = self._cache
+        keys = self._cache.get(tag)
+        if keys is None:
+            keys = self._cache[tag] = {}
         out = []
         for key, value in attributes:
-            entry = cache.get((tag, key))
+            entry = keys.get(key)
             if entry is None:  # a key seen for the first time: checked and encoded once
                 if len(key) > KEY_LIMIT or "\x00" in key:
                     raise _UnfitError(key)
-                entry = cache[(tag, key)] = (_field(b"\x0a", key.encode()) if key else b"", {})
+                entry = keys[key] = (_field(b"\x0a", key.encode()) if key else b"", {})
             prefix, values = entry
-            # The class too: True == 1 == 1.0 as dict keys.
-            encoded = values.get((value.__class__, value))
-            if encoded is None:
-                encoded = _field(tag, prefix + _field(b"\x12", _any_value(value)))
-                if len(encoded) <= _CACHE_ITEM_LIMIT:
-                    if len(values) >= _VALUES_PER_KEY:
-                        values.clear()  # a key of many values: the recent ones are the ones that recur
-                    values[(value.__class__, value)] = encoded
+            # Keyed by the value alone (no tuple to build per attribute), so True, 1 and 1.0 share
+            # an entry: it holds the class it was encoded for, and another class is encoded apart.
+            hit = values.get(value)
+            if hit is not None and hit[0] is value.__class__:
+                out.append(hit[1])
+                continue
+            encoded = _field(tag, prefix + _field(b"\x12", _any_value(value)))
+            if hit is None and len(encoded) <= _CACHE_ITEM_LIMIT:
+                if len(values) >= _VALUES_PER_KEY:
+                    values.clear()  # a key of many values: the recent ones are the ones that recur
+                values[value] = (value.__class__, encoded)
             out.append(encoded)
         return b"".join(out)
 
