@@ -42,7 +42,7 @@ import trio
 import trio_asyncio
 from trio_asyncio import aio_as_trio
 
-from hydra_otel.adapters.read_pacer import ReadPacer, pace_reads
+from hydra_otel.adapters.read_pacer import ProtocolInFront, ReadPacer, pace_reads
 from hydra_otel.core.backoff import Backoff
 from hydra_otel.errors import (
     DbSettingsError,
@@ -210,30 +210,7 @@ class _DirectNotifyConnection(asyncpg.Connection):
             super()._process_notification(pid, channel, payload)  # type: ignore[misc]  # private, not in the stubs
 
 
-class _ProtocolInFront(asyncio.Protocol):
-    """A protocol put in front of asyncpg's on the LISTEN connection's transport: passes every
-    event on to ``inner``; subclasses look at (or hold back) what is read."""
-
-    def __init__(self, inner: asyncio.Protocol) -> None:
-        self._inner = inner
-
-    def data_received(self, data: bytes) -> None:
-        self._inner.data_received(data)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._inner.connection_lost(exc)
-
-    def eof_received(self) -> bool | None:
-        return self._inner.eof_received()
-
-    def pause_writing(self) -> None:
-        self._inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        self._inner.resume_writing()
-
-
-class _UndecodableFilter(_ProtocolInFront):
+class _UndecodableFilter(ProtocolInFront):
     """Sits between the LISTEN connection's transport and asyncpg's protocol; drops undecodable notifications.
 
     asyncpg decodes a notification's channel and payload as strict UTF-8 inside its

@@ -62,7 +62,30 @@ def bytes_waiting(sock: Any) -> int:
         return 0
 
 
-class ReadPacer(asyncio.Protocol):
+class ProtocolInFront(asyncio.Protocol):
+    """A protocol put in front of asyncpg's on the LISTEN connection's transport: passes every
+    event on to ``inner``; subclasses look at (or hold back) what is read."""
+
+    def __init__(self, inner: asyncio.Protocol) -> None:
+        self._inner = inner
+
+    def data_received(self, data: bytes) -> None:
+        self._inner.data_received(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._inner.connection_lost(exc)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+
+class ReadPacer(ProtocolInFront):
     """Sits in front of the LISTEN connection's protocol; pauses reads after each small one.
 
     See the module docstring. ``waiting()`` says how many bytes wait in the socket.
@@ -78,7 +101,7 @@ class ReadPacer(asyncio.Protocol):
         poll: float = POLL_INTERVAL,
         waiting: Callable[[], int],
     ) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._transport = transport
         self._linger = linger
         self._quiet = quiet
@@ -161,16 +184,7 @@ class ReadPacer(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._inner.connection_lost(exc)
-
-    def eof_received(self) -> bool | None:
-        return self._inner.eof_received()
-
-    def pause_writing(self) -> None:
-        self._inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        self._inner.resume_writing()
+        super().connection_lost(exc)
 
 
 def pace_reads(transport: Any, linger: float) -> ReadPacer | None:
