@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from dataclasses import dataclass
+from typing import NamedTuple
 
 #: Bumped only if the derivation must change; it is hashed into every ID.
 SCHEME = "hydra-otel/1"
@@ -33,9 +33,12 @@ SCHEME = "hydra-otel/1"
 KeyPart = str | int
 
 
-@dataclass(frozen=True, slots=True)
-class TraceKey:
-    """What a trace is about, e.g. ``("eval", 42)`` for instance ``hydra``."""
+class TraceKey(NamedTuple):
+    """What a trace is about, e.g. ``("eval", 42)`` for instance ``hydra``.
+
+    A named tuple: it keys the caches below, and a tuple is hashed in C (a frozen dataclass
+    hashes in Python, on every span ID derived).
+    """
 
     instance: str
     parts: tuple[KeyPart, ...]
@@ -95,10 +98,16 @@ def trace_id(key: TraceKey) -> int:
     return _nonzero(int.from_bytes(_digest("trace", key, ())[:16], "big"))
 
 
+@functools.lru_cache(maxsize=256)
+def _encoded_kind(kind: str) -> bytes:
+    # Span kinds are a handful of names in the code ("step", "queued", "root"): encoded once each.
+    return _encode(kind)
+
+
 def span_id(key: TraceKey, kind: str, *local: KeyPart) -> int:
     """The 64-bit ID of span ``kind`` (plus ``local`` key parts) in trace ``key``; never zero."""
     h = _hasher("span", key).copy()
-    h.update(b"".join([_encode(kind), *map(_encode, local)]))
+    h.update(b"".join([_encoded_kind(kind), *map(_encode, local)]))
     return int.from_bytes(h.digest()[:8], "big") or 1  # _nonzero, inline: this is the hot path
 
 
