@@ -193,6 +193,12 @@ class Daemon:
         return self.proc.returncode
 
 
+def _stat_fields(stat: str) -> list[str]:
+    """The fields of a /proc ``stat`` line after the command name (which may hold spaces and ")");
+    index 1 is the parent ID, 11 and 12 utime and stime, 13 and 14 those of waited-for children."""
+    return stat.rsplit(")", 1)[1].split()
+
+
 def family(pid: int) -> list[int]:
     """``pid`` and its live descendants (the daemon's span export process), from /proc's parent IDs."""
     children: dict[int, list[int]] = {}
@@ -200,7 +206,7 @@ def family(pid: int) -> list[int]:
         if not entry.name.isdigit():
             continue
         try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            ppid = int(_stat_fields((entry / "stat").read_text())[1])
         except (OSError, IndexError, ValueError):  # it ended meanwhile
             continue
         children.setdefault(ppid, []).append(int(entry.name))
@@ -217,7 +223,7 @@ def cpu_seconds(pid: int) -> float:
     total = 0
     for i, p in enumerate(family(pid)):
         try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            fields = _stat_fields(Path(f"/proc/{p}/stat").read_text())
         except OSError:
             continue
         total += int(fields[11]) + int(fields[12])
@@ -246,7 +252,7 @@ def cpu_by_thread(pid: int) -> dict[str, float]:
             continue
         for stat in stats:
             name = stat[stat.index("(") + 1 : stat.rindex(")")]
-            fields = stat.rsplit(")", 1)[1].split()
+            fields = _stat_fields(stat)
             key = name if i == 0 else f"child {name}"
             out[key] = out.get(key, 0.0) + (int(fields[11]) + int(fields[12])) / _TICK
     return out
