@@ -78,6 +78,7 @@ def _run(
     try:
         loop.run_until_complete(main())
     finally:
+        transport.pacer.connection_lost(None)  # ends the pacer's watch thread
         loop.close()
     return transport, inner, start
 
@@ -102,6 +103,45 @@ def test_a_burst_during_a_pause_is_read_within_one_poll() -> None:
     assert inner.reads[1][0] - start < 0.02 + 2 * POLL  # not the linger
     assert transport.pauses == 1  # the burst's reads are not paced: every window brings > 16 KiB
     assert sum(size for _, size in inner.reads) == 100 + big + 20 * 8192
+
+
+def test_a_quiet_pause_wakes_the_loop_once_and_the_watch_ends_with_the_connection() -> None:
+    """While a trickle waits out a pause, the socket is looked at off the loop: the loop runs the
+    pacer's check once per pause (its end), not once per poll; the watch thread ends with the
+    connection."""
+    loop = asyncio.SelectorEventLoop()
+    transport, inner = _Transport(), _Inner(loop)
+    pacer = ReadPacer(inner, transport, linger=0.5, poll=0.01, waiting=lambda: transport.buffered)
+    transport.pacer = pacer
+    checks = 0
+    check = pacer._check
+
+    def counted() -> None:
+        nonlocal checks
+        checks += 1
+        check()
+
+    pacer._check = counted  # type: ignore[method-assign]
+
+    async def main() -> None:
+        for _ in range(20):  # 100 bytes every 50 ms for a second: two pauses of 50 polls each
+            transport.arrive(100)
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.6)
+
+    try:
+        loop.run_until_complete(main())
+        watch = pacer._watch._thread
+        assert watch is not None
+        assert watch.is_alive()
+    finally:
+        pacer.connection_lost(None)
+        loop.close()
+    assert sum(size for _, size in inner.reads) == 2000
+    assert transport.pauses == len(inner.reads)
+    assert checks == transport.pauses  # one per pause: its end
+    watch.join(timeout=5)
+    assert not watch.is_alive()
 
 
 def test_a_busy_trickle_ends_a_pause_early_but_keeps_pacing() -> None:
@@ -136,6 +176,7 @@ def test_hold_open_reads_at_once_while_an_answer_is_awaited() -> None:
     try:
         loop.run_until_complete(main())
     finally:
+        pacer.connection_lost(None)
         loop.close()
     assert [size for _, size in inner.reads] == [100, 10, 20, 30]
 
