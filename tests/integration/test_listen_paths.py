@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 
 import asyncpg
 import pytest
@@ -207,3 +208,55 @@ async def test_a_stopped_listener_first_reads_what_waits_in_its_socket(
     with trio.fail_after(1):  # it is queued already, or it was dropped
         rest = [item.payload for item in await receive_some(receive) if isinstance(item, db.RawNotification)]
     assert rest == ["waiting"]
+
+
+def _pacer_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "hydra-otel-read-pacer" and t.is_alive()]
+
+
+async def _ended(threads: list[threading.Thread]) -> bool:
+    for t in threads:
+        await trio.to_thread.run_sync(t.join, 5.0)
+    return not any(t.is_alive() for t in threads)
+
+
+async def test_a_burst_during_a_long_pause_is_read_at_once_and_the_pacer_thread_ends_with_its_connection(
+    aio_loop: asyncio.AbstractEventLoop, hydra_db: str
+) -> None:
+    """The pause's socket checks run in a thread: a burst committed during a 30 s pause is read
+    within a check, not at the pause's end; a reconnect and a stop leave no such thread behind."""
+    before = _pacer_threads()
+    conn = await aio_as_trio(asyncpg.connect)(hydra_db)
+    try:
+        async with trio.open_nursery() as nursery:
+            receive = await _listen(hydra_db, nursery, 30.0, health_interval=600.0)
+            await aio_as_trio(conn.execute)("NOTIFY build_finished, 'first'")  # read, then a 30 s pause
+            with trio.fail_after(10):
+                assert (await receive.receive()).payload == "first"  # type: ignore[union-attr]
+            first = [t for t in _pacer_threads() if t not in before]
+            assert len(first) == 1  # the paused connection's watch
+            await aio_as_trio(conn.execute)(
+                "SELECT count(pg_notify('build_finished', 'burst-' || i)) FROM generate_series(1, 20000) i"
+            )
+            start = trio.current_time()
+            with trio.fail_after(10):
+                for _ in range(20_000):
+                    await receive.receive()
+            assert trio.current_time() - start < 5  # not the 30 s pause
+
+            # The listener's backend dies: the connection is lost, a new one pauses with its own watch.
+            await aio_as_trio(conn.execute)(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE pid <> pg_backend_pid() AND query ILIKE 'LISTEN%'"
+            )
+            with trio.fail_after(30):
+                while not isinstance(await receive.receive(), db.Resync):
+                    pass
+                await aio_as_trio(conn.execute)("NOTIFY build_finished, 'again'")
+                while getattr(await receive.receive(), "payload", None) != "again":
+                    pass
+            assert await _ended(first)
+            nursery.cancel_scope.cancel()
+    finally:
+        await aio_as_trio(conn.close)()
+    assert await _ended([t for t in _pacer_threads() if t not in before])

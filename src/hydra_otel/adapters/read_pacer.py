@@ -38,6 +38,7 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import contextvars
 import fcntl
 import functools
 import math
@@ -207,7 +208,7 @@ class ReadPacer(ProtocolInFront):
         self._paused_at = now
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(self._linger, self._linger_over)
-        self._watch.arm(functools.partial(loop.call_soon_threadsafe, self._check))
+        self._watch.arm(self._waker(loop))
 
     def _linger_over(self) -> None:
         self._timer = None
@@ -234,7 +235,12 @@ class ReadPacer(ProtocolInFront):
             return
         if self._timer is None:  # it fired early (the loop's clock resolution)
             self._timer = loop.call_later(self._linger - waited, self._linger_over)
-        self._watch.arm(functools.partial(loop.call_soon_threadsafe, self._check))
+        self._watch.arm(self._waker(loop))
+
+    def _waker(self, loop: asyncio.AbstractEventLoop) -> Callable[[], object]:
+        # The watch thread's own context lacks trio-asyncio's loop: a check run in it would resume
+        # reading with a reader task that cannot find its loop. So the check runs in this one.
+        return functools.partial(loop.call_soon_threadsafe, self._check, context=contextvars.copy_context())
 
     def _resume(self) -> None:
         if self._timer is not None:
