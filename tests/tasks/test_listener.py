@@ -8,7 +8,9 @@ schedule and the bookkeeping around the connection are.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+from collections.abc import AsyncIterator
 
 import pytest
 import trio
@@ -188,15 +190,22 @@ async def test_run_listener_drops_on_overflow_and_asks_for_one_catch_up(
         nursery.cancel_scope.cancel()
 
 
+@contextlib.asynccontextmanager
+async def paced(server: FakeServer, read_linger: float) -> AsyncIterator[tuple[Listening, trio.Nursery]]:
+    """A listener on ``server`` with its reads paced by ``read_linger``, started, its Resync taken."""
+    server.paced = True
+    lis = Listening(server, read_linger=read_linger)
+    async with trio.open_nursery() as nursery:
+        await lis.start(nursery)
+        lis.drain()
+        yield lis, nursery
+
+
 async def test_run_listener_paced_hands_a_trickle_on_once_per_linger(
     aio_loop: asyncio.AbstractEventLoop, server: FakeServer, autojump_clock: trio.testing.MockClock
 ) -> None:
     """With a read linger (the export delay), what arrives during the pause comes in one read, nothing lost."""
-    server.paced = True
-    lis = Listening(server, read_linger=1.0)
-    async with trio.open_nursery() as nursery:
-        await lis.start(nursery)
-        lis.drain()
+    async with paced(server, 1.0) as (lis, nursery):
         t0 = trio.current_time()
         server.notify("build_finished", "1")  # read at once; reading pauses for 1 s
         await trio.testing.wait_all_tasks_blocked()
@@ -217,11 +226,7 @@ async def test_run_listener_paced_for_longer_than_the_probe_timeout_keeps_a_heal
     aio_loop: asyncio.AbstractEventLoop, server: FakeServer, autojump_clock: trio.testing.MockClock
 ) -> None:
     """A pause (30 s here) must not hold back the SELECT 1 probe's answer past its 3 s timeout."""
-    server.paced = True
-    lis = Listening(server, read_linger=30.0)
-    async with trio.open_nursery() as nursery:
-        await lis.start(nursery)
-        lis.drain()
+    async with paced(server, 30.0) as (lis, nursery):
         server.notify("build_finished", "1")  # reading pauses for 30 s
         await trio.sleep(0.5)
         server.notify("build_finished", "2")
@@ -236,11 +241,7 @@ async def test_run_listener_paced_still_notices_a_hung_link_and_reconnects(
     aio_loop: asyncio.AbstractEventLoop, server: FakeServer, autojump_clock: trio.testing.MockClock
 ) -> None:
     """Pacing changes nothing for the probe: a hung link is replaced after interval + timeout."""
-    server.paced = True
-    lis = Listening(server, read_linger=1.0)
-    async with trio.open_nursery() as nursery:
-        await lis.start(nursery)
-        lis.drain()
+    async with paced(server, 1.0) as (lis, nursery):
         server.notify("build_finished", "1")
         t0 = trio.current_time()
         server.hang = True
