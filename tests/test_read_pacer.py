@@ -8,7 +8,10 @@ it to the pacer's ``waiting()`` and hands it on in one read when reading resumes
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
+
+import pytest
 
 from hydra_otel.adapters.read_pacer import QUIET_BYTES, ReadPacer, bytes_waiting
 
@@ -142,6 +145,41 @@ def test_a_quiet_pause_wakes_the_loop_once_and_the_watch_ends_with_the_connectio
     assert checks == transport.pauses  # one per pause: its end
     watch.join(timeout=5)
     assert not watch.is_alive()
+
+
+def test_a_failing_watch_is_logged_and_the_pause_still_ends(caplog: pytest.LogCaptureFixture) -> None:
+    """A bug in the socket watch costs burst detection during pauses, never the bytes or the loop."""
+    loop = asyncio.SelectorEventLoop()
+    transport, inner = _Transport(), _Inner(loop)
+    looks = 0
+
+    def waiting() -> int:
+        nonlocal looks
+        looks += 1
+        if looks == 1:  # the watch thread's first look; the loop's check at the pause's end is fine
+            raise ValueError("broken")
+        return transport.buffered
+
+    pacer = ReadPacer(inner, transport, linger=0.3, poll=0.01, waiting=waiting)
+    transport.pacer = pacer
+
+    async def main() -> None:
+        transport.arrive(100)
+        await asyncio.sleep(0.05)
+        transport.arrive(4 * QUIET_BYTES)  # a burst the broken watch cannot see
+        await asyncio.sleep(0.5)
+
+    with caplog.at_level(logging.ERROR, logger="hydra_otel.db"):
+        try:
+            loop.run_until_complete(main())
+        finally:
+            pacer.connection_lost(None)
+            loop.close()
+    assert [size for _, size in inner.reads] == [100, 4 * QUIET_BYTES]  # at the pause's end
+    assert [r.getMessage() for r in caplog.records] == [
+        "the read pacer's socket watch stopped; a burst that begins while reads are paused "
+        "now waits for the end of the pause (--export-delay)"
+    ]
 
 
 def test_a_busy_trickle_ends_a_pause_early_but_keeps_pacing() -> None:

@@ -41,11 +41,14 @@ import contextlib
 import contextvars
 import fcntl
 import functools
+import logging
 import math
 import termios
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
+
+log = logging.getLogger("hydra_otel.db")
 
 #: Seconds between checks of the socket while reads are paused; also the window over which a
 #: burst is told from a trickle.
@@ -130,12 +133,18 @@ class _BurstWatch:
             self._cond.notify()
 
     def _run(self) -> None:
-        with self._cond:
-            while not self._closed:
-                if self._wake is None:
-                    self._cond.wait()
-                elif not self._cond.wait(self._poll):  # not armed again or closed meanwhile
-                    self._look()
+        try:
+            with self._cond:
+                while not self._closed:
+                    if self._wake is None:
+                        self._cond.wait()
+                    elif not self._cond.wait(self._poll):  # not armed again or closed meanwhile
+                        self._look()
+        except Exception:  # a bug: say so in the log, not as a bare traceback on stderr
+            log.exception(
+                "the read pacer's socket watch stopped; a burst that begins while reads are paused "
+                "now waits for the end of the pause (--export-delay)"
+            )
 
     def _look(self) -> None:
         """One check, with the lock held: wake the loop once ``quiet`` bytes wait."""
