@@ -252,7 +252,8 @@ def _issue17_targets(r: dict[str, Any]) -> list[Target]:
 
 
 def _shares(shares: dict[str, float]) -> str:
-    """Thread shares as "Trio thread 70%, worker threads 25%, ...": the main thread is the Trio thread,
+    """Thread shares as "Trio thread 70%, worker threads 25%, ...": the main thread is the Trio thread
+    (with the read pacer's watch thread, which has no name of its own: procs.cpu_by_thread),
     trio's worker threads (export in thread mode, state dir writes) are summed."""
     named: dict[str, float] = {}
     for k, v in shares.items():
