@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Callable
 
 import pytest
 
@@ -57,6 +58,13 @@ class _Inner(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.reads.append((self.loop.time(), len(data)))
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    """Return once ``condition()`` holds; TimeoutError after 5 s."""
+    async with asyncio.timeout(5.0):
+        while not condition():  # noqa: ASYNC110 - set by the pacer's timers and its watch thread
+            await asyncio.sleep(0.005)
 
 
 def _run(
@@ -130,7 +138,8 @@ def test_a_quiet_pause_wakes_the_loop_once_and_the_watch_ends_with_the_connectio
         for _ in range(20):  # 100 bytes every 50 ms for a second: two pauses of 50 polls each
             transport.arrive(100)
             await asyncio.sleep(0.05)
-        await asyncio.sleep(0.6)
+        # The last pause ends at its linger, with nothing waiting.
+        await _until(lambda: sum(size for _, size in inner.reads) == 2000 and not transport.paused)
 
     try:
         loop.run_until_complete(main())
@@ -167,7 +176,7 @@ def test_a_failing_watch_is_logged_and_the_pause_still_ends(caplog: pytest.LogCa
         transport.arrive(100)
         await asyncio.sleep(0.05)
         transport.arrive(4 * QUIET_BYTES)  # a burst the broken watch cannot see
-        await asyncio.sleep(0.5)
+        await _until(lambda: len(inner.reads) == 2)
 
     with caplog.at_level(logging.ERROR, logger="hydra_otel.db"):
         try:
@@ -175,7 +184,8 @@ def test_a_failing_watch_is_logged_and_the_pause_still_ends(caplog: pytest.LogCa
         finally:
             pacer.connection_lost(None)
             loop.close()
-    assert [size for _, size in inner.reads] == [100, 4 * QUIET_BYTES]  # at the pause's end
+    assert [size for _, size in inner.reads] == [100, 4 * QUIET_BYTES]
+    assert inner.reads[1][0] - inner.reads[0][0] >= 0.3 - 0.01  # at the pause's end, not sooner
     assert [r.getMessage() for r in caplog.records] == [
         "the read pacer's socket watch stopped; a burst that begins while reads are paused "
         "now waits for the end of the pause (--export-delay)"
