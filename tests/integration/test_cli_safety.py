@@ -161,7 +161,7 @@ async def test_sighup_drains(
         with trio.fail_after(15):
             await read_until(stderr, "stopped", log)
             rest = await read_to_end(stderr)
-            assert await proc.wait() == 0, log + rest
+            assert await proc.wait() == 0, "\n".join(log + rest)  # whole lines: a list repr is cut short
     assert any('"signal": "SIGHUP"' in line for line in log), log
     assert [s.span.name for s in otlp_grpc.spans()] == ["BUILD nixpkgs:trunk"]
 
